@@ -1,0 +1,1 @@
+"""Implementations of the domain ports: HuggingFace/torch, Jinja, stop sequences."""

@@ -1,0 +1,1 @@
+"""HuggingFace transformers/torch adapters: model loading and the generator."""

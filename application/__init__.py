@@ -1,0 +1,1 @@
+"""Use cases: chat and text completion over the domain ports."""

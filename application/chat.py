@@ -1,0 +1,45 @@
+"""The chat completion use case."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import attrs
+import structlog
+
+from application.generation import TextGeneration, complete
+from domain.errors import InvalidRequestError
+from domain.generation import Completion, GenerationParams, TextDelta
+from domain.messages import ChatMessage
+from domain.ports import TemplateRenderer
+
+log = structlog.get_logger(__name__)
+
+
+@attrs.define
+class ChatService:
+    """Renders a conversation with the chat template and generates the assistant's answer."""
+
+    renderer: TemplateRenderer
+    generation: TextGeneration
+
+    async def stream(
+        self, messages: Sequence[ChatMessage], params: GenerationParams
+    ) -> AsyncIterator[TextDelta | Completion]:
+        """Yield the answer's text as it is produced, then the finished ``Completion``."""
+        if not messages:
+            raise InvalidRequestError("messages must contain at least one message", param="messages")
+        for index, message in enumerate(messages):
+            if self.generation.log_content:
+                log.info("chat.message", index=index, role=str(message.role), content=message.content)
+            else:
+                log.info("chat.message", index=index, role=str(message.role))
+        text = self.renderer.render(messages, add_generation_prompt=True)
+        prompt = self.generation.tokenize(text, add_special_tokens=False)
+        params = self.generation.budget(prompt, params, default_max_tokens=None)
+        async for event in self.generation.stream(prompt, params):
+            yield event
+
+    async def complete(self, messages: Sequence[ChatMessage], params: GenerationParams) -> Completion:
+        """The whole answer at once."""
+        return await complete(self.stream(messages, params))

@@ -1,0 +1,62 @@
+"""The ports the use cases need; adapters implement them, fakes stand in for them in tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from domain.generation import GeneratedTokens, GenerationParams
+from domain.messages import ChatMessage
+
+
+class Generator(Protocol):
+    """A language model with its tokenizer."""
+
+    @property
+    def model_id(self) -> str:
+        """The name clients use for the model."""
+        ...
+
+    @property
+    def context_length(self) -> int:
+        """How many tokens (prompt and completion) fit in one sequence."""
+        ...
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """Token ids of ``text``."""
+        ...
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool) -> str:
+        """Text of ``token_ids``."""
+        ...
+
+    def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncIterator[GeneratedTokens]:
+        """Stream new tokens after ``prompt_ids``; the last item carries the finish reason.
+
+        Closing the iterator early stops generation within one step and frees its resources.
+        """
+        ...
+
+
+class TemplateRenderer(Protocol):
+    """Turns a conversation into the prompt text the model was trained on."""
+
+    def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool) -> str:
+        """The prompt for ``messages``, ending with the assistant's turn when asked."""
+        ...
+
+
+class StopPolicy(Protocol):
+    """Where generated text must end, given the server's and the request's stop sequences."""
+
+    def sequences(self, requested: Sequence[str]) -> tuple[str, ...]:
+        """All stop sequences that apply to a request: server-wide ones and ``requested``."""
+        ...
+
+    def find(self, text: str, sequences: Sequence[str]) -> int | None:
+        """Index where the earliest stop sequence starts in ``text``, or ``None``."""
+        ...
+
+    def safe_length(self, text: str, sequences: Sequence[str]) -> int:
+        """How much of ``text`` can be released: its end may still become a stop sequence."""
+        ...
