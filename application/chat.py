@@ -23,10 +23,11 @@ class ChatService:
     renderer: TemplateRenderer
     generation: TextGeneration
 
-    async def stream(
-        self, messages: Sequence[ChatMessage], params: GenerationParams
-    ) -> AsyncIterator[TextDelta | Completion]:
-        """Yield the answer's text as it is produced, then the finished ``Completion``."""
+    def stream(self, messages: Sequence[ChatMessage], params: GenerationParams) -> AsyncIterator[TextDelta | Completion]:
+        """Check and render the request now, then stream the answer: text deltas, then the ``Completion``.
+
+        Errors in the request (template, context length) are raised by this call, before anything is generated.
+        """
         if not messages:
             raise InvalidRequestError("messages must contain at least one message", param="messages")
         for index, message in enumerate(messages):
@@ -37,8 +38,7 @@ class ChatService:
         text = self.renderer.render(messages, add_generation_prompt=True)
         prompt = self.generation.tokenize(text, add_special_tokens=False)
         params = self.generation.budget(prompt, params, default_max_tokens=None)
-        async for event in self.generation.stream(prompt, params):
-            yield event
+        return self.generation.stream(prompt, params)
 
     async def complete(self, messages: Sequence[ChatMessage], params: GenerationParams) -> Completion:
         """The whole answer at once."""

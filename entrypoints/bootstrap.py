@@ -1,0 +1,70 @@
+"""The composition root: the one place that builds adapters from settings and hands them to the use cases."""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+
+from adapters.jinja_renderer import JinjaTemplateRenderer
+from adapters.stop_sequences import StopSequences
+from application.chat import ChatService
+from application.completion import CompletionService
+from application.generation import TextGeneration
+from domain.ports import Generator
+from entrypoints.settings import ServerSettings
+
+
+@attrs.frozen
+class TokenizerTemplate:
+    """What a tokenizer brings for chat templating."""
+
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+
+
+@attrs.frozen
+class Services:
+    """The use cases, ready to serve, and the facts the HTTP layer reports about the model."""
+
+    model_id: str
+    created: int
+    chat: ChatService
+    completion: CompletionService
+
+
+def build_services(
+    settings: ServerSettings, generator: Generator, tokenizer: TokenizerTemplate | None = None
+) -> Services:
+    """Wire the use cases around ``generator``; the chat template follows the ``--chat-template`` priority."""
+    tokenizer = tokenizer or TokenizerTemplate()
+    override = settings.chat_template.read_text(encoding="utf-8") if settings.chat_template else None
+    renderer = JinjaTemplateRenderer.choose(
+        override=override,
+        tokenizer_template=tokenizer.chat_template,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+    )
+    generation = TextGeneration(
+        generator=generator,
+        stop_policy=StopSequences(settings.stop_sequences),
+        log_content=settings.log_content,
+    )
+    return Services(
+        model_id=generator.model_id,
+        created=int(time.time()),
+        chat=ChatService(renderer=renderer, generation=generation),
+        completion=CompletionService(generation=generation),
+    )
+
+
+def load_services(settings: ServerSettings) -> Services:
+    """Load the configured HuggingFace model (slow: call it off the event loop) and build the services."""
+    from adapters.huggingface.generator import HuggingFaceGenerator  # noqa: PLC0415  torch loads only when serving
+    from adapters.huggingface.loading import load_model  # noqa: PLC0415
+
+    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
+    generator = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id)
+    template = TokenizerTemplate(generator.chat_template, generator.bos_token, generator.eos_token)
+    return build_services(settings, generator, template)

@@ -1,0 +1,1 @@
+"""The HTTP server: ``python -m entrypoints.http --model X``."""

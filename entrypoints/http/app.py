@@ -1,0 +1,99 @@
+"""The Litestar application factory: routes, dependency wiring, error mapping and model loading."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import attrs
+import structlog
+from litestar import Litestar, Request, Response, get
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
+
+from domain.errors import ModelNotReadyError
+from domain.ports import Generator
+from entrypoints.bootstrap import Services, build_services, load_services
+from entrypoints.http.controllers import ChatController, CompletionsController, ModelsController
+from entrypoints.http.errors import handle_error
+from entrypoints.settings import ServerSettings
+
+log = structlog.get_logger(__name__)
+
+
+@attrs.define
+class ModelSlot:
+    """Where the services appear once the model has loaded (or why they never will)."""
+
+    services: Services | None = None
+    failure: str | None = None
+
+
+def create_app(
+    settings: ServerSettings,
+    *,
+    generator: Generator | None = None,
+    on_load_failure: Callable[[BaseException], None] | None = None,
+) -> Litestar:
+    """Build the server. With ``generator`` (tests) it serves at once; otherwise the model loads in the lifespan.
+
+    The server listens while the model loads: ``/health`` answers 503 ``loading`` and the API a 503 error until then.
+    """
+    slot = ModelSlot()
+    if generator is not None:
+        slot.services = build_services(settings, generator)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Litestar) -> AsyncIterator[None]:
+        task = None if slot.services is not None else asyncio.create_task(_load(settings, slot, on_load_failure))
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+            slot.services = None
+
+    def provide_services() -> Services:
+        if slot.services is None:
+            raise ModelNotReadyError(slot.failure or "the model is still loading; retry shortly")
+        return slot.services
+
+    @get("/health", tags=["Health"], operation_id="health", summary="Readiness")
+    async def health() -> Response[dict[str, str]]:
+        """200 ``ok`` once the model serves, 503 ``loading`` (or ``error``) before."""
+        if slot.services is not None:
+            return Response({"status": "ok", "model": slot.services.model_id}, status_code=HTTP_200_OK)
+        status = "error" if slot.failure else "loading"
+        return Response({"status": status}, status_code=HTTP_503_SERVICE_UNAVAILABLE)
+
+    def start_request_context(_request: Request[Any, Any, Any]) -> None:
+        structlog.contextvars.clear_contextvars()
+
+    return Litestar(
+        route_handlers=[health, ModelsController, ChatController, CompletionsController],
+        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        exception_handlers={Exception: handle_error},
+        before_request=start_request_context,
+        lifespan=[lifespan],
+        openapi_config=OpenAPIConfig(title="hf-openai-server", version="0.1.0", path="/docs"),
+        debug=False,
+    )
+
+
+async def _load(
+    settings: ServerSettings, slot: ModelSlot, on_failure: Callable[[BaseException], None] | None
+) -> None:
+    started = time.perf_counter()
+    try:
+        slot.services = await asyncio.to_thread(load_services, settings)
+    except Exception as error:
+        slot.failure = f"the model failed to load: {error}"
+        log.exception("model.load.failed")
+        if on_failure is not None:
+            on_failure(error)
+        return
+    log.info("model.ready", model=slot.services.model_id, seconds=round(time.perf_counter() - started, 2))

@@ -1,0 +1,134 @@
+"""Thin Litestar controllers: parse the body, call one use case, shape OpenAI's response."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import structlog
+from litestar import Controller, Request, get, post
+
+from application.generation import complete
+from domain.errors import InvalidRequestError
+from entrypoints.bootstrap import Services
+from entrypoints.http.streaming import EventStream, chat_chunks, completion_chunks, sse_stream, usage_body
+from entrypoints.http.wire import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    structure,
+)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R", bound=SamplingRequest)
+
+
+class ClientDisconnectedError(Exception):
+    """The client went away before the answer was ready."""
+
+
+async def read_request(request: Request[Any, Any, Any], kind: type[R], prefix: str) -> tuple[R, dict[str, Any], str]:
+    """Decode and structure the body, start the request's log context, and log its parameters."""
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as error:
+        msg = f"the request body is not valid JSON: {error}"
+        raise InvalidRequestError(msg) from error
+    parsed, unknown = structure(body, kind)
+    response_id = f"{prefix}-{uuid.uuid4().hex}"
+    structlog.contextvars.bind_contextvars(request_id=response_id)
+    parameters = {k: v for k, v in body.items() if k not in {"messages", "prompt"}}
+    log.info("request.received", path=request.url.path, parameters=parameters)
+    if unknown:
+        log.info("request.unknown_fields", fields=sorted(unknown))
+    return parsed, unknown, response_id
+
+
+async def until_disconnected(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first (the body has been read already)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            log.info("request.cancelled", reason="client disconnected")
+    if task.cancelled():
+        raise ClientDisconnectedError
+    return task.result()
+
+
+class ModelsController(Controller):
+    """``/v1/models``: https://platform.openai.com/docs/api-reference/models."""
+
+    path = "/v1/models"
+    tags = ["Models"]  # noqa: RUF012  Litestar reads it from the class
+
+    @get(operation_id="listModels", summary="List the served model")
+    async def list_models(self, services: Services) -> ModelList:
+        """The one model this server serves."""
+        return ModelList([ModelCard(services.model_id, services.created)])
+
+
+class ChatController(Controller):
+    """``/v1/chat/completions``: https://platform.openai.com/docs/api-reference/chat."""
+
+    path = "/v1/chat/completions"
+    tags = ["Chat"]  # noqa: RUF012  Litestar reads it from the class
+
+    @post(operation_id="createChatCompletion", summary="Create a chat completion", status_code=200)
+    async def create(
+        self, request: Request[Any, Any, Any], services: Services
+    ) -> ChatCompletionResponse | EventStream:
+        """Answer a conversation, whole or streamed as server-sent events."""
+        body, unknown, response_id = await read_request(request, ChatCompletionRequest, "chatcmpl")
+        created = int(time.time())
+        events = services.chat.stream(body.chat_messages(), body.to_params(unknown))
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            chunks = chat_chunks(response_id, created, services.model_id)
+            return EventStream(sse_stream(events, chunks, include_usage=include_usage, role_first=True))
+        result = await until_disconnected(request, complete(events))
+        choice = ChatChoice(0, AssistantMessage(result.text), str(result.finish_reason))
+        return ChatCompletionResponse(response_id, created, services.model_id, [choice], usage_body(result.usage))
+
+
+class CompletionsController(Controller):
+    """``/v1/completions``: https://platform.openai.com/docs/api-reference/completions."""
+
+    path = "/v1/completions"
+    tags = ["Completions"]  # noqa: RUF012  Litestar reads it from the class
+
+    @post(operation_id="createCompletion", summary="Create a text completion", status_code=200)
+    async def create(self, request: Request[Any, Any, Any], services: Services) -> CompletionResponse | EventStream:
+        """Continue a prompt, whole or streamed as server-sent events."""
+        body, unknown, response_id = await read_request(request, CompletionRequest, "cmpl")
+        created = int(time.time())
+        events = services.completion.stream(body.prompt, body.to_params(unknown), echo=body.echo)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            chunks = completion_chunks(response_id, created, services.model_id)
+            return EventStream(sse_stream(events, chunks, include_usage=include_usage, role_first=False))
+        result = await until_disconnected(request, complete(events))
+        choice = CompletionChoice(0, result.text, str(result.finish_reason))
+        return CompletionResponse(response_id, created, services.model_id, [choice], usage_body(result.usage))

@@ -1,0 +1,41 @@
+"""One place that turns every failure into OpenAI's error body."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import structlog
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException
+
+from domain.errors import DomainError, GenerationError, InvalidRequestError, ModelNotReadyError
+from entrypoints.http.wire import ErrorBody, ErrorInfo, unstructure
+
+log = structlog.get_logger(__name__)
+
+
+def error_body(error: BaseException) -> tuple[int, ErrorBody]:
+    """The HTTP status and OpenAI error body for ``error``."""
+    if isinstance(error, InvalidRequestError):
+        return 400, ErrorBody(ErrorInfo(error.message, "invalid_request_error", error.param, error.code))
+    if isinstance(error, ModelNotReadyError):
+        return 503, ErrorBody(ErrorInfo(error.message, "service_unavailable", None, error.code))
+    if isinstance(error, GenerationError | DomainError):
+        return 500, ErrorBody(ErrorInfo(error.message, "server_error", error.param, error.code))
+    if isinstance(error, HTTPException):
+        status = error.status_code
+        kind = "invalid_request_error" if status < 500 else "server_error"  # noqa: PLR2004
+        code = HTTPStatus(status).phrase.lower().replace(" ", "_")
+        return status, ErrorBody(ErrorInfo(str(error.detail), kind, None, code))
+    return 500, ErrorBody(ErrorInfo("The server had an error while processing your request.", "server_error"))
+
+
+def handle_error(_request: Request[object, object, object], error: Exception) -> Response[object]:
+    """Exception handler for the whole app: OpenAI's body, and a log line (with traceback when it is ours)."""
+    status, body = error_body(error)
+    if status >= 500:  # noqa: PLR2004
+        log.exception("request.failed", status=status)
+    else:
+        log.info("request.rejected", status=status, error=body.error.message, param=body.error.param)
+    headers = {"Retry-After": "5"} if status == 503 else None  # noqa: PLR2004
+    return Response(unstructure(body), status_code=status, media_type=MediaType.JSON, headers=headers)

@@ -1,0 +1,484 @@
+"""The OpenAI wire format: request and response bodies, structured with one private cattrs converter."""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+import types
+import typing
+from typing import Any, Literal, TypeVar
+
+import attrs
+import cattrs
+import cattrs.gen
+from attrs import validators as v
+from cattrs.cols import list_structure_factory
+
+from domain.errors import InvalidRequestError
+from domain.generation import GenerationParams
+from domain.messages import ChatMessage, Role
+
+T = TypeVar("T")
+
+_positive = v.optional(v.ge(1))
+_non_negative = v.optional(v.ge(0))
+
+
+def _finite(_instance: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        msg = f"'{attribute.name}' must be a finite number"
+        raise ValueError(msg, attribute, value)
+
+
+def _not_yet(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """Accept the OpenAI default (what SDKs and LangChain send), refuse what this server cannot honour yet."""
+    if value:
+        msg = f"'{attribute.name}' is not supported yet; leave it unset or zero"
+        raise ValueError(msg)
+
+
+def _within(low: float, high: float) -> Any:  # noqa: ANN401  an attrs validator
+    return v.optional([_finite, v.ge(low), v.le(high)])
+
+
+@attrs.frozen(kw_only=True)
+class StreamOptions:
+    """``stream_options``: OpenAI's switches for a streamed response."""
+
+    include_usage: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class ContentPart:
+    """One part of a message's content; only text parts are understood."""
+
+    type: str
+    text: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Message:
+    """A chat message as OpenAI clients send it."""
+
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def to_domain(self, index: int) -> ChatMessage:
+        """The domain message, with text parts joined."""
+        content = self.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    msg = f"content part type {part.type!r} is not supported; only 'text' parts are"
+                    raise InvalidRequestError(msg, param=f"messages[{index}].content")
+                parts.append(part.text)
+            content = "".join(parts)
+        return ChatMessage(role=self.role, content=content or "", name=self.name)
+
+
+@attrs.frozen(kw_only=True)
+class SamplingRequest:
+    """The fields chat and text completions share: OpenAI's sampling options and HuggingFace's."""
+
+    model: str | None = None
+    max_tokens: int | None = attrs.field(default=None, validator=_non_negative)
+    max_completion_tokens: int | None = attrs.field(default=None, validator=_non_negative)
+    temperature: float | None = attrs.field(default=None, validator=_within(0, 2))
+    top_p: float | None = attrs.field(default=None, validator=_within(0, 1))
+    n: int = attrs.field(default=1, validator=v.ge(1))
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = attrs.field(default=None, validator=_not_yet)
+    frequency_penalty: float | None = attrs.field(default=None, validator=_not_yet)
+    logit_bias: dict[str, float] | None = attrs.field(default=None, validator=_not_yet)
+    user: str | None = None
+    # HuggingFace generation options, sent by the OpenAI SDK through ``extra_body``.
+    max_new_tokens: int | None = attrs.field(default=None, validator=_non_negative)
+    top_k: int | None = attrs.field(default=None, validator=_non_negative)
+    typical_p: float | None = attrs.field(default=None, validator=_within(0, 1))
+    min_p: float | None = attrs.field(default=None, validator=_within(0, 1))
+    repetition_penalty: float | None = attrs.field(default=None, validator=v.optional([_finite, v.gt(0)]))
+    no_repeat_ngram_size: int | None = attrs.field(default=None, validator=_non_negative)
+    encoder_no_repeat_ngram_size: int | None = attrs.field(default=None, validator=_non_negative)
+    num_beams: int | None = attrs.field(default=None, validator=_positive)
+    num_beam_groups: int | None = attrs.field(default=None, validator=_positive)
+    diversity_penalty: float | None = attrs.field(default=None, validator=v.optional([_finite, v.ge(0)]))
+    length_penalty: float | None = attrs.field(default=None, validator=v.optional(_finite))
+    min_length: int | None = attrs.field(default=None, validator=_non_negative)
+    min_new_tokens: int | None = attrs.field(default=None, validator=_non_negative)
+    early_stopping: bool | Literal["never"] | None = None
+    guidance_scale: float | None = attrs.field(default=None, validator=v.optional([_finite, v.ge(0)]))
+    bad_words_ids: list[list[int]] | None = None
+    do_sample: bool | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.n > 1:
+            raise InvalidRequestError("n > 1 is not supported yet: send one request per choice", param="n")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+        if self.bad_words_ids is not None and any(not ids for ids in self.bad_words_ids):
+            raise InvalidRequestError("bad_words_ids must be a list of non-empty lists of token ids", "bad_words_ids")
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        """``stop`` as a tuple, whether one string or a list was sent."""
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def to_params(self, extra: dict[str, Any]) -> GenerationParams:
+        """The domain's generation parameters; ``extra`` holds the request's unknown fields."""
+        if self.max_completion_tokens is not None:
+            max_new_tokens = self.max_completion_tokens
+        elif self.max_tokens is not None:
+            max_new_tokens = self.max_tokens
+        else:
+            max_new_tokens = self.max_new_tokens
+        options = {} if self.do_sample is None else {"do_sample": self.do_sample}
+        return GenerationParams(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            typical_p=self.typical_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            encoder_no_repeat_ngram_size=self.encoder_no_repeat_ngram_size,
+            num_beams=self.num_beams,
+            num_beam_groups=self.num_beam_groups,
+            diversity_penalty=self.diversity_penalty,
+            length_penalty=self.length_penalty,
+            min_length=self.min_length,
+            min_new_tokens=self.min_new_tokens,
+            early_stopping=self.early_stopping,
+            guidance_scale=self.guidance_scale,
+            bad_words_ids=None if self.bad_words_ids is None else tuple(tuple(ids) for ids in self.bad_words_ids),
+            seed=self.seed,
+            stop=self.stop_sequences(),
+            extra=options | extra,
+        )
+
+
+@attrs.frozen(kw_only=True)
+class ChatCompletionRequest(SamplingRequest):
+    """Body of ``POST /v1/chat/completions``."""
+
+    messages: list[Message] = attrs.field(validator=v.min_len(1))
+
+    def chat_messages(self) -> list[ChatMessage]:
+        """The conversation as domain messages."""
+        return [message.to_domain(index) for index, message in enumerate(self.messages)]
+
+
+@attrs.frozen(kw_only=True)
+class CompletionRequest(SamplingRequest):
+    """Body of ``POST /v1/completions``."""
+
+    prompt: str
+    echo: bool = False
+    suffix: str | None = attrs.field(default=None, validator=_not_yet)
+
+
+# Responses -------------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class UsageBody:
+    """``usage``."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@attrs.frozen
+class AssistantMessage:
+    """The answer's ``message``."""
+
+    content: str
+    role: str = "assistant"
+
+
+@attrs.frozen
+class ChatChoice:
+    """One of ``choices`` in a chat completion."""
+
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+@attrs.frozen
+class ChatCompletionResponse:
+    """Body of a chat completion (``object: chat.completion``)."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageBody
+    object: str = "chat.completion"
+    system_fingerprint: str | None = None
+
+
+@attrs.frozen
+class Delta:
+    """What a chat chunk adds: the role on the first chunk, then content."""
+
+    role: str | None = None
+    content: str | None = None
+
+
+@attrs.frozen
+class ChunkChoice:
+    """One of ``choices`` in a chat chunk."""
+
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+@attrs.frozen
+class ChatCompletionChunk:
+    """One streamed event (``object: chat.completion.chunk``)."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: UsageBody | None = None
+    object: str = "chat.completion.chunk"
+    system_fingerprint: str | None = None
+
+
+@attrs.frozen
+class CompletionChoice:
+    """One of ``choices`` in a text completion (also its streamed chunks)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+@attrs.frozen
+class CompletionResponse:
+    """Body of a text completion, and of each of its streamed chunks (``object: text_completion``)."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageBody | None = None
+    object: str = "text_completion"
+    system_fingerprint: str | None = None
+
+
+@attrs.frozen
+class ModelCard:
+    """One entry of ``GET /v1/models``."""
+
+    id: str
+    created: int
+    owned_by: str = "hf-openai-server"
+    object: str = "model"
+
+
+@attrs.frozen
+class ModelList:
+    """Body of ``GET /v1/models``."""
+
+    data: list[ModelCard]
+    object: str = "list"
+
+
+@attrs.frozen
+class ErrorInfo:
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+@attrs.frozen
+class ErrorBody:
+    """Every error response: ``{"error": {...}}``."""
+
+    error: ErrorInfo
+
+
+# Structuring -----------------------------------------------------------------------------------------------------
+
+
+def _strict(kind: type[Any], *, accepts: tuple[type[Any], ...]) -> Any:  # noqa: ANN401  a cattrs hook
+    def structure(value: object, _: object) -> object:
+        if isinstance(value, bool) and kind is not bool:
+            msg = f"expected {kind.__name__}, got a boolean"
+            raise TypeError(msg)
+        if not isinstance(value, accepts):
+            msg = f"expected {kind.__name__}, got {type(value).__name__}"
+            raise TypeError(msg)
+        if kind is float:
+            return float(value)  # type: ignore[arg-type]
+        return value
+
+    return structure
+
+
+def _union(converter: cattrs.Converter) -> Any:  # noqa: ANN401  a cattrs hook
+    def structure(value: object, union: Any) -> object:  # noqa: ANN401
+        arms = typing.get_args(union)
+        if value is None and type(None) in arms:
+            return None
+        for arm in arms:
+            if arm is type(None):
+                continue
+            try:
+                return converter.structure(value, arm)
+            except (TypeError, ValueError, cattrs.BaseValidationError):
+                continue
+        names = " or ".join("null" if arm is type(None) else _type_name(arm) for arm in arms)
+        msg = f"expected {names}, got {type(value).__name__}"
+        raise TypeError(msg)
+
+    return structure
+
+
+def _type_name(kind: Any) -> str:  # noqa: ANN401
+    origin = typing.get_origin(kind)
+    if origin is list:
+        return f"array of {_type_name(typing.get_args(kind)[0])}"
+    if origin is typing.Literal:
+        return " or ".join(repr(arg) for arg in typing.get_args(kind))
+    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(kind, "object")
+
+
+def _list_factory(kind: Any, converter: cattrs.Converter) -> Any:  # noqa: ANN401  a cattrs hook factory
+    items = list_structure_factory(kind, converter)
+
+    def structure(value: object, kind: Any) -> object:  # noqa: ANN401
+        if not isinstance(value, list):
+            msg = f"expected an array, got {type(value).__name__}"
+            raise TypeError(msg)
+        return items(value, kind)
+
+    return structure
+
+
+def _object_factory(kind: Any, converter: cattrs.Converter) -> Any:  # noqa: ANN401  a cattrs hook factory
+    key_type, value_type = typing.get_args(kind)
+
+    def structure(value: object, _: Any) -> object:  # noqa: ANN401
+        if not isinstance(value, dict):
+            msg = f"expected an object, got {type(value).__name__}"
+            raise TypeError(msg)
+        return {converter.structure(k, key_type): converter.structure(x, value_type) for k, x in value.items()}
+
+    return structure
+
+
+def _enum(value: object, kind: type[enum.Enum]) -> enum.Enum:
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(repr(member.value) for member in kind)
+        msg = f"must be one of {allowed}, got {value!r}"
+        raise ValueError(msg) from None
+
+
+def _is_union(kind: Any) -> bool:  # noqa: ANN401
+    return typing.get_origin(kind) in (typing.Union, types.UnionType)
+
+
+def _converter() -> cattrs.Converter:
+    """The wire converter: strict JSON types (no "1" for 1, no 1 for true), enums by value."""
+    converter = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
+    converter.register_structure_hook_func(_is_union, _union(converter))
+    converter.register_structure_hook_factory(lambda kind: typing.get_origin(kind) is list, _list_factory)
+    converter.register_structure_hook_factory(lambda kind: typing.get_origin(kind) is dict, _object_factory)
+    converter.register_structure_hook(Role, _enum)
+    converter.register_unstructure_hook(
+        Delta, cattrs.gen.make_dict_unstructure_fn(Delta, converter, _cattrs_omit_if_default=True)
+    )
+    converter.register_structure_hook(int, _strict(int, accepts=(int,)))
+    converter.register_structure_hook(float, _strict(float, accepts=(int, float)))
+    converter.register_structure_hook(str, _strict(str, accepts=(str,)))
+    converter.register_structure_hook(bool, _strict(bool, accepts=(bool,)))
+    return converter
+
+
+_CONVERTER = _converter()
+
+
+def unstructure(value: object) -> Any:  # noqa: ANN401  JSON-ready data
+    """A response object as JSON-ready data."""
+    return _CONVERTER.unstructure(value)
+
+
+def structure(body: object, kind: type[T]) -> tuple[T, dict[str, Any]]:
+    """Structure a decoded JSON body into ``kind``; also return the fields ``kind`` does not know.
+
+    Any failure becomes an ``InvalidRequestError`` naming the offending field, e.g. ``$.messages[0].role``.
+    """
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    try:
+        request = _CONVERTER.structure(body, kind)
+    except InvalidRequestError:
+        raise
+    except Exception as error:  # noqa: BLE001  any structuring failure is the client's input at fault
+        message, param = _describe(error)
+        raise InvalidRequestError(message, param=param) from error
+    known = {field.name for field in attrs.fields(kind)}  # type: ignore[misc]
+    return request, {key: value for key, value in body.items() if key not in known}
+
+
+_VALIDATOR_MESSAGE = re.compile(r"^(?:Length of )?'(?P<name>\w+)'")
+"""attrs validators name the field first: "'temperature' must be <= 2: 3"."""
+
+
+def _describe(error: BaseException) -> tuple[str, str | None]:
+    """One readable message and the field it concerns, from a cattrs or attrs validation failure."""
+    found = _first_leaf(error, "$")
+    if found is None:
+        return str(error), None
+    path, leaf = found
+    if isinstance(leaf, InvalidRequestError):
+        return leaf.message, leaf.param
+    if isinstance(leaf, ValueError) and (named := _VALIDATOR_MESSAGE.match(str(leaf.args[0]) if leaf.args else "")):
+        path = f"{path}.{named['name']}"
+        detail = str(leaf.args[0])
+    elif isinstance(leaf, KeyError):
+        detail = "required field missing"
+    else:
+        detail = str(leaf) or type(leaf).__name__
+    param = path.removeprefix("$").lstrip(".") or None
+    return f"{path}: {detail}", param
+
+
+def _first_leaf(error: BaseException, path: str) -> tuple[str, BaseException] | None:
+    """The first non-group exception inside ``error``, with the JSON path cattrs recorded for it."""
+    if not isinstance(error, BaseExceptionGroup):
+        return path, error
+    for sub in error.exceptions:
+        step = ""
+        for note in getattr(sub, "__notes__", []):
+            name = getattr(note, "name", None)
+            index = getattr(note, "index", None)
+            if name is not None:
+                step = f".{name}"
+            elif index is not None:
+                step = f"[{index}]"
+        found = _first_leaf(sub, path + step)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,25 @@
+"""Server settings, parsed once from the command line and handed to the composition root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+
+@attrs.frozen(kw_only=True)
+class ServerSettings:
+    """Everything the server is configured with; see ``python -m entrypoints.http --help``."""
+
+    model: str | None = None
+    """Hub id in the local cache, local directory, or ``.gguf`` file; ``None`` serves the embedded SmolLM2."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    dtype: str | None = None
+    chat_template: Path | None = None
+    stop_sequences: tuple[str, ...] = ()
+    log_level: str = "INFO"
+    log_format: str = "auto"
+    log_content: bool = True
+    cache_dir: Path | None = None

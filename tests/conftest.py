@@ -1,0 +1,28 @@
+"""Shared fixtures: the real app factory around a FakeGenerator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from litestar.testing import TestClient
+
+from entrypoints.http.app import create_app
+from entrypoints.settings import ServerSettings
+from tests.fakes import FakeGenerator
+
+
+@pytest.fixture
+def fake() -> FakeGenerator:
+    return FakeGenerator()
+
+
+@pytest.fixture
+def settings() -> ServerSettings:
+    return ServerSettings()
+
+
+@pytest.fixture
+def client(fake: FakeGenerator, settings: ServerSettings) -> Iterator[TestClient]:
+    with TestClient(app=create_app(settings, generator=fake)) as test_client:
+        yield test_client

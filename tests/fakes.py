@@ -1,0 +1,59 @@
+"""Hand-written fakes for the domain ports."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import attrs
+
+from domain.generation import FinishReason, GeneratedTokens, GenerationParams
+
+EOS = 0
+
+
+@attrs.define
+class FakeGenerator:
+    """A byte-level "model" that answers ``reply`` one byte-token at a time, then EOS.
+
+    Token ids are UTF-8 bytes plus one, so multi-byte characters span several tokens, as with real BPE models.
+    It records each call and how many tokens it produced, so tests can assert on what reached the model.
+    """
+
+    reply: str = "Hello! I am a fake model."
+    model_id: str = "fake-model"
+    context_length: int = 4096
+    step_delay: float = 0.0
+    calls: list[tuple[tuple[int, ...], GenerationParams]] = attrs.Factory(list)
+    produced: int = 0
+    closed_early: int = 0
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        del add_special_tokens
+        return [byte + 1 for byte in text.encode()]
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool) -> str:
+        text = bytes(i - 1 for i in token_ids if i != EOS).decode(errors="replace")
+        ends = sum(1 for i in token_ids if i == EOS)
+        return text if skip_special_tokens else text + "</s>" * ends
+
+    async def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncIterator[GeneratedTokens]:
+        self.calls.append((tuple(prompt_ids), params))
+        budget = params.max_new_tokens if params.max_new_tokens is not None else self.context_length
+        tokens = [*self.encode(self.reply, add_special_tokens=False), EOS]
+        finished = False
+        try:
+            for count, token in enumerate(tokens, start=1):
+                if count > budget:
+                    finished = True
+                    yield GeneratedTokens(finish_reason=FinishReason.LENGTH)
+                    return
+                if self.step_delay:
+                    await asyncio.sleep(self.step_delay)
+                self.produced += 1
+                yield GeneratedTokens((token,))
+            finished = True
+            yield GeneratedTokens(finish_reason=FinishReason.STOP)
+        finally:
+            if not finished:
+                self.closed_early += 1

@@ -1,0 +1,110 @@
+"""A tiny random Llama with a real trained tokenizer, built offline in a second, for tests that need a model."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+PAD_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|begin_of_text|>"
+IM_START = "<|im_start|>"
+EOS_TOKEN = "<|im_end|>"
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, IM_START, EOS_TOKEN)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_SUBJECTS = ("the cat", "a dog", "my friend", "the teacher", "our robot", "the old man", "a small bird", "she", "he")
+_VERBS = ("eats", "sees", "likes", "writes", "reads", "finds", "wants", "builds", "paints", "sings about")
+_OBJECTS = ("an apple", "the red book", "a long letter", "some bread", "the blue sky", "a song", "the river", "code")
+_TAILS = ("today.", "every morning.", "in the garden.", "with joy!", "again?", "quickly.", "at night.", "for fun.")
+_EXTRA = (
+    "Hello, world! How are you?",
+    "Café, naïve, résumé, jalapeño, Zürich, Ångström.",
+    "你好，世界。今天天气很好。",
+    "日本語のテキストです。",
+    "Emoji: 😀 🎉 🚀 👍🏽 ❤️",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 3.14 1,000",
+    "def add(a, b):\n    return a + b",
+    "Ünïcödé ßtraße — “quotes” and ‘apostrophes’…",
+)
+
+
+def training_text(lines: int = 400, *, seed: int = 0) -> list[str]:
+    """Deterministic English-ish sentences plus a few accented, CJK and emoji lines."""
+    rng = random.Random(seed)
+    text = [
+        f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
+        for _ in range(lines)
+    ]
+    return text + list(_EXTRA) * 5
+
+
+def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with ChatML special tokens, a BOS that ``add_special_tokens`` prepends, and a chat template."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(training_text(), trainer=trainer)
+    bos_id = tokenizer.token_to_id(BOS_TOKEN)
+    tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
+            ),
+        ]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=[IM_START],
+        model_max_length=256,
+    )
+    wrapped.chat_template = CHATML_TEMPLATE
+    return wrapped
+
+
+def build_tiny_model(directory: Path, *, vocab_size: int = 400, seed: int = 0) -> Path:
+    """Save a tiny random ``LlamaForCausalLM`` and its tokenizer into ``directory``; return ``directory``.
+
+    Loadable with ``AutoModelForCausalLM.from_pretrained(directory)`` and ``AutoTokenizer.from_pretrained(directory)``.
+    The weights are random (seeded), so output is gibberish but deterministic.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(vocab_size)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
