@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 import structlog
@@ -322,17 +322,12 @@ def _remove_stale_partials(cache_dir: Path) -> None:
 
 
 def _remove_older_snapshots(current: Path) -> None:
-    """Delete other snapshots of the same GGUF file (same path digest): it changed, they are outdated."""
-    prefix = current.name.rsplit("-", 1)[0] + "-"
-    for other in current.parent.glob(f"{glob_escape(prefix)}*"):
-        if other != current and other.is_dir() and other.name.rsplit("-", 1)[0] + "-" == prefix:
+    """Delete other snapshots of the same GGUF file (same name and path digest): it changed, they are outdated."""
+    stem = current.name.rsplit("-", 1)[0]
+    for other in current.parent.iterdir():
+        if other != current and other.is_dir() and other.name.rsplit("-", 1)[0] == stem:
             log.info("model.snapshot.outdated_removed", path=str(other))
             shutil.rmtree(other, ignore_errors=True)
-
-
-def glob_escape(text: str) -> str:
-    """``text`` with glob metacharacters quoted, for use in `Path.glob`."""
-    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def _process_alive(pid: int) -> bool:
@@ -360,7 +355,3 @@ def _progress_bars(*, enabled: bool) -> Iterator[None]:
             transformers_logging.enable_progress_bar()
         else:
             transformers_logging.disable_progress_bar()
-
-
-def _unused(*_: Any) -> None:  # pragma: no cover
-    """Placeholder."""

@@ -1,0 +1,461 @@
+"""The ``Generator`` port over a transformers causal LM: one worker thread generates, the event loop streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import functools
+import math
+import re
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import structlog
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from domain.errors import DomainError, GenerationError, InvalidRequestError
+from domain.generation import FinishReason, GeneratedTokens, GenerationParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = structlog.get_logger(__name__)
+
+GROUP_BEAM_SEARCH_REPO = Path(__file__).parent / "group_beam_search"
+"""A local ``custom_generate`` repo with diverse beam search, which transformers 5 moved to the Hub."""
+
+NAMED_OPTIONS = (
+    "top_p",
+    "top_k",
+    "typical_p",
+    "min_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "length_penalty",
+    "min_length",
+    "min_new_tokens",
+    "early_stopping",
+    "guidance_scale",
+    "max_new_tokens",
+)
+"""``GenerationParams`` fields copied as they are onto the ``GenerationConfig`` attribute of the same name."""
+
+SAMPLING_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"})
+"""Options that only matter when sampling: greedy requests may carry them (OpenAI clients do) without error."""
+
+FORBIDDEN_EXTRA_OPTIONS = frozenset(
+    {
+        # what the server owns: output shape, special tokens, lengths, stop strings
+        "return_dict_in_generate",
+        "num_return_sequences",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "decoder_start_token_id",
+        "max_length",
+        "stop_strings",
+        "token_healing",
+        "transformers_version",
+        # caches, compilation and batching are deployment choices, not request options
+        "cache_config",
+        "cache_implementation",
+        "max_cache_len",
+        "compile_config",
+        "disable_compile",
+        "continuous_batching_config",
+        "low_memory",
+        "watermarking_config",
+        # assisted / speculative decoding needs a second model
+        "is_assistant",
+        "num_assistant_tokens",
+        "num_assistant_tokens_schedule",
+        "prompt_lookup_num_tokens",
+        "max_matching_ngram_size",
+        "target_lookbehind",
+        "speculation_type",
+        "use_mtp",
+        # modes transformers 5 moved to the Hub: they would try to download code
+        "constraints",
+        "force_words_ids",
+        "dola_layers",
+        "penalty_alpha",
+    }
+)
+"""``GenerationConfig`` attributes a request's extra options may not set."""
+
+FORBIDDEN_EXTRA_PREFIXES = ("_", "output_", "assistant_")
+
+_MIN_SEED = -(2**63)
+_MAX_SEED = 2**64 - 1
+_SANE_MAX_LENGTH = 10_000_000
+"""Tokenizers without a known limit report ``model_max_length`` as a huge sentinel (1e30)."""
+_MINOR_ISSUE = re.compile(r"^- `(\w+)`:", re.MULTILINE)
+_BACKTICKED = re.compile(r"`(\w+)`")
+
+
+@functools.cache
+def extra_option_names() -> frozenset[str]:
+    """``GenerationConfig`` attributes a request may set through ``GenerationParams.extra``."""
+    return frozenset(
+        name
+        for name in GenerationConfig().to_dict()
+        if name not in FORBIDDEN_EXTRA_OPTIONS and not name.startswith(FORBIDDEN_EXTRA_PREFIXES)
+    )
+
+
+def check_ranges(params: GenerationParams, *, vocab_size: int) -> None:
+    """Reject values ``GenerationConfig.validate`` lets through but generation would choke on (or silently misuse)."""
+    rules: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+        ("temperature", lambda v: v >= 0, "must be >= 0 (0 means greedy decoding)"),
+        ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+        ("top_k", lambda v: v >= 0, "must be >= 0 (0 disables it)"),
+        ("typical_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+        ("min_p", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        ("repetition_penalty", lambda v: v > 0, "must be > 0"),
+        ("no_repeat_ngram_size", lambda v: v >= 0, "must be >= 0"),
+        ("encoder_no_repeat_ngram_size", lambda v: v >= 0, "must be >= 0"),
+        ("num_beams", lambda v: v >= 1, "must be >= 1"),
+        ("num_beam_groups", lambda v: v >= 1, "must be >= 1"),
+        ("diversity_penalty", lambda v: v >= 0, "must be >= 0"),
+        ("length_penalty", lambda _: True, ""),
+        ("min_length", lambda v: v >= 0, "must be >= 0"),
+        ("min_new_tokens", lambda v: v >= 0, "must be >= 0"),
+        ("max_new_tokens", lambda v: v >= 1, "must be >= 1"),
+        ("guidance_scale", lambda v: v >= 0, "must be >= 0"),
+        ("seed", lambda v: _MIN_SEED <= v <= _MAX_SEED, f"must be in [{_MIN_SEED}, {_MAX_SEED}]"),
+    )
+    for name, rule, requirement in rules:
+        value = getattr(params, name)
+        if value is None or isinstance(value, bool):
+            continue
+        if not math.isfinite(value) or not rule(value):
+            raise InvalidRequestError(f"`{name}` {requirement or 'must be finite'}, got {value}.", param=name)
+    beams, groups = params.num_beams or 1, params.num_beam_groups or 1
+    if beams % groups:
+        raise InvalidRequestError(
+            f"`num_beams` ({beams}) must be divisible by `num_beam_groups` ({groups}).", param="num_beam_groups"
+        )
+    for word in params.bad_words_ids or ():
+        if not word:
+            raise InvalidRequestError("`bad_words_ids` may not contain an empty sequence.", param="bad_words_ids")
+        outside = [token for token in word if not 0 <= token < vocab_size]
+        if outside:
+            raise InvalidRequestError(
+                f"`bad_words_ids` holds token ids outside the vocabulary [0, {vocab_size}): {outside}.",
+                param="bad_words_ids",
+            )
+
+
+def build_generation_config(
+    base: GenerationConfig,
+    params: GenerationParams,
+    *,
+    vocab_size: int,
+    eos_token_ids: Sequence[int] = (),
+) -> GenerationConfig:
+    """The ``GenerationConfig`` for one request: the model's defaults, the request's options, then validation.
+
+    Temperature 0 means greedy decoding; with neither temperature nor top_p given, sampling at temperature 1 (OpenAI's
+    default) unless beam search was asked for. ``params.extra`` may set other ``GenerationConfig`` attributes, bar
+    those the server owns; unknown ones are logged and ignored. Raises ``InvalidRequestError`` naming the bad option.
+    """
+    check_ranges(params, vocab_size=vocab_size)
+    allowed = extra_option_names()
+    extra = {name: value for name, value in params.extra.items() if name in allowed}
+    ignored = sorted(set(params.extra) - set(extra))
+    if ignored:
+        log.info("generation.ignored_options", options=ignored)
+
+    named: dict[str, Any] = {name: getattr(params, name) for name in NAMED_OPTIONS}
+    if params.bad_words_ids is not None:
+        named["bad_words_ids"] = [list(word) for word in params.bad_words_ids]
+    if params.temperature == 0:
+        named["do_sample"] = False
+    elif params.temperature is not None:
+        named |= {"do_sample": True, "temperature": params.temperature}
+    elif params.top_p is not None:
+        named["do_sample"] = True
+    elif params.uses_beams or (params.num_beams is None and (base.num_beams or 1) > 1):
+        named["do_sample"] = False
+    else:
+        named |= {"do_sample": True, "temperature": 1.0}
+    updates = extra | {name: value for name, value in named.items() if value is not None}
+    if "do_sample" in extra:
+        updates["do_sample"] = extra["do_sample"]
+
+    config = copy.deepcopy(base)
+    if eos_token_ids:
+        config.eos_token_id = list(eos_token_ids)
+    if config.pad_token_id is None and eos_token_ids:
+        config.pad_token_id = eos_token_ids[0]
+    user_set = set(updates)
+    if not updates["do_sample"]:
+        user_set -= SAMPLING_OPTIONS
+    try:
+        config.update(**updates)
+        _validate(config, user_set)
+    except (ValueError, TypeError) as error:
+        raise InvalidRequestError(f"Invalid generation options: {error}", param=_param_of(error, updates)) from error
+    if (config.num_beam_groups or 1) > 1 and config.do_sample:
+        raise InvalidRequestError(
+            "Diverse beam search (`num_beam_groups` > 1) does not sample: use temperature 0 or leave it unset.",
+            param="num_beam_groups",
+        )
+    return config
+
+
+def _validate(config: GenerationConfig, user_set: set[str]) -> None:
+    """Validate strictly, but only fail on conflicts the request caused; the model's own defaults get a warning."""
+    try:
+        config.validate(strict=True, user_set_attributes=user_set)
+    except ValueError as error:
+        culprits = set(_MINOR_ISSUE.findall(str(error)))
+        if not culprits or culprits & user_set:
+            raise
+        config.validate(strict=False, user_set_attributes=user_set)
+
+
+def _param_of(error: Exception, updates: Mapping[str, object]) -> str | None:
+    """The request option an error message names first, if any."""
+    message = str(error)
+    named = _MINOR_ISSUE.findall(message) or _BACKTICKED.findall(message)
+    return next((name for name in named if name in updates), None)
+
+
+@attrs.define
+class HuggingFaceGenerator:
+    """A transformers causal LM and its tokenizer behind the ``Generator`` port.
+
+    ``model.generate`` runs on one dedicated worker thread, one request at a time; tokens reach the event loop through
+    a streamer. Closing the stream sets an event a stopping criterion checks every step, so the worker stops within one
+    token; a request still queued when it is closed never runs.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    _model_id: str = attrs.field(kw_only=True, alias="model_id")
+    _executor: ThreadPoolExecutor = attrs.field(
+        init=False, factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+    )
+
+    @property
+    def model_id(self) -> str:
+        """The name clients use for the model."""
+        return self._model_id
+
+    @property
+    def context_length(self) -> int:
+        """The model's position limit, else the tokenizer's when it states a real one."""
+        config = self.model.config.get_text_config()
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        limit = self.tokenizer.model_max_length
+        if isinstance(limit, int) and 0 < limit < _SANE_MAX_LENGTH:
+            return limit
+        msg = f"cannot tell the context length of {self.model_id}"
+        raise ValueError(msg)
+
+    @property
+    def vocab_size(self) -> int:
+        """How many token ids the model scores."""
+        value = getattr(self.model.config.get_text_config(), "vocab_size", None)
+        return value if isinstance(value, int) else len(self.tokenizer)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's Jinja chat template, if it has one."""
+        template = self.tokenizer.chat_template
+        if isinstance(template, Mapping):
+            template = template.get("default")
+        return template if isinstance(template, str) else None
+
+    @property
+    def bos_token(self) -> str | None:
+        """The beginning-of-sequence token text, for chat templates."""
+        token = self.tokenizer.bos_token
+        return token if isinstance(token, str) else None
+
+    @property
+    def eos_token(self) -> str | None:
+        """The end-of-sequence token text, for chat templates."""
+        token = self.tokenizer.eos_token
+        return token if isinstance(token, str) else None
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every token id that ends generation: the generation config's and the tokenizer's."""
+        configured = self.model.generation_config.eos_token_id
+        ids = list(configured) if isinstance(configured, list | tuple) else [configured]
+        ids.append(self.tokenizer.eos_token_id)
+        return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """Token ids of ``text``."""
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool) -> str:
+        """Text of ``token_ids``."""
+        text = self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return text if isinstance(text, str) else "".join(text)
+
+    def generation_config(self, params: GenerationParams, *, prompt_length: int) -> GenerationConfig:
+        """The validated ``GenerationConfig`` for a request; by default it may fill the context window."""
+        if params.max_new_tokens is None:
+            params = attrs.evolve(params, max_new_tokens=max(1, self.context_length - prompt_length))
+        return build_generation_config(
+            self.model.generation_config, params, vocab_size=self.vocab_size, eos_token_ids=self.eos_token_ids
+        )
+
+    async def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncIterator[GeneratedTokens]:
+        """Stream new tokens after ``prompt_ids``; the last item carries the finish reason.
+
+        Beam search only knows its tokens at the end, so it yields them in one step.
+        """
+        config = self.generation_config(params, prompt_length=len(prompt_ids))
+        log.debug("generation.config", config=config.to_diff_dict(), seed=params.seed, stop=list(params.stop))
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        cancelled = threading.Event()
+        beams = (config.num_beams or 1) > 1
+        job = _Job(
+            prompt_ids=tuple(prompt_ids),
+            config=config,
+            seed=params.seed,
+            stop=params.stop,
+            cancelled=cancelled,
+            streamer=None if beams else _QueueStreamer(loop, steps, cancelled),
+        )
+        future = self._executor.submit(self._run, job)
+        future.add_done_callback(lambda _: _call_soon(loop, steps.put_nowait, None))
+        try:
+            while (token_ids := await steps.get()) is not None:
+                yield GeneratedTokens(token_ids=tuple(token_ids))
+            new_ids = _result(future)
+            if beams and new_ids:
+                yield GeneratedTokens(token_ids=tuple(new_ids))
+            yield GeneratedTokens(finish_reason=self._finish_reason(new_ids, config))
+        finally:
+            cancelled.set()
+            if not future.cancel():
+                with contextlib.suppress(Exception):
+                    await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        """Stop accepting generations and drop queued ones; the running one ends at its next step."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _finish_reason(self, new_ids: Sequence[int], config: GenerationConfig) -> FinishReason:
+        """``LENGTH`` when the token budget ran out on something other than an end-of-sequence token."""
+        ran_out = len(new_ids) >= (config.max_new_tokens or 0)
+        ended = bool(new_ids) and new_ids[-1] in self.eos_token_ids
+        return FinishReason.LENGTH if ran_out and not ended else FinishReason.STOP
+
+    def _run(self, job: _Job) -> list[int]:
+        """Generate on the worker thread; return the new token ids."""
+        if job.cancelled.is_set():
+            return []
+        input_ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=self.model.device)
+        kwargs: dict[str, Any] = {
+            "attention_mask": torch.ones_like(input_ids),
+            "generation_config": job.config,
+            "stopping_criteria": StoppingCriteriaList([_Cancelled(job.cancelled)]),
+            "streamer": job.streamer,
+        }
+        if job.stop:
+            kwargs |= {"stop_strings": list(job.stop), "tokenizer": self.tokenizer}
+        if (job.config.num_beam_groups or 1) > 1:
+            kwargs |= {"custom_generate": str(GROUP_BEAM_SEARCH_REPO), "trust_remote_code": True}
+        with self._seeded(job.seed):
+            output = self.model.generate(input_ids, **kwargs)
+        return [int(token) for token in output[0, len(job.prompt_ids) :].tolist()]
+
+    @contextlib.contextmanager
+    def _seeded(self, seed: int | None) -> Iterator[None]:
+        """Seed the RNGs for one generation, restoring everyone else's random state afterwards."""
+        if seed is None:
+            yield
+            return
+        device = self.model.device
+        accelerated = device.type != "cpu"
+        devices = [device.index if device.index is not None else 0] if accelerated else []
+        with torch.random.fork_rng(devices=devices, device_type=device.type if accelerated else None):
+            torch.manual_seed(seed)
+            yield
+
+
+@attrs.frozen
+class _Job:
+    """One generation as the worker thread sees it."""
+
+    prompt_ids: tuple[int, ...]
+    config: GenerationConfig
+    seed: int | None
+    stop: tuple[str, ...]
+    cancelled: threading.Event
+    streamer: _QueueStreamer | None
+
+
+class _QueueStreamer(BaseStreamer):  # type: ignore[misc]
+    """Hands each step's new token ids to the event loop; the first ``put`` is the prompt and is skipped."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, steps: asyncio.Queue[list[int] | None], cancelled: threading.Event
+    ) -> None:
+        self._loop = loop
+        self._steps = steps
+        self._cancelled = cancelled
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        """Called by ``generate`` with the prompt, then with each step's tokens."""
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        if not _call_soon(self._loop, self._steps.put_nowait, [int(t) for t in value.reshape(-1).tolist()]):
+            self._cancelled.set()
+
+    def end(self) -> None:
+        """Nothing to do: the end is signalled when the worker's job completes."""
+
+
+class _Cancelled(StoppingCriteria):  # type: ignore[misc]
+    """Stops every sequence once the consumer has gone away."""
+
+    def __init__(self, cancelled: threading.Event) -> None:
+        self._cancelled = cancelled
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **_: object) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self._cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object) -> bool:
+    """Schedule ``callback`` on ``loop`` from any thread; ``False`` when the loop is gone."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _result(future: Future[list[int]]) -> list[int]:
+    """The worker's result, its failure re-raised as a domain error."""
+    try:
+        return future.result()
+    except DomainError:
+        raise
+    except Exception as error:
+        log.exception("generation.failed")
+        raise GenerationError(f"Generation failed: {error}") from error
