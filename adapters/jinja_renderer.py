@@ -73,9 +73,7 @@ class JinjaTemplateRenderer:
 
     def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool) -> str:
         """The prompt text for ``messages``."""
-        payload = [
-            {"role": str(m.role), "content": m.content} | ({"name": m.name} if m.name else {}) for m in messages
-        ]
+        payload = [{"role": str(m.role), "content": m.content} | ({"name": m.name} if m.name else {}) for m in messages]
         try:
             return self._template.render(
                 messages=payload,

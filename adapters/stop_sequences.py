@@ -11,7 +11,7 @@ import attrs
 class StopSequences:
     """The ``StopPolicy``: server-wide sequences merged with each request's own."""
 
-    server_wide: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    server_wide: tuple[str, ...] = ()
 
     def sequences(self, requested: Sequence[str]) -> tuple[str, ...]:
         """Server-wide then requested sequences, empty strings and repeats dropped, order kept."""

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import attrs
 import structlog
 
 from application.generation import TextGeneration, complete
 from domain.errors import InvalidRequestError
-from domain.generation import Completion, GenerationParams, TextDelta
+from domain.generation import Completion, CompletionStream, GenerationParams
 from domain.messages import ChatMessage
 from domain.ports import TemplateRenderer
 
@@ -23,7 +23,7 @@ class ChatService:
     renderer: TemplateRenderer
     generation: TextGeneration
 
-    def stream(self, messages: Sequence[ChatMessage], params: GenerationParams) -> AsyncIterator[TextDelta | Completion]:
+    def stream(self, messages: Sequence[ChatMessage], params: GenerationParams) -> CompletionStream:
         """Check and render the request now, then stream the answer: text deltas, then the ``Completion``.
 
         Errors in the request (template, context length) are raised by this call, before anything is generated.

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
 
 import attrs
 
 from application.generation import TextGeneration, complete
-from domain.generation import Completion, GenerationParams, TextDelta
+from domain.generation import Completion, CompletionStream, GenerationParams, TextDelta
 
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default ``max_tokens`` for ``/v1/completions``."""
@@ -20,7 +19,7 @@ class CompletionService:
 
     generation: TextGeneration
 
-    def stream(self, prompt: str, params: GenerationParams, *, echo: bool = False) -> AsyncIterator[TextDelta | Completion]:
+    def stream(self, prompt: str, params: GenerationParams, *, echo: bool = False) -> CompletionStream:
         """Check the request now, then stream the continuation (after the prompt when ``echo``) and the ``Completion``.
 
         Errors in the request (context length) are raised by this call, before anything is generated.
@@ -35,9 +34,9 @@ class CompletionService:
         return await complete(self.stream(prompt, params, echo=echo))
 
 
-async def _echoed(prompt: str, events: AsyncIterator[TextDelta | Completion]) -> AsyncIterator[TextDelta | Completion]:
+async def _echoed(prompt: str, events: CompletionStream) -> CompletionStream:
     """``events`` with the prompt in front of the text."""
     yield TextDelta(prompt)
-    async with contextlib.aclosing(events):  # type: ignore[type-var]
+    async with contextlib.aclosing(events):
         async for event in events:
             yield attrs.evolve(event, text=prompt + event.text) if isinstance(event, Completion) else event

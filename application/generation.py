@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
 
 import attrs
 import structlog
 
 from application.decoding import IncrementalDecoder
 from domain.errors import ContextLengthExceededError
-from domain.generation import Completion, FinishReason, GenerationParams, TextDelta, Usage
+from domain.generation import Completion, CompletionStream, FinishReason, GenerationParams, TextDelta, Usage
 from domain.ports import Generator, StopPolicy
 
 log = structlog.get_logger(__name__)
@@ -54,7 +53,7 @@ class TextGeneration:
             raise ContextLengthExceededError(message, param="max_tokens" if room > 0 else "messages")
         return attrs.evolve(params, max_new_tokens=requested if requested is not None else room)
 
-    async def stream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[TextDelta | Completion]:
+    async def stream(self, prompt: Prompt, params: GenerationParams) -> CompletionStream:
         """Yield text deltas as they become certain, then the finished ``Completion``.
 
         Text that might be the start of a stop sequence is held back until it is known not to be one; once a
@@ -104,7 +103,7 @@ class TextGeneration:
         log.info(event, **(content if self.log_content else {}))
 
 
-async def complete(events: AsyncIterator[TextDelta | Completion]) -> Completion:
+async def complete(events: CompletionStream) -> Completion:
     """Drain a stream and return its ``Completion``."""
     async with contextlib.aclosing(events):
         async for event in events:
@@ -112,4 +111,3 @@ async def complete(events: AsyncIterator[TextDelta | Completion]) -> Completion:
                 return event
     msg = "generation stream ended without a completion"
     raise RuntimeError(msg)
-

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 
 import attrs
 
@@ -93,3 +93,7 @@ class Completion:
     text: str
     finish_reason: FinishReason
     usage: Usage
+
+
+CompletionStream = AsyncGenerator[TextDelta | Completion, None]
+"""What the use cases stream: text deltas, then exactly one ``Completion``."""

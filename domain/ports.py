@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
 from domain.generation import GeneratedTokens, GenerationParams
@@ -30,7 +30,7 @@ class Generator(Protocol):
         """Text of ``token_ids``."""
         ...
 
-    def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncIterator[GeneratedTokens]:
+    def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[GeneratedTokens, None]:
         """Stream new tokens after ``prompt_ids``; the last item carries the finish reason.
 
         Closing the iterator early stops generation within one step and frees its resources.

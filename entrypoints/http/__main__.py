@@ -26,7 +26,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
     parser.add_argument(
         "--model",
         default=None,
-        help="hub id in the local HF cache, local model directory, or .gguf file (default: embedded SmolLM2-135M-Instruct)",
+        help="hub id in the local HF cache, local directory, or .gguf file (default: embedded SmolLM2-135M-Instruct)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
@@ -38,15 +38,19 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
         default=None,
         help="weights dtype (default: bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU)",
     )
-    parser.add_argument("--chat-template", type=Path, default=None, help="Jinja chat template file (overrides the tokenizer's)")
+    parser.add_argument(
+        "--chat-template", type=Path, default=None, help="Jinja chat template file (overrides the tokenizer's)"
+    )
     parser.add_argument(
         "--stop-sequences", nargs="+", default=[], metavar="S", help="stop sequences applied to every request"
     )
+    parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO")
     parser.add_argument(
-        "--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO"
+        "--log-format", choices=("auto", "console", "json"), default="auto", help="(default: JSON when not a TTY)"
     )
-    parser.add_argument("--log-format", choices=("auto", "console", "json"), default="auto", help="(default: JSON when not a TTY)")
-    parser.add_argument("--no-log-content", action="store_true", help="keep prompts, token ids and texts out of the logs")
+    parser.add_argument(
+        "--no-log-content", action="store_true", help="keep prompts, token ids and texts out of the logs"
+    )
     parser.add_argument("--cache-dir", type=Path, default=None, help="where converted GGUF snapshots are kept")
     args = parser.parse_args(argv)
     if args.chat_template is not None and not args.chat_template.is_file():

@@ -84,9 +84,7 @@ def create_app(
     )
 
 
-async def _load(
-    settings: ServerSettings, slot: ModelSlot, on_failure: Callable[[BaseException], None] | None
-) -> None:
+async def _load(settings: ServerSettings, slot: ModelSlot, on_failure: Callable[[BaseException], None] | None) -> None:
     started = time.perf_counter()
     try:
         slot.services = await asyncio.to_thread(load_services, settings)

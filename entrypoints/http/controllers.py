@@ -97,9 +97,7 @@ class ChatController(Controller):
     tags = ["Chat"]  # noqa: RUF012  Litestar reads it from the class
 
     @post(operation_id="createChatCompletion", summary="Create a chat completion", status_code=200)
-    async def create(
-        self, request: Request[Any, Any, Any], services: Services
-    ) -> ChatCompletionResponse | EventStream:
+    async def create(self, request: Request[Any, Any, Any], services: Services) -> ChatCompletionResponse | EventStream:
         """Answer a conversation, whole or streamed as server-sent events."""
         body, unknown, response_id = await read_request(request, ChatCompletionRequest, "chatcmpl")
         created = int(time.time())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Any
 
 import structlog
 from litestar import MediaType, Request, Response
@@ -30,11 +31,11 @@ def error_body(error: BaseException) -> tuple[int, ErrorBody]:
     return 500, ErrorBody(ErrorInfo("The server had an error while processing your request.", "server_error"))
 
 
-def handle_error(_request: Request[object, object, object], error: Exception) -> Response[object]:
+def handle_error(_request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
     """Exception handler for the whole app: OpenAI's body, and a log line (with traceback when it is ours)."""
     status, body = error_body(error)
     if status >= 500:  # noqa: PLR2004
-        log.exception("request.failed", status=status)
+        log.error("request.failed", status=status, exc_info=error)
     else:
         log.info("request.rejected", status=status, error=body.error.message, param=body.error.param)
     headers = {"Retry-After": "5"} if status == 503 else None  # noqa: PLR2004

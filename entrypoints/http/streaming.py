@@ -10,7 +10,7 @@ import structlog
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from domain.errors import DomainError
-from domain.generation import Completion, TextDelta, Usage
+from domain.generation import CompletionStream, TextDelta, Usage
 from entrypoints.http.errors import error_body
 from entrypoints.http.wire import (
     ChatCompletionChunk,
@@ -43,7 +43,7 @@ def usage_body(usage: Usage) -> UsageBody:
 
 
 def event(payload: object) -> ServerSentEventMessage:
-    """One ``data: {json}\\n\\n`` event."""
+    """One event: ``data:`` and the JSON, then a blank line."""
     data = payload if isinstance(payload, str) else json.dumps(unstructure(payload), ensure_ascii=False)
     return ServerSentEventMessage(data=data, sep="\n")
 
@@ -74,7 +74,7 @@ def completion_chunks(response_id: str, created: int, model: str) -> ChunkFactor
 
 
 async def sse_stream(
-    events: AsyncIterator[TextDelta | Completion], chunk: ChunkFactory, *, include_usage: bool, role_first: bool
+    events: CompletionStream, chunk: ChunkFactory, *, include_usage: bool, role_first: bool
 ) -> AsyncIterator[ServerSentEventMessage]:
     """Translate a use case's stream into OpenAI's events; an error mid-stream becomes one error event."""
     try:
@@ -88,7 +88,7 @@ async def sse_stream(
             yield event(chunk(None, str(item.finish_reason), None))
             if include_usage:
                 yield event(chunk(None, None, usage_body(item.usage)))
-    except Exception as error:  # noqa: BLE001  the status line is gone: the error travels as an event
+    except Exception as error:
         status, body = error_body(error)
         if isinstance(error, DomainError) and status < 500:  # noqa: PLR2004
             log.info("stream.rejected", error=body.error.message)
@@ -96,5 +96,5 @@ async def sse_stream(
             log.exception("stream.failed")
         yield event(body)
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
     yield event("[DONE]")

