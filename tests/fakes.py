@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import attrs
 
+from domain.errors import GenerationError
 from domain.generation import FinishReason, GeneratedTokens, GenerationParams
 
 EOS = 0
@@ -25,6 +26,7 @@ class FakeGenerator:
     context_length: int = 4096
     step_delay: float = 0.0
     calls: list[tuple[tuple[int, ...], GenerationParams]] = attrs.Factory(list)
+    fail_after: int | None = None
     produced: int = 0
     closed_early: int = 0
 
@@ -37,7 +39,7 @@ class FakeGenerator:
         ends = sum(1 for i in token_ids if i == EOS)
         return text if skip_special_tokens else text + "</s>" * ends
 
-    async def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncIterator[GeneratedTokens]:
+    async def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[GeneratedTokens, None]:
         self.calls.append((tuple(prompt_ids), params))
         budget = params.max_new_tokens if params.max_new_tokens is not None else self.context_length
         tokens = [*self.encode(self.reply, add_special_tokens=False), EOS]
@@ -50,6 +52,9 @@ class FakeGenerator:
                     return
                 if self.step_delay:
                     await asyncio.sleep(self.step_delay)
+                if self.fail_after is not None and count > self.fail_after:
+                    msg = "the fake model broke down"
+                    raise GenerationError(msg)
                 self.produced += 1
                 yield GeneratedTokens((token,))
             finished = True
