@@ -285,6 +285,18 @@ def test_hub_id_in_the_local_cache_loads_offline(tmp_path, empty_hub_cache):
     assert loaded.model.dtype == torch.float32
 
 
+def test_gguf_only_hub_repo_points_at_its_gguf_file(empty_hub_cache, tiny_gguf_bytes):
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = empty_hub_cache / "models--tiny-org--tiny-llama-GGUF"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "tiny.Q8_0.gguf").write_bytes(tiny_gguf_bytes)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    with pytest.raises(ModelNotFoundError, match=r"no config\.json: pass one of its \.gguf files") as info:
+        load_model("tiny-org/tiny-llama-GGUF", device="cpu")
+    assert "tiny.Q8_0.gguf" in str(info.value)
+
+
 def test_load_logs_each_phase_with_device_and_dtype(tmp_path):
     directory = build_tiny_model(tmp_path / "tiny")
     with capture_logs() as logs:

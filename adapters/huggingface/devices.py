@@ -83,9 +83,7 @@ def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
     dtype: torch.dtype = getattr(torch, parse_dtype(requested))
     if _runs_on(device, dtype):
         return dtype
-    log.warning(
-        "dtype.fallback", requested=requested, device=str(device), using=str(fallback).removeprefix("torch.")
-    )
+    log.warning("dtype.fallback", requested=requested, device=str(device), using=str(fallback).removeprefix("torch."))
     return fallback
 
 

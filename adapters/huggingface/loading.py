@@ -185,6 +185,7 @@ def gguf_snapshot(gguf: Path, cache_dir: Path) -> Path:
     partial = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{os.getpid()}-", dir=cache_dir))
     try:
         _convert_gguf(gguf, partial)
+        _sync_files(partial)  # on disk before the marker, so even a power cut cannot leave a marked, torn snapshot
         (partial / COMPLETE_MARKER).write_text(f"{gguf}\n", encoding="utf-8")
         if final.exists() and not (final / COMPLETE_MARKER).is_file():
             shutil.rmtree(final)  # not ours: we only ever rename complete snapshots into place
@@ -237,6 +238,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     gc.collect()
 
 
+def _sync_files(directory: Path) -> None:
+    """Flush every file in ``directory`` to disk."""
+    for file in directory.iterdir():
+        if file.is_file():
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
 def _load_directory(
     directory: Path, source: ModelSource, device: torch.device, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -277,7 +286,14 @@ def _cached_hub_snapshot(repo_id: str) -> Path:
     except (LocalEntryNotFoundError, FileNotFoundError):
         msg = f"{repo_id} is not in the local HuggingFace cache: {_download_hint(repo_id)}"
         raise ModelNotFoundError(msg) from None
-    return Path(snapshot)
+    snapshot_dir = Path(snapshot)
+    if not (snapshot_dir / "config.json").is_file():
+        ggufs = sorted(str(p) for p in snapshot_dir.glob("*.gguf"))
+        msg = f"{repo_id} in the local HuggingFace cache has no config.json: " + (
+            f"pass one of its .gguf files instead: {', '.join(ggufs)}" if ggufs else _download_hint(repo_id)
+        )
+        raise ModelNotFoundError(msg)
+    return snapshot_dir
 
 
 def _hub_cache_dir() -> Path | None:
