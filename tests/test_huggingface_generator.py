@@ -12,7 +12,7 @@ import structlog
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from adapters.huggingface.generator import HuggingFaceGenerator, build_generation_config
+from adapters.huggingface.generator import GROUP_BEAM_SEARCH_REPO, HuggingFaceGenerator, build_generation_config
 from domain.errors import GenerationError, InvalidRequestError
 from domain.generation import FinishReason, GeneratedTokens, GenerationParams
 from tests.tiny_model import EOS_TOKEN, build_tiny_model
@@ -151,9 +151,7 @@ def test_a_stop_string_ends_generation_early(generator, prompt):
     baseline = tokens_of(collect(generator, prompt, greedy(max_new_tokens=20)))
     pieces = [generator.decode([token], skip_special_tokens=False) for token in baseline]
     index = next(
-        i
-        for i, piece in enumerate(pieces[1:], start=1)
-        if piece.strip().isalpha() and piece not in "".join(pieces[:i])
+        i for i, piece in enumerate(pieces[1:], start=1) if piece.strip().isalpha() and piece not in "".join(pieces[:i])
     )
     steps = collect(generator, prompt, greedy(max_new_tokens=20, stop=(pieces[index],)))
     assert tokens_of(steps) == baseline[: index + 1]
@@ -185,8 +183,12 @@ def test_repetition_penalty_changes_greedy_output(generator, prompt):
 
 def test_min_new_tokens_holds_back_eos(generator, prompt):
     eos = generator.tokenizer.eos_token_id
-    params = greedy(max_new_tokens=6, min_new_tokens=6, extra={"forced_eos_token_id": eos})
-    assert eos not in tokens_of(collect(generator, prompt, params))
+    eager = {"sequence_bias": [[[eos], 100.0]]}  # makes EOS the greedy choice at every step
+    assert tokens_of(collect(generator, prompt, greedy(extra=eager))) == [eos]
+    steps = collect(generator, prompt, greedy(min_new_tokens=4, extra=eager))
+    assert len(tokens_of(steps)) == 5
+    assert tokens_of(steps)[4] == eos
+    assert steps[-1].finish_reason is FinishReason.STOP
 
 
 def test_guidance_scale_runs_and_steers(generator, prompt):
@@ -206,23 +208,36 @@ def test_beam_search_yields_its_tokens_at_the_end(generator, prompt):
 
 
 def test_beam_search_honours_stop_strings(generator, prompt):
-    params = GenerationParams(max_new_tokens=10, num_beams=3)
-    pieces = [generator.decode([token], skip_special_tokens=False) for token in tokens_of(collect(generator, prompt, params))]
+    baseline = tokens_of(collect(generator, prompt, GenerationParams(max_new_tokens=10, num_beams=3)))
+    pieces = [generator.decode([token], skip_special_tokens=False) for token in baseline]
     steps = collect(generator, prompt, GenerationParams(max_new_tokens=10, num_beams=3, stop=(pieces[1],)))
     assert len(tokens_of(steps)) < 10
     assert steps[-1].finish_reason is FinishReason.STOP
 
 
-def test_diverse_beam_search_runs_offline_and_diversity_changes_the_result(generator, prompt):
-    def run(penalty):
-        params = GenerationParams(max_new_tokens=8, num_beams=4, num_beam_groups=2, diversity_penalty=penalty)
-        return collect(generator, prompt, params)
+def test_diverse_beam_search_runs_offline_and_is_deterministic(generator, prompt):
+    params = GenerationParams(max_new_tokens=8, num_beams=4, num_beam_groups=2, diversity_penalty=2.0)
+    steps = collect(generator, prompt, params)
+    assert len(tokens_of(steps)) == 8
+    assert steps[-1].finish_reason is FinishReason.LENGTH
+    assert collect(generator, prompt, params) == steps
 
-    plain, diverse = run(0.0), run(50.0)
-    assert len(tokens_of(plain)) == len(tokens_of(diverse)) == 8
-    assert plain[-1].finish_reason is FinishReason.LENGTH
-    assert tokens_of(diverse) != tokens_of(plain)
-    assert run(50.0) == diverse
+
+def test_diversity_penalty_makes_the_groups_differ(generator, prompt):
+    def hypotheses(penalty):
+        input_ids = torch.tensor([prompt])
+        config = generator.generation_config(
+            GenerationParams(max_new_tokens=6, num_beams=4, num_beam_groups=4, diversity_penalty=penalty),
+            prompt_length=len(prompt),
+        )
+        config.num_return_sequences = 4
+        output = generator.model.generate(
+            input_ids, generation_config=config, custom_generate=str(GROUP_BEAM_SEARCH_REPO), trust_remote_code=True
+        )
+        return {tuple(row) for row in output[:, len(prompt) :].tolist()}
+
+    assert len(hypotheses(0.0)) == 1  # without the penalty every group searches the same beams
+    assert len(hypotheses(5.0)) == 4
 
 
 def test_diverse_beam_search_takes_stop_strings(generator, prompt):
@@ -237,7 +252,8 @@ def test_bfloat16_model_generates(model_dir, prompt):
         assert generator.model.dtype == torch.bfloat16
         steps = collect(generator, prompt, GenerationParams(max_new_tokens=6, seed=3))
         assert len(tokens_of(steps)) == 6
-        assert collect(generator, prompt, greedy(max_new_tokens=6)) == collect(generator, prompt, greedy(max_new_tokens=6))
+        once = collect(generator, prompt, greedy(max_new_tokens=6))
+        assert collect(generator, prompt, greedy(max_new_tokens=6)) == once
     finally:
         generator.close()
 
@@ -273,6 +289,27 @@ def test_closing_the_stream_stops_the_worker_within_a_step(own_generator, prompt
     assert len(counter.lengths) <= 4  # prefill, the first step, at most one in flight when the event was set
     assert closing < 1.0
     # the worker is free again at once
+    assert len(tokens_of(collect(own_generator, prompt, greedy(max_new_tokens=3)))) == 3
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_cancelling_a_beam_search_stops_the_worker(own_generator, prompt, groups):
+    counter = ForwardCounter(delay=0.02)
+    params = GenerationParams(max_new_tokens=200, num_beams=4, num_beam_groups=groups, diversity_penalty=1.0)
+
+    async def cancel_while_searching():
+        consumer = asyncio.create_task(anext(own_generator.generate(prompt, params)))
+        await asyncio.sleep(0.1)
+        steps_before = len(counter.lengths)
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer  # returns once the worker has let go
+        return steps_before, len(counter.lengths)
+
+    with counter.attached(own_generator.model):
+        before, after = asyncio.run(cancel_while_searching())
+    assert 0 < before < 20
+    assert after - before <= 1
     assert len(tokens_of(collect(own_generator, prompt, greedy(max_new_tokens=3)))) == 3
 
 
@@ -384,10 +421,10 @@ def test_extra_options_known_to_generation_config_apply_and_others_are_ignored_a
         config = config_for(extra=extra)
     assert config.epsilon_cutoff == 3e-4
     assert config.suppress_tokens == [5]
-    assert config.output_scores is False
+    assert not config.output_scores
     assert config.pad_token_id == 3
     ignored = [entry for entry in logs if entry["event"] == "generation.ignored_options"]
-    assert ignored == [{"event": "generation.ignored_options", "log_level": "info", "options": ["frobnicate", "output_scores", "pad_token_id"]}]
+    assert [entry["options"] for entry in ignored] == [["frobnicate", "output_scores", "pad_token_id"]]
 
 
 @pytest.mark.parametrize(

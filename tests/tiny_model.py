@@ -29,12 +29,12 @@ _TAILS = ("today.", "every morning.", "in the garden.", "with joy!", "again?", "
 _EXTRA = (
     "Hello, world! How are you?",
     "Café, naïve, résumé, jalapeño, Zürich, Ångström.",
-    "你好，世界。今天天气很好。",
+    "你好，世界。今天天气很好。",  # noqa: RUF001  full-width punctuation is the point
     "日本語のテキストです。",
     "Emoji: 😀 🎉 🚀 👍🏽 ❤️",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 3.14 1,000",
     "def add(a, b):\n    return a + b",
-    "Ünïcödé ßtraße — “quotes” and ‘apostrophes’…",
+    "Ünïcödé ßtraße — “quotes” and ‘apostrophes’…",  # noqa: RUF001  typographic quotes are the point
 )
 
 

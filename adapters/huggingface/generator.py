@@ -109,7 +109,7 @@ def extra_option_names() -> frozenset[str]:
     """``GenerationConfig`` attributes a request may set through ``GenerationParams.extra``."""
     return frozenset(
         name
-        for name in GenerationConfig().to_dict()
+        for name in GenerationConfig().to_dict()  # type: ignore[no-untyped-call]
         if name not in FORBIDDEN_EXTRA_OPTIONS and not name.startswith(FORBIDDEN_EXTRA_PREFIXES)
     )
 
@@ -140,21 +140,19 @@ def check_ranges(params: GenerationParams, *, vocab_size: int) -> None:
         if value is None or isinstance(value, bool):
             continue
         if not math.isfinite(value) or not rule(value):
-            raise InvalidRequestError(f"`{name}` {requirement or 'must be finite'}, got {value}.", param=name)
+            msg = f"`{name}` {requirement or 'must be finite'}, got {value}."
+            raise InvalidRequestError(msg, param=name)
     beams, groups = params.num_beams or 1, params.num_beam_groups or 1
     if beams % groups:
-        raise InvalidRequestError(
-            f"`num_beams` ({beams}) must be divisible by `num_beam_groups` ({groups}).", param="num_beam_groups"
-        )
+        msg = f"`num_beams` ({beams}) must be divisible by `num_beam_groups` ({groups})."
+        raise InvalidRequestError(msg, param="num_beam_groups")
     for word in params.bad_words_ids or ():
         if not word:
             raise InvalidRequestError("`bad_words_ids` may not contain an empty sequence.", param="bad_words_ids")
         outside = [token for token in word if not 0 <= token < vocab_size]
         if outside:
-            raise InvalidRequestError(
-                f"`bad_words_ids` holds token ids outside the vocabulary [0, {vocab_size}): {outside}.",
-                param="bad_words_ids",
-            )
+            msg = f"`bad_words_ids` holds token ids outside the vocabulary [0, {vocab_size}): {outside}."
+            raise InvalidRequestError(msg, param="bad_words_ids")
 
 
 def build_generation_config(
@@ -180,16 +178,7 @@ def build_generation_config(
     named: dict[str, Any] = {name: getattr(params, name) for name in NAMED_OPTIONS}
     if params.bad_words_ids is not None:
         named["bad_words_ids"] = [list(word) for word in params.bad_words_ids]
-    if params.temperature == 0:
-        named["do_sample"] = False
-    elif params.temperature is not None:
-        named |= {"do_sample": True, "temperature": params.temperature}
-    elif params.top_p is not None:
-        named["do_sample"] = True
-    elif params.uses_beams or (params.num_beams is None and (base.num_beams or 1) > 1):
-        named["do_sample"] = False
-    else:
-        named |= {"do_sample": True, "temperature": 1.0}
+    named |= _sampling(params, beams=(params.num_beams or base.num_beams or 1) > 1)
     updates = extra | {name: value for name, value in named.items() if value is not None}
     if "do_sample" in extra:
         updates["do_sample"] = extra["do_sample"]
@@ -203,16 +192,30 @@ def build_generation_config(
     if not updates["do_sample"]:
         user_set -= SAMPLING_OPTIONS
     try:
-        config.update(**updates)
+        config.update(**updates)  # type: ignore[no-untyped-call]
         _validate(config, user_set)
     except (ValueError, TypeError) as error:
-        raise InvalidRequestError(f"Invalid generation options: {error}", param=_param_of(error, updates)) from error
+        msg = f"Invalid generation options: {error}"
+        raise InvalidRequestError(msg, param=_param_of(error, updates)) from error
     if (config.num_beam_groups or 1) > 1 and config.do_sample:
         raise InvalidRequestError(
             "Diverse beam search (`num_beam_groups` > 1) does not sample: use temperature 0 or leave it unset.",
             param="num_beam_groups",
         )
     return config
+
+
+def _sampling(params: GenerationParams, *, beams: bool) -> dict[str, Any]:
+    """``do_sample`` and ``temperature``: 0 is greedy; nothing set samples at 1 (OpenAI's default) unless beams."""
+    if params.temperature == 0:
+        return {"do_sample": False}
+    if params.temperature is not None:
+        return {"do_sample": True, "temperature": params.temperature}
+    if params.top_p is not None:
+        return {"do_sample": True}
+    if beams:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": 1.0}
 
 
 def _validate(config: GenerationConfig, user_set: set[str]) -> None:
@@ -325,7 +328,8 @@ class HuggingFaceGenerator:
         Beam search only knows its tokens at the end, so it yields them in one step.
         """
         config = self.generation_config(params, prompt_length=len(prompt_ids))
-        log.debug("generation.config", config=config.to_diff_dict(), seed=params.seed, stop=list(params.stop))
+        config.stop_strings = list(params.stop) or None  # checked on every beam, not only the streamed one
+        log.debug("generation.config", config=config.to_diff_dict(), seed=params.seed)
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue[list[int] | None] = asyncio.Queue()
         cancelled = threading.Event()
@@ -334,7 +338,6 @@ class HuggingFaceGenerator:
             prompt_ids=tuple(prompt_ids),
             config=config,
             seed=params.seed,
-            stop=params.stop,
             cancelled=cancelled,
             streamer=None if beams else _QueueStreamer(loop, steps, cancelled),
         )
@@ -374,12 +377,12 @@ class HuggingFaceGenerator:
             "stopping_criteria": StoppingCriteriaList([_Cancelled(job.cancelled)]),
             "streamer": job.streamer,
         }
-        if job.stop:
-            kwargs |= {"stop_strings": list(job.stop), "tokenizer": self.tokenizer}
+        if job.config.stop_strings:
+            kwargs["tokenizer"] = self.tokenizer
         if (job.config.num_beam_groups or 1) > 1:
             kwargs |= {"custom_generate": str(GROUP_BEAM_SEARCH_REPO), "trust_remote_code": True}
         with self._seeded(job.seed):
-            output = self.model.generate(input_ids, **kwargs)
+            output = self.model.generate(input_ids, **kwargs)  # type: ignore[operator]
         return [int(token) for token in output[0, len(job.prompt_ids) :].tolist()]
 
     @contextlib.contextmanager
@@ -403,12 +406,11 @@ class _Job:
     prompt_ids: tuple[int, ...]
     config: GenerationConfig
     seed: int | None
-    stop: tuple[str, ...]
     cancelled: threading.Event
     streamer: _QueueStreamer | None
 
 
-class _QueueStreamer(BaseStreamer):  # type: ignore[misc]
+class _QueueStreamer(BaseStreamer):
     """Hands each step's new token ids to the event loop; the first ``put`` is the prompt and is skipped."""
 
     def __init__(
@@ -431,13 +433,13 @@ class _QueueStreamer(BaseStreamer):  # type: ignore[misc]
         """Nothing to do: the end is signalled when the worker's job completes."""
 
 
-class _Cancelled(StoppingCriteria):  # type: ignore[misc]
+class _Cancelled(StoppingCriteria):
     """Stops every sequence once the consumer has gone away."""
 
     def __init__(self, cancelled: threading.Event) -> None:
         self._cancelled = cancelled
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **_: object) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, _scores: torch.Tensor | None, **_: object) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self._cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -458,4 +460,5 @@ def _result(future: Future[list[int]]) -> list[int]:
         raise
     except Exception as error:
         log.exception("generation.failed")
-        raise GenerationError(f"Generation failed: {error}") from error
+        msg = f"Generation failed: {error}"
+        raise GenerationError(msg) from error
