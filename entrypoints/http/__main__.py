@@ -10,6 +10,7 @@ from pathlib import Path
 import structlog
 import uvicorn
 
+from adapters.huggingface.loading import ModelNotFoundError, resolve_model
 from entrypoints.http.app import create_app
 from entrypoints.logs import configure_logging
 from entrypoints.settings import ServerSettings
@@ -75,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     configure_logging(settings.log_level, log_format=settings.log_format)
     log = structlog.get_logger("entrypoints.http")
+    try:
+        source = resolve_model(settings.model)
+    except ModelNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)  # noqa: T201  the one line the user reads
+        return 2
     failures: list[BaseException] = []
     server: uvicorn.Server | None = None
 
@@ -86,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = create_app(settings, on_load_failure=stop)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on"))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    log.info("server.starting", url=f"http://{host}:{settings.port}/v1", model=settings.model or "embedded default")
+    log.info("server.starting", url=f"http://{host}:{settings.port}/v1", model=source.model_id)
     server.run()
     if failures:
         print(f"error: {failures[0]}", file=sys.stderr)  # noqa: T201  the one line the user reads
