@@ -80,6 +80,7 @@ def create_app(
         before_request=start_request_context,
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(title="hf-openai-server", version="0.1.0", path="/docs"),
+        logging_config=None,
         debug=False,
     )
 
