@@ -41,7 +41,8 @@ def generate(model: Any, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: AN
         criteria = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
         criteria.append(StopStringCriteria(tokenizer, stop_strings))
         kwargs["stopping_criteria"] = criteria
-    return GenerationMixin.generate(model, *args, custom_generate=_group_beam_search, **kwargs)
+    output: torch.Tensor = GenerationMixin.generate(model, *args, custom_generate=_group_beam_search, **kwargs)
+    return output
 
 
 class _Group:
@@ -68,7 +69,8 @@ class _Group:
         if early_stopping is True:
             return True
         length = max_generated if early_stopping == "never" and self.length_penalty > 0 else generated
-        return self.finished[-1][0] >= best_running / max(1, length) ** self.length_penalty
+        attainable: float = best_running / max(1, length) ** self.length_penalty
+        return self.finished[-1][0] >= attainable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,7 @@ class _Step:
 
 def _group_beam_search(
     model: Any,  # noqa: ANN401  a GenerationMixin model
-    input_ids: torch.LongTensor,
+    input_ids: torch.Tensor,
     logits_processor: LogitsProcessorList,
     stopping_criteria: StoppingCriteriaList,
     generation_config: GenerationConfig,
@@ -128,7 +130,7 @@ def _group_beam_search(
         )
         log_probs = torch.log_softmax(outputs.logits[:, -1, :].to(torch.float32), dim=-1)
         del outputs
-        log_probs = logits_processor(input_ids, log_probs) + beam_scores[:, None]
+        log_probs = logits_processor(input_ids, log_probs) + beam_scores[:, None]  # type: ignore[arg-type]
         step = _diverse_step(groups, input_ids, log_probs, stopping_criteria, search)
         if all(group.done for group in groups):
             break
