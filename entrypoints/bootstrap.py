@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import attrs
 
@@ -32,10 +33,15 @@ class Services:
     created: int
     chat: ChatService
     completion: CompletionService
+    close: Callable[[], None] = lambda: None
+    """Releases what the services hold (the generator's worker thread)."""
 
 
 def build_services(
-    settings: ServerSettings, generator: Generator, tokenizer: TokenizerTemplate | None = None
+    settings: ServerSettings,
+    generator: Generator,
+    tokenizer: TokenizerTemplate | None = None,
+    close: Callable[[], None] = lambda: None,
 ) -> Services:
     """Wire the use cases around ``generator``; the chat template follows the ``--chat-template`` priority."""
     tokenizer = tokenizer or TokenizerTemplate()
@@ -56,6 +62,7 @@ def build_services(
         created=int(time.time()),
         chat=ChatService(renderer=renderer, generation=generation),
         completion=CompletionService(generation=generation),
+        close=close,
     )
 
 
@@ -67,4 +74,4 @@ def load_services(settings: ServerSettings) -> Services:
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
     generator = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id)
     template = TokenizerTemplate(generator.chat_template, generator.bos_token, generator.eos_token)
-    return build_services(settings, generator, template)
+    return build_services(settings, generator, template, close=generator.close)

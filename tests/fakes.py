@@ -39,7 +39,9 @@ class FakeGenerator:
         ends = sum(1 for i in token_ids if i == EOS)
         return text if skip_special_tokens else text + "</s>" * ends
 
-    async def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[GeneratedTokens, None]:
+    async def generate(
+        self, prompt_ids: Sequence[int], params: GenerationParams
+    ) -> AsyncGenerator[GeneratedTokens, None]:
         self.calls.append((tuple(prompt_ids), params))
         budget = params.max_new_tokens if params.max_new_tokens is not None else self.context_length
         tokens = [*self.encode(self.reply, add_special_tokens=False), EOS]

@@ -192,7 +192,8 @@ def test_bad_chat_input_is_a_400_naming_the_field(client: TestClient, body: dict
 
 
 @pytest.mark.parametrize(
-    "raw", [b"{", b"", b"[1, 2]", b'"text"', b"null", b"\xff\xfe", b'{"messages": [{"role": "user", "content": "x"}'],
+    "raw",
+    [b"{", b"", b"[1, 2]", b'"text"', b"null", b"\xff\xfe", b'{"messages": [{"role": "user", "content": "x"}'],
 )
 def test_malformed_json_is_a_400(client: TestClient, raw: bytes) -> None:
     response = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})

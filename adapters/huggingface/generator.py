@@ -9,7 +9,7 @@ import functools
 import math
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -322,7 +322,9 @@ class HuggingFaceGenerator:
             self.model.generation_config, params, vocab_size=self.vocab_size, eos_token_ids=self.eos_token_ids
         )
 
-    async def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncIterator[GeneratedTokens]:
+    async def generate(
+        self, prompt_ids: Sequence[int], params: GenerationParams
+    ) -> AsyncGenerator[GeneratedTokens, None]:
         """Stream new tokens after ``prompt_ids``; the last item carries the finish reason.
 
         Beam search only knows its tokens at the end, so it yields them in one step.

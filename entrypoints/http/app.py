@@ -55,6 +55,8 @@ def create_app(
         finally:
             if task is not None:
                 task.cancel()
+            if slot.services is not None:
+                slot.services.close()
             slot.services = None
 
     def provide_services() -> Services:
