@@ -37,9 +37,10 @@ def create_app(
     settings: ServerSettings,
     *,
     generator: Generator | None = None,
+    loader: Callable[[ServerSettings], Services] = load_services,
     on_load_failure: Callable[[BaseException], None] | None = None,
 ) -> Litestar:
-    """Build the server. With ``generator`` (tests) it serves at once; otherwise the model loads in the lifespan.
+    """Build the server. With ``generator`` (tests) it serves at once; otherwise ``loader`` runs in the lifespan.
 
     The server listens while the model loads: ``/health`` answers 503 ``loading`` and the API a 503 error until then.
     """
@@ -49,7 +50,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
-        task = None if slot.services is not None else asyncio.create_task(_load(settings, slot, on_load_failure))
+        task = (
+            None if slot.services is not None else asyncio.create_task(_load(settings, loader, slot, on_load_failure))
+        )
         try:
             yield
         finally:
@@ -87,10 +90,16 @@ def create_app(
     )
 
 
-async def _load(settings: ServerSettings, slot: ModelSlot, on_failure: Callable[[BaseException], None] | None) -> None:
+async def _load(
+    settings: ServerSettings,
+    loader: Callable[[ServerSettings], Services],
+    slot: ModelSlot,
+    on_failure: Callable[[BaseException], None] | None,
+) -> None:
+    """Load off the event loop, so the server answers (503) while the model loads."""
     started = time.perf_counter()
     try:
-        slot.services = await asyncio.to_thread(load_services, settings)
+        slot.services = await asyncio.to_thread(loader, settings)
     except Exception as error:
         slot.failure = f"the model failed to load: {error}"
         log.exception("model.load.failed")

@@ -1,0 +1,169 @@
+"""The whole server on a tiny real model (random Llama weights, a real BPE tokenizer), loaded in the lifespan."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+from litestar.testing import TestClient
+
+from entrypoints.bootstrap import Services, build_services
+from entrypoints.http.app import create_app
+from entrypoints.settings import ServerSettings
+from tests.fakes import FakeGenerator
+from tests.tiny_model import build_tiny_model
+
+USER = [{"role": "user", "content": "Tell me a story about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def ready_client(settings: ServerSettings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "the tiny model never loaded"
+            time.sleep(0.05)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model: Path) -> Iterator[TestClient]:
+    yield from ready_client(ServerSettings(model=str(tiny_model), device="cpu"))
+
+
+def chat(client: TestClient, **body: object) -> dict:
+    response = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 24, "temperature": 0} | body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def streamed_text(client: TestClient, path: str, body: dict) -> str:
+    text = ""
+    for block in client.post(path, json=body | {"stream": True}).text.split("\n\n"):
+        if block.startswith("data: {"):
+            choice = json.loads(block.removeprefix("data: "))["choices"]
+            if choice:
+                text += choice[0].get("text") or choice[0].get("delta", {}).get("content") or ""
+    return text
+
+
+def test_models_names_the_directory(client: TestClient, tiny_model: Path) -> None:
+    assert client.get("/v1/models").json()["data"][0]["id"] == str(tiny_model)
+
+
+def test_greedy_chat_is_deterministic_and_counts_real_tokens(client: TestClient) -> None:
+    first, second = chat(client), chat(client)
+    assert first["choices"][0]["message"] == second["choices"][0]["message"]
+    assert first["usage"]["completion_tokens"] <= 24
+    assert first["usage"]["prompt_tokens"] > 10
+    if first["choices"][0]["finish_reason"] == "length":
+        assert first["usage"]["completion_tokens"] == 24
+
+
+def test_the_tokenizers_chat_template_renders_the_prompt(client: TestClient) -> None:
+    with structlog.testing.capture_logs() as logs:
+        chat(client, max_tokens=2)
+    prompt = next(entry["prompt"] for entry in logs if entry["event"] == "prompt.tokenized")
+    assert prompt.startswith("<|im_start|>user\nTell me a story")
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_streamed_text_equals_the_whole_answer(client: TestClient, path: str) -> None:
+    body: dict = {"max_tokens": 24, "temperature": 0}
+    body |= {"messages": USER} if path.endswith("chat/completions") else {"prompt": "Once upon a time, café 日本 🎉"}
+    whole = client.post(path, json=body).json()["choices"][0]
+    text = whole.get("text", whole.get("message", {}).get("content"))
+    assert streamed_text(client, path, body) == text
+
+
+def test_a_stop_sequence_from_the_middle_cuts_the_answer(client: TestClient) -> None:
+    text = chat(client)["choices"][0]["message"]["content"]
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = words[len(words) // 2]
+    cut = chat(client, stop=[stop])
+    assert cut["choices"][0]["message"]["content"] == text[: text.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    streamed = streamed_text(
+        client, "/v1/chat/completions", {"messages": USER, "max_tokens": 24, "temperature": 0, "stop": [stop]}
+    )
+    assert streamed == text[: text.index(stop)]
+
+
+def test_seed_makes_sampling_reproducible(client: TestClient) -> None:
+    sampled = [chat(client, temperature=1.0, seed=11)["choices"][0]["message"]["content"] for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_hf_parameters_change_the_output(client: TestClient) -> None:
+    greedy = chat(client)["choices"][0]["message"]["content"]
+    penalised = chat(client, repetition_penalty=3.0, no_repeat_ngram_size=2)["choices"][0]["message"]["content"]
+    beams = chat(client, num_beams=3, length_penalty=0.5, early_stopping=True)
+    assert beams["choices"][0]["finish_reason"] in {"stop", "length"}
+    assert greedy != penalised or greedy != beams["choices"][0]["message"]["content"]
+
+
+def test_invalid_hf_values_are_400s(client: TestClient) -> None:
+    response = client.post("/v1/chat/completions", json={"messages": USER, "bad_words_ids": [[10**7]]})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "bad_words_ids"
+
+
+def test_prompt_beyond_the_context_window_is_refused(client: TestClient) -> None:
+    response = client.post("/v1/completions", json={"prompt": "sea " * 400})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_bf16_weights_serve(tiny_model: Path) -> None:
+    for client in ready_client(ServerSettings(model=str(tiny_model), device="cpu", dtype="bf16")):
+        assert chat(client, max_tokens=4)["usage"]["completion_tokens"] >= 1
+
+
+def test_health_and_api_answer_503_while_the_model_loads() -> None:
+    release = threading.Event()
+
+    def slow_loader(settings: ServerSettings) -> Services:
+        release.wait(timeout=30)
+        return build_services(settings, FakeGenerator())
+
+    with TestClient(create_app(ServerSettings(), loader=slow_loader)) as client:
+        health = client.get("/health")
+        assert (health.status_code, health.json()) == (503, {"status": "loading"})
+        refused = client.post("/v1/chat/completions", json={"messages": USER})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "model_not_ready"
+        release.set()
+        deadline = time.monotonic() + 10
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert client.post("/v1/chat/completions", json={"messages": USER}).status_code == 200
+
+
+def test_a_model_that_fails_to_load_reports_error_and_calls_back() -> None:
+    failures: list[BaseException] = []
+
+    def broken_loader(settings: ServerSettings) -> Services:
+        raise RuntimeError("weights are corrupt")
+
+    with TestClient(create_app(ServerSettings(), loader=broken_loader, on_load_failure=failures.append)) as client:
+        deadline = time.monotonic() + 10
+        while not failures:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert client.get("/health").json() == {"status": "error"}
+        assert (
+            "weights are corrupt"
+            in client.post("/v1/chat/completions", json={"messages": USER}).json()["error"]["message"]
+        )
