@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import attrs
 import structlog
 
-from application.generation import TextGeneration, complete
+from application.generation import ChoiceJob, TextGeneration, complete
 from domain.errors import InvalidRequestError
 from domain.generation import Completion, CompletionStream, GenerationParams
 from domain.messages import ChatMessage
@@ -16,15 +16,20 @@ from domain.ports import TemplateRenderer
 log = structlog.get_logger(__name__)
 
 
+def choice_params(params: GenerationParams, index: int) -> GenerationParams:
+    """Parameters of choice ``index`` of ``n``: a seeded request gives each choice its own seed, so they differ."""
+    return params if params.seed is None or index == 0 else attrs.evolve(params, seed=params.seed + index)
+
+
 @attrs.define
 class ChatService:
-    """Renders a conversation with the chat template and generates the assistant's answer."""
+    """Renders a conversation with the chat template and generates the assistant's answers."""
 
     renderer: TemplateRenderer
     generation: TextGeneration
 
-    def stream(self, messages: Sequence[ChatMessage], params: GenerationParams) -> CompletionStream:
-        """Check and render the request now, then stream the answer: text deltas, then the ``Completion``.
+    def stream(self, messages: Sequence[ChatMessage], params: GenerationParams, *, n: int = 1) -> CompletionStream:
+        """Check and render the request now, then stream ``n`` answers: deltas, finished choices, the ``Completion``.
 
         Errors in the request (template, context length) are raised by this call, before anything is generated.
         """
@@ -38,8 +43,8 @@ class ChatService:
         text = self.renderer.render(messages, add_generation_prompt=True)
         prompt = self.generation.tokenize(text, add_special_tokens=False)
         params = self.generation.budget(prompt, params, default_max_tokens=None)
-        return self.generation.stream(prompt, params)
+        return self.generation.run([ChoiceJob(prompt, choice_params(params, i), i) for i in range(n)])
 
-    async def complete(self, messages: Sequence[ChatMessage], params: GenerationParams) -> Completion:
-        """The whole answer at once."""
-        return await complete(self.stream(messages, params))
+    async def complete(self, messages: Sequence[ChatMessage], params: GenerationParams, *, n: int = 1) -> Completion:
+        """All answers at once."""
+        return await complete(self.stream(messages, params, n=n))

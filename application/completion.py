@@ -2,41 +2,52 @@
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Sequence
 
 import attrs
 
-from application.generation import TextGeneration, complete
-from domain.generation import Completion, CompletionStream, GenerationParams, TextDelta
+from application.chat import choice_params
+from application.generation import ChoiceJob, Prompt, TextGeneration, complete
+from domain.errors import InvalidRequestError
+from domain.generation import Completion, CompletionStream, GenerationParams
 
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default ``max_tokens`` for ``/v1/completions``."""
 
+PromptInput = str | Sequence[int]
+"""A prompt as text, or as token ids."""
+
 
 @attrs.define
 class CompletionService:
-    """Continues a raw prompt, optionally echoing it back in front of the continuation."""
+    """Continues raw prompts, optionally echoing each back in front of its continuation."""
 
     generation: TextGeneration
 
-    def stream(self, prompt: str, params: GenerationParams, *, echo: bool = False) -> CompletionStream:
-        """Check the request now, then stream the continuation (after the prompt when ``echo``) and the ``Completion``.
+    def stream(
+        self, prompts: Sequence[PromptInput], params: GenerationParams, *, n: int = 1, echo: bool = False
+    ) -> CompletionStream:
+        """Check the request now, then stream ``n`` continuations of every prompt.
 
-        Errors in the request (context length) are raised by this call, before anything is generated.
+        Choice ``p * n + i`` is the ``i``-th continuation of prompt ``p``, as OpenAI orders them. Errors in the
+        request (context length) are raised by this call, before anything is generated.
         """
-        tokens = self.generation.tokenize(prompt, add_special_tokens=True)
-        params = self.generation.budget(tokens, params, default_max_tokens=DEFAULT_MAX_TOKENS)
-        events = self.generation.stream(tokens, params)
-        return _echoed(prompt, events) if echo else events
+        if not prompts:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        jobs = []
+        for number, given in enumerate(prompts):
+            prompt = self._prompt(given)
+            budgeted = self.generation.budget(prompt, params, default_max_tokens=DEFAULT_MAX_TOKENS)
+            jobs += [ChoiceJob(prompt, choice_params(budgeted, i), number * n + i, echo) for i in range(n)]
+        return self.generation.run(jobs)
 
-    async def complete(self, prompt: str, params: GenerationParams, *, echo: bool = False) -> Completion:
-        """The whole continuation at once."""
-        return await complete(self.stream(prompt, params, echo=echo))
+    async def complete(
+        self, prompts: Sequence[PromptInput], params: GenerationParams, *, n: int = 1, echo: bool = False
+    ) -> Completion:
+        """All continuations at once."""
+        return await complete(self.stream(prompts, params, n=n, echo=echo))
 
-
-async def _echoed(prompt: str, events: CompletionStream) -> CompletionStream:
-    """``events`` with the prompt in front of the text."""
-    yield TextDelta(prompt)
-    async with contextlib.aclosing(events):
-        async for event in events:
-            yield attrs.evolve(event, text=prompt + event.text) if isinstance(event, Completion) else event
+    def _prompt(self, given: PromptInput) -> Prompt:
+        if isinstance(given, str):
+            return self.generation.tokenize(given, add_special_tokens=True)
+        return self.generation.from_token_ids(given)

@@ -1,18 +1,32 @@
-"""The generation loop both use cases share: budget the tokens, stream text, honour stop sequences, count usage."""
+"""The generation loop the use cases share: budget tokens, stream text, honour stop sequences, count usage."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from collections.abc import AsyncGenerator, Sequence
 
 import attrs
 import structlog
 
 from application.decoding import IncrementalDecoder
-from domain.errors import ContextLengthExceededError
-from domain.generation import Completion, CompletionStream, FinishReason, GenerationParams, TextDelta, Usage
+from domain.errors import ContextLengthExceededError, InvalidRequestError
+from domain.generation import (
+    Choice,
+    Completion,
+    CompletionStream,
+    FinishReason,
+    GenerationParams,
+    LogprobEntry,
+    TextDelta,
+    TokenLogprob,
+    Usage,
+)
 from domain.ports import Generator, StopPolicy
 
 log = structlog.get_logger(__name__)
+
+ChoiceStream = AsyncGenerator[TextDelta | Choice, None]
 
 
 @attrs.frozen
@@ -23,9 +37,19 @@ class Prompt:
     token_ids: tuple[int, ...]
 
 
+@attrs.frozen
+class ChoiceJob:
+    """One choice to generate: which prompt, with which parameters, at which index, echoing the prompt or not."""
+
+    prompt: Prompt
+    params: GenerationParams
+    index: int = 0
+    echo: bool = False
+
+
 @attrs.define
 class TextGeneration:
-    """Runs one prompt through the generator and turns its tokens into clean text and exact usage."""
+    """Runs prompts through the generator and turns their tokens into clean text, logprobs and exact usage."""
 
     generator: Generator
     stop_policy: StopPolicy
@@ -37,13 +61,24 @@ class TextGeneration:
         self._log("prompt.tokenized", prompt=text, input_ids=list(token_ids), prompt_tokens=len(token_ids))
         return Prompt(text=text, token_ids=token_ids)
 
+    def from_token_ids(self, token_ids: Sequence[int]) -> Prompt:
+        """A prompt given as token ids (the completions API allows it)."""
+        vocabulary = self.generator.vocab_size
+        outside = [token for token in token_ids if not 0 <= token < vocabulary]
+        if outside:
+            msg = f"prompt holds token ids outside the vocabulary [0, {vocabulary}): {outside[:10]}"
+            raise InvalidRequestError(msg, param="prompt")
+        text = self.generator.decode(token_ids, skip_special_tokens=False)
+        self._log("prompt.tokenized", prompt=text, input_ids=list(token_ids), prompt_tokens=len(token_ids))
+        return Prompt(text=text, token_ids=tuple(token_ids))
+
     def budget(self, prompt: Prompt, params: GenerationParams, *, default_max_tokens: int | None) -> GenerationParams:
         """``params`` with ``max_new_tokens`` set, checked against the context window."""
         context = self.generator.context_length
         prompt_tokens = len(prompt.token_ids)
         room = context - prompt_tokens
         requested = params.max_new_tokens if params.max_new_tokens is not None else default_max_tokens
-        if room <= 0 or (requested is not None and requested > room):
+        if room < 0 or (requested is None and room == 0) or (requested is not None and requested > room):
             completion = requested if requested is not None else 1
             message = (
                 f"This model's maximum context length is {context} tokens. However, you requested "
@@ -53,54 +88,146 @@ class TextGeneration:
             raise ContextLengthExceededError(message, param="max_tokens" if room > 0 else "messages")
         return attrs.evolve(params, max_new_tokens=requested if requested is not None else room)
 
-    async def stream(self, prompt: Prompt, params: GenerationParams) -> CompletionStream:
-        """Yield text deltas as they become certain, then the finished ``Completion``.
+    def run(self, jobs: Sequence[ChoiceJob]) -> CompletionStream:
+        """Generate every choice concurrently; stream their deltas and ends, then the ``Completion`` with usage.
 
-        Text that might be the start of a stop sequence is held back until it is known not to be one; once a
-        stop sequence appears, generation is stopped and the sequence never reaches the client.
+        Prompt tokens count once per distinct prompt, completion tokens once per choice, as OpenAI counts them.
         """
-        stops = self.stop_policy.sequences(params.stop)
-        params = attrs.evolve(params, stop=stops)
-        decoder = IncrementalDecoder(self.generator)
-        text = ""
-        released = 0
-        finish_reason = FinishReason.STOP
-        async with contextlib.aclosing(self.generator.generate(prompt.token_ids, params)) as steps:
-            async for step in steps:
-                text += decoder.push(step.token_ids)
-                if step.finish_reason is not None:
-                    finish_reason = step.finish_reason
-                    text += decoder.flush()
-                cut = self.stop_policy.find(text, stops)
-                if cut is not None:
-                    text, finish_reason = text[:cut], FinishReason.STOP
-                    break
-                safe = len(text) if step.finish_reason is not None else self.stop_policy.safe_length(text, stops)
-                if safe > released:
-                    yield TextDelta(text[released:safe])
-                    released = safe
-        if len(text) > released:
-            yield TextDelta(text[released:])
-        generated = decoder.token_ids
-        usage = Usage(prompt_tokens=len(prompt.token_ids), completion_tokens=len(generated))
-        self._log(
-            "generation.finished",
-            generated_ids=list(generated),
-            raw_text=self.generator.decode(generated, skip_special_tokens=False),
-            response=text,
-        )
+        return self._run(list(jobs))
+
+    async def _run(self, jobs: list[ChoiceJob]) -> CompletionStream:
+        prompt_tokens = sum(len(p.token_ids) for p in {id(job.prompt): job.prompt for job in jobs}.values())
+        choices: dict[int, Choice] = {}
+        merged = self.stream_choice(jobs[0]) if len(jobs) == 1 else _merge([self.stream_choice(j) for j in jobs])
+        async with contextlib.aclosing(merged):
+            async for event in merged:
+                if isinstance(event, Choice):
+                    choices[event.index] = event
+                yield event
+        ordered = tuple(choices[index] for index in sorted(choices))
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(c.completion_tokens for c in ordered))
         log.info(
             "usage",
-            finish_reason=str(finish_reason),
+            finish_reasons=[str(c.finish_reason) for c in ordered],
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
         )
-        yield Completion(text=text, finish_reason=finish_reason, usage=usage)
+        yield Completion(choices=ordered, usage=usage)
+
+    async def stream_choice(self, job: ChoiceJob) -> ChoiceStream:
+        """One choice: deltas as text becomes certain, then the finished ``Choice``.
+
+        Text that might be the start of a stop sequence is held back until it is known not to be one; once a stop
+        sequence appears, generation is stopped and the sequence never reaches the client.
+        """
+        params = attrs.evolve(job.params, stop=self.stop_policy.sequences(job.params.stop))
+        stops = params.stop
+        prefix, prefix_logprobs = await self._echo(job)
+        if prefix:
+            yield TextDelta(prefix, job.index, prefix_logprobs)
+        decoder = IncrementalDecoder(self.generator)
+        entries: list[LogprobEntry] = []
+        text = ""
+        released = sent = 0
+        finish_reason = FinishReason.LENGTH
+        if params.max_new_tokens != 0:
+            async with contextlib.aclosing(self.generator.generate(job.prompt.token_ids, params)) as steps:
+                async for step in steps:
+                    if params.logprobs is not None:
+                        entries.extend(self._entries(step.logprobs, len(prefix) + len(text)))
+                    text += decoder.push(step.token_ids)
+                    if step.finish_reason is not None:
+                        finish_reason = step.finish_reason
+                        text += decoder.flush()
+                    cut = self.stop_policy.find(text, stops)
+                    if cut is not None:
+                        text, finish_reason = text[:cut], FinishReason.STOP
+                        break
+                    safe = len(text) if step.finish_reason is not None else self.stop_policy.safe_length(text, stops)
+                    if safe > released:
+                        ready = [e for e in entries[sent:] if e.offset < len(prefix) + safe]
+                        yield TextDelta(text[released:safe], job.index, tuple(ready))
+                        released, sent = safe, sent + len(ready)
+        final = [e for e in entries if e.offset < len(prefix) + len(text)]
+        if len(text) > released:
+            yield TextDelta(text[released:], job.index, tuple(final[sent:]))
+        generated = decoder.token_ids
+        self._log(
+            "generation.finished",
+            index=job.index,
+            generated_ids=list(generated),
+            raw_text=self.generator.decode(generated, skip_special_tokens=False),
+            response=text,
+        )
+        logprobs = None if params.logprobs is None else (*prefix_logprobs, *final)
+        yield Choice(prefix + text, finish_reason, job.index, logprobs, completion_tokens=len(generated))
+
+    async def _echo(self, job: ChoiceJob) -> tuple[str, tuple[LogprobEntry, ...]]:
+        """The echoed prompt and, when logprobs are asked for, its own tokens' logprobs (the first has none)."""
+        if not job.echo:
+            return "", ()
+        if job.params.logprobs is None:
+            return job.prompt.text, ()
+        ids = job.prompt.token_ids
+        scored = await self.generator.score(ids, top=job.params.logprobs)
+        offsets = _offsets(self.generator, ids)
+        first = LogprobEntry(self._token(ids[0]), None, 0) if ids else None
+        rest = [self._entry(lp, offsets[i + 1]) for i, lp in enumerate(scored)]
+        return job.prompt.text, tuple([first, *rest] if first else rest)
+
+    def _entries(self, logprobs: Sequence[TokenLogprob], offset: int) -> list[LogprobEntry]:
+        return [self._entry(lp, offset) for lp in logprobs if not self._is_special(lp.token_id)]
+
+    def _entry(self, logprob: TokenLogprob, offset: int) -> LogprobEntry:
+        top = tuple((self._token(token), value) for token, value in logprob.top)
+        return LogprobEntry(self._token(logprob.token_id), logprob.logprob, offset, top)
+
+    def _token(self, token_id: int) -> str:
+        return self.generator.decode([token_id], skip_special_tokens=False)
+
+    def _is_special(self, token_id: int) -> bool:
+        return not self.generator.decode([token_id], skip_special_tokens=True) and bool(self._token(token_id))
 
     def _log(self, event: str, **content: object) -> None:
         """Log ``event`` with its content, or with none of it when content logging is off."""
         log.info(event, **(content if self.log_content else {}))
+
+
+def _offsets(generator: Generator, token_ids: Sequence[int]) -> list[int]:
+    """Where each token's text starts in the decoded text of ``token_ids``."""
+    return [len(generator.decode(token_ids[:i], skip_special_tokens=False)) for i in range(len(token_ids))]
+
+
+async def _merge(streams: list[ChoiceStream]) -> AsyncGenerator[TextDelta | Choice, None]:
+    """Interleave several choice streams as their events arrive; closing the merge closes them all."""
+    queue: asyncio.Queue[TextDelta | Choice | BaseException | None] = asyncio.Queue()
+
+    async def pump(stream: ChoiceStream) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for event in stream:
+                    await queue.put(event)
+        except Exception as error:  # noqa: BLE001  handed to the consumer, who re-raises it
+            await queue.put(error)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def complete(events: CompletionStream) -> Completion:

@@ -17,6 +17,13 @@ class FinishReason(enum.StrEnum):
     """The token budget (``max_tokens`` or the context window) ran out."""
 
 
+@attrs.frozen
+class OutputConstraint:
+    """A grammar the generated text must follow: JSON matching ``json_schema`` (any JSON object when ``None``)."""
+
+    json_schema: Mapping[str, object] | None = None
+
+
 @attrs.frozen(kw_only=True)
 class GenerationParams:
     """Decoding parameters of one request: OpenAI's and HuggingFace ``GenerationConfig``'s.
@@ -45,6 +52,15 @@ class GenerationParams:
     bad_words_ids: tuple[tuple[int, ...], ...] | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted once from the logit of every token already generated."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time it was generated."""
+    logit_bias: Mapping[int, float] = attrs.field(factory=dict)
+    """Added to the logits of these token ids at every step."""
+    logprobs: int | None = None
+    """Return each generated token's log-probability and this many most likely alternatives (``None``: none)."""
+    constraint: OutputConstraint | None = None
     extra: Mapping[str, object] = attrs.field(factory=dict)
 
     @property
@@ -59,11 +75,21 @@ class GenerationParams:
 
 
 @attrs.frozen
+class TokenLogprob:
+    """A token's log-probability, with the most likely alternatives at its position when they were asked for."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@attrs.frozen
 class GeneratedTokens:
-    """One step of a generation stream: new token ids, and on the last step why it ended."""
+    """One step of a generation stream: new token ids (with log-probabilities when asked), or why it ended."""
 
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @attrs.frozen
@@ -80,20 +106,55 @@ class Usage:
 
 
 @attrs.frozen
+class LogprobEntry:
+    """A token of a choice's text as clients see it: its text, log-probability and place in the choice's text."""
+
+    token: str
+    logprob: float | None
+    """``None`` for the first token of an echoed prompt, which has nothing to be predicted from."""
+    offset: int
+    """Where the token's text starts in the choice's text."""
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@attrs.frozen
 class TextDelta:
-    """A piece of clean text produced by a use case while it streams."""
+    """A piece of clean text of one choice, produced while the use case streams, with its tokens' logprobs."""
 
     text: str
+    index: int = 0
+    logprobs: tuple[LogprobEntry, ...] = ()
+
+
+@attrs.frozen
+class Choice:
+    """One finished choice: all of its text, why it ended, and its tokens' logprobs when they were asked for."""
+
+    text: str
+    finish_reason: FinishReason
+    index: int = 0
+    logprobs: tuple[LogprobEntry, ...] | None = None
+    completion_tokens: int = 0
 
 
 @attrs.frozen
 class Completion:
-    """The finished result of a chat or text completion."""
+    """The finished result of a request: every choice, by index, and the request's usage."""
 
-    text: str
-    finish_reason: FinishReason
+    choices: tuple[Choice, ...]
     usage: Usage
 
+    @property
+    def text(self) -> str:
+        """The first choice's text (most requests have one)."""
+        return self.choices[0].text
 
-CompletionStream = AsyncGenerator[TextDelta | Completion, None]
-"""What the use cases stream: text deltas, then exactly one ``Completion``."""
+    @property
+    def finish_reason(self) -> FinishReason:
+        """The first choice's finish reason."""
+        return self.choices[0].finish_reason
+
+
+CompletionEvent = TextDelta | Choice | Completion
+CompletionStream = AsyncGenerator[CompletionEvent, None]
+"""What the use cases stream: text deltas and finished choices as they come, then exactly one ``Completion``."""

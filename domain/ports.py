@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
-from domain.generation import GeneratedTokens, GenerationParams
+from domain.generation import GeneratedTokens, GenerationParams, TokenLogprob
 from domain.messages import ChatMessage
 
 
@@ -22,6 +22,11 @@ class Generator(Protocol):
         """How many tokens (prompt and completion) fit in one sequence."""
         ...
 
+    @property
+    def vocab_size(self) -> int:
+        """How many token ids the model knows: valid ids are ``0 <= id < vocab_size``."""
+        ...
+
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         """Token ids of ``text``."""
         ...
@@ -35,6 +40,10 @@ class Generator(Protocol):
 
         Closing the iterator early stops generation within one step and frees its resources.
         """
+        ...
+
+    async def score(self, token_ids: Sequence[int], *, top: int) -> list[TokenLogprob]:
+        """Log-probability of each of ``token_ids[1:]`` given the tokens before it, with ``top`` alternatives."""
         ...
 
 

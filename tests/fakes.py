@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, Sequence
 import attrs
 
 from domain.errors import GenerationError
-from domain.generation import FinishReason, GeneratedTokens, GenerationParams
+from domain.generation import FinishReason, GeneratedTokens, GenerationParams, TokenLogprob
 
 EOS = 0
 
@@ -24,11 +24,13 @@ class FakeGenerator:
     reply: str = "Hello! I am a fake model."
     model_id: str = "fake-model"
     context_length: int = 4096
+    vocab_size: int = 257
     step_delay: float = 0.0
     calls: list[tuple[tuple[int, ...], GenerationParams]] = attrs.Factory(list)
     fail_after: int | None = None
     produced: int = 0
     closed_early: int = 0
+    scored: list[tuple[int, ...]] = attrs.Factory(list)
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         del add_special_tokens
@@ -58,9 +60,21 @@ class FakeGenerator:
                     msg = "the fake model broke down"
                     raise GenerationError(msg)
                 self.produced += 1
-                yield GeneratedTokens((token,))
+                logprobs = () if params.logprobs is None else (fake_logprob(token, params.logprobs),)
+                yield GeneratedTokens((token,), logprobs=logprobs)
             finished = True
             yield GeneratedTokens(finish_reason=FinishReason.STOP)
         finally:
             if not finished:
                 self.closed_early += 1
+
+    async def score(self, token_ids: Sequence[int], *, top: int) -> list[TokenLogprob]:
+        self.scored.append(tuple(token_ids))
+        return [fake_logprob(token, top) for token in token_ids[1:]]
+
+
+def fake_logprob(token: int, top: int) -> TokenLogprob:
+    """A made-up but deterministic log-probability: ``-(token % 7 + 1) / 10``; alternatives follow the token."""
+    value = -(token % 7 + 1) / 10
+    alternatives = ((token, value), *(((token + k) % 256 + 1, value - k) for k in range(1, top)))
+    return TokenLogprob(token, value, alternatives[:top])

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import structlog
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from domain.errors import DomainError, GenerationError, InvalidRequestError
-from domain.generation import FinishReason, GeneratedTokens, GenerationParams
+from adapters.huggingface.processors import LogprobRecorder, OpenAIPenalties, token_logprob
+from domain.errors import ContextLengthExceededError, DomainError, GenerationError, InvalidRequestError
+from domain.generation import FinishReason, GeneratedTokens, GenerationParams, TokenLogprob
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -153,6 +154,12 @@ def check_ranges(params: GenerationParams, *, vocab_size: int) -> None:
         if outside:
             msg = f"`bad_words_ids` holds token ids outside the vocabulary [0, {vocab_size}): {outside}."
             raise InvalidRequestError(msg, param="bad_words_ids")
+    outside = [token for token in params.logit_bias if not 0 <= token < vocab_size]
+    if outside:
+        msg = f"`logit_bias` names token ids outside the vocabulary [0, {vocab_size}): {outside}."
+        raise InvalidRequestError(msg, param="logit_bias")
+    if params.logprobs is not None and beams > 1:
+        raise InvalidRequestError("`logprobs` cannot be combined with beam search.", param="logprobs")
 
 
 def build_generation_config(
@@ -178,6 +185,8 @@ def build_generation_config(
     named: dict[str, Any] = {name: getattr(params, name) for name in NAMED_OPTIONS}
     if params.bad_words_ids is not None:
         named["bad_words_ids"] = [list(word) for word in params.bad_words_ids]
+    if params.logit_bias:
+        named["sequence_bias"] = {(token,): bias for token, bias in params.logit_bias.items()}
     named |= _sampling(params, beams=(params.num_beams or base.num_beams or 1) > 1)
     updates = extra | {name: value for name, value in named.items() if value is not None}
     if "do_sample" in extra:
@@ -333,21 +342,29 @@ class HuggingFaceGenerator:
         config.stop_strings = list(params.stop) or None  # checked on every beam, not only the streamed one
         log.debug("generation.config", config=config.to_diff_dict(), seed=params.seed)
         loop = asyncio.get_running_loop()
-        steps: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        steps: asyncio.Queue[GeneratedTokens | None] = asyncio.Queue()
         cancelled = threading.Event()
         beams = (config.num_beams or 1) > 1
+        recorder = None if params.logprobs is None else LogprobRecorder(params.logprobs)
+        processors = LogitsProcessorList([] if recorder is None else [recorder])
+        if params.presence_penalty or params.frequency_penalty:
+            penalties = OpenAIPenalties(
+                prompt_length=len(prompt_ids), presence=params.presence_penalty, frequency=params.frequency_penalty
+            )
+            processors.insert(0, penalties)
         job = _Job(
             prompt_ids=tuple(prompt_ids),
             config=config,
             seed=params.seed,
             cancelled=cancelled,
-            streamer=None if beams else _QueueStreamer(loop, steps, cancelled),
+            streamer=None if beams else _QueueStreamer(loop, steps, cancelled, recorder),
+            processors=processors,
         )
         future = self._executor.submit(self._run, job)
         future.add_done_callback(lambda _: _call_soon(loop, steps.put_nowait, None))
         try:
-            while (token_ids := await steps.get()) is not None:
-                yield GeneratedTokens(token_ids=tuple(token_ids))
+            while (step := await steps.get()) is not None:
+                yield step
             new_ids = _result(future)
             if beams and new_ids:
                 yield GeneratedTokens(token_ids=tuple(new_ids))
@@ -357,6 +374,23 @@ class HuggingFaceGenerator:
             if not future.cancel():
                 with contextlib.suppress(Exception):
                     await asyncio.wrap_future(future)
+
+    async def score(self, token_ids: Sequence[int], *, top: int) -> list[TokenLogprob]:
+        """Log-probability of each of ``token_ids[1:]`` given what precedes it: one forward pass on the worker."""
+        if len(token_ids) < 2:  # noqa: PLR2004  the first token has no context to be scored in
+            return []
+        if len(token_ids) > self.context_length:
+            msg = f"{len(token_ids)} tokens do not fit in the context window of {self.context_length}."
+            raise ContextLengthExceededError(msg, param="prompt")
+        future = self._executor.submit(self._score, tuple(token_ids), top)
+        return await asyncio.wrap_future(future)
+
+    def _score(self, token_ids: tuple[int, ...], top: int) -> list[TokenLogprob]:
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.model.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids).logits[0, :-1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return [token_logprob(row, token, top) for row, token in zip(logprobs, token_ids[1:], strict=True)]
 
     def close(self) -> None:
         """Stop accepting generations and drop queued ones; the running one ends at its next step."""
@@ -378,6 +412,7 @@ class HuggingFaceGenerator:
             "generation_config": job.config,
             "stopping_criteria": StoppingCriteriaList([_Cancelled(job.cancelled)]),
             "streamer": job.streamer,
+            "logits_processor": job.processors,
         }
         if job.config.stop_strings:
             kwargs["tokenizer"] = self.tokenizer
@@ -410,17 +445,23 @@ class _Job:
     seed: int | None
     cancelled: threading.Event
     streamer: _QueueStreamer | None
+    processors: LogitsProcessorList
 
 
 class _QueueStreamer(BaseStreamer):
     """Hands each step's new token ids to the event loop; the first ``put`` is the prompt and is skipped."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, steps: asyncio.Queue[list[int] | None], cancelled: threading.Event
+        self,
+        loop: asyncio.AbstractEventLoop,
+        steps: asyncio.Queue[GeneratedTokens | None],
+        cancelled: threading.Event,
+        recorder: LogprobRecorder | None,
     ) -> None:
         self._loop = loop
         self._steps = steps
         self._cancelled = cancelled
+        self._recorder = recorder
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -428,7 +469,9 @@ class _QueueStreamer(BaseStreamer):
         if not self._prompt_seen:
             self._prompt_seen = True
             return
-        if not _call_soon(self._loop, self._steps.put_nowait, [int(t) for t in value.reshape(-1).tolist()]):
+        token_ids = [int(t) for t in value.reshape(-1).tolist()]
+        logprobs = () if self._recorder is None else self._recorder.logprobs_of(token_ids)
+        if not _call_soon(self._loop, self._steps.put_nowait, GeneratedTokens(tuple(token_ids), logprobs=logprobs)):
             self._cancelled.set()
 
     def end(self) -> None:

@@ -27,6 +27,8 @@ from entrypoints.http.wire import (
     ModelCard,
     ModelList,
     SamplingRequest,
+    chat_logprobs,
+    completion_logprobs,
     structure,
 )
 
@@ -101,14 +103,23 @@ class ChatController(Controller):
         """Answer a conversation, whole or streamed as server-sent events."""
         body, unknown, response_id = await read_request(request, ChatCompletionRequest, "chatcmpl")
         created = int(time.time())
-        events = services.chat.stream(body.chat_messages(), body.to_params(unknown))
+        params = body.to_params(unknown)
+        events = services.chat.stream(body.chat_messages(), params, n=body.n)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = chat_chunks(response_id, created, services.model_id)
-            return EventStream(sse_stream(events, chunks, include_usage=include_usage, role_first=True))
+            chunks = chat_chunks(response_id, created, services.model_id, logprobs=params.logprobs is not None)
+            return EventStream(sse_stream(events, chunks, include_usage=include_usage, announce=range(body.n)))
         result = await until_disconnected(request, complete(events))
-        choice = ChatChoice(0, AssistantMessage(result.text), str(result.finish_reason))
-        return ChatCompletionResponse(response_id, created, services.model_id, [choice], usage_body(result.usage))
+        choices = [
+            ChatChoice(
+                c.index,
+                AssistantMessage(c.text),
+                str(c.finish_reason),
+                None if c.logprobs is None else chat_logprobs(c.logprobs),
+            )
+            for c in result.choices
+        ]
+        return ChatCompletionResponse(response_id, created, services.model_id, choices, usage_body(result.usage))
 
 
 class CompletionsController(Controller):
@@ -122,11 +133,17 @@ class CompletionsController(Controller):
         """Continue a prompt, whole or streamed as server-sent events."""
         body, unknown, response_id = await read_request(request, CompletionRequest, "cmpl")
         created = int(time.time())
-        events = services.completion.stream(body.prompt, body.to_params(unknown), echo=body.echo)
+        params = body.to_params(unknown)
+        events = services.completion.stream(body.prompts(), params, n=body.n, echo=body.echo)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = completion_chunks(response_id, created, services.model_id)
-            return EventStream(sse_stream(events, chunks, include_usage=include_usage, role_first=False))
+            chunks = completion_chunks(response_id, created, services.model_id, logprobs=params.logprobs is not None)
+            return EventStream(sse_stream(events, chunks, include_usage=include_usage))
         result = await until_disconnected(request, complete(events))
-        choice = CompletionChoice(0, result.text, str(result.finish_reason))
-        return CompletionResponse(response_id, created, services.model_id, [choice], usage_body(result.usage))
+        choices = [
+            CompletionChoice(
+                c.index, c.text, str(c.finish_reason), None if c.logprobs is None else completion_logprobs(c.logprobs)
+            )
+            for c in result.choices
+        ]
+        return CompletionResponse(response_id, created, services.model_id, choices, usage_body(result.usage))

@@ -10,7 +10,7 @@ import structlog
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from domain.errors import DomainError
-from domain.generation import CompletionStream, TextDelta, Usage
+from domain.generation import Choice, Completion, CompletionStream, TextDelta, Usage
 from entrypoints.http.errors import error_body
 from entrypoints.http.wire import (
     ChatCompletionChunk,
@@ -19,13 +19,15 @@ from entrypoints.http.wire import (
     CompletionResponse,
     Delta,
     UsageBody,
+    chat_logprobs,
+    completion_logprobs,
     unstructure,
 )
 
 log = structlog.get_logger(__name__)
 
-ChunkFactory = Callable[[str | None, str | None, UsageBody | None], object]
-"""Builds one chunk from (text, finish_reason, usage)."""
+ChunkFactory = Callable[[TextDelta | Choice | Completion], object]
+"""Builds the chunk that carries one event of a use case's stream."""
 
 
 class EventStream(ServerSentEvent):
@@ -48,46 +50,58 @@ def event(payload: object) -> ServerSentEventMessage:
     return ServerSentEventMessage(data=data, sep="\n")
 
 
-def chat_chunks(response_id: str, created: int, model: str) -> ChunkFactory:
-    """Chunk factory for ``chat.completion.chunk``; the first chunk carries the assistant role."""
-    first = True
+def chat_chunks(response_id: str, created: int, model: str, *, logprobs: bool) -> ChunkFactory:
+    """Chunk factory for ``chat.completion.chunk``; each choice's first chunk carries the assistant role."""
+    started: set[int] = set()
 
-    def chunk(text: str | None, finish_reason: str | None, usage: UsageBody | None) -> object:
-        nonlocal first
-        if usage is not None:
-            return ChatCompletionChunk(response_id, created, model, [], usage)
-        delta = Delta(role="assistant" if first else None, content=text if text is not None or first else None)
-        first = False
-        return ChatCompletionChunk(response_id, created, model, [ChunkChoice(0, delta, finish_reason)])
+    def chunk(item: TextDelta | Choice | Completion) -> object:
+        if isinstance(item, Completion):
+            return ChatCompletionChunk(response_id, created, model, [], usage_body(item.usage))
+        first = item.index not in started
+        started.add(item.index)
+        role = "assistant" if first else None
+        if isinstance(item, Choice):
+            choice = ChunkChoice(item.index, Delta(role=role, content="" if first else None), str(item.finish_reason))
+        else:
+            entries = chat_logprobs(item.logprobs) if logprobs else None
+            choice = ChunkChoice(item.index, Delta(role=role, content=item.text), None, entries)
+        return ChatCompletionChunk(response_id, created, model, [choice])
 
     return chunk
 
 
-def completion_chunks(response_id: str, created: int, model: str) -> ChunkFactory:
+def completion_chunks(response_id: str, created: int, model: str, *, logprobs: bool) -> ChunkFactory:
     """Chunk factory for streamed ``text_completion`` objects."""
 
-    def chunk(text: str | None, finish_reason: str | None, usage: UsageBody | None) -> object:
-        choices = [] if usage is not None else [CompletionChoice(0, text or "", finish_reason)]
-        return CompletionResponse(response_id, created, model, choices, usage)
+    def chunk(item: TextDelta | Choice | Completion) -> object:
+        if isinstance(item, Completion):
+            return CompletionResponse(response_id, created, model, [], usage_body(item.usage))
+        if isinstance(item, Choice):
+            choice = CompletionChoice(item.index, "", str(item.finish_reason))
+        else:
+            entries = completion_logprobs(item.logprobs) if logprobs else None
+            choice = CompletionChoice(item.index, item.text, None, entries)
+        return CompletionResponse(response_id, created, model, [choice])
 
     return chunk
 
 
 async def sse_stream(
-    events: CompletionStream, chunk: ChunkFactory, *, include_usage: bool, role_first: bool
+    events: CompletionStream, chunk: ChunkFactory, *, include_usage: bool, announce: range = range(0)
 ) -> AsyncIterator[ServerSentEventMessage]:
-    """Translate a use case's stream into OpenAI's events; an error mid-stream becomes one error event."""
+    """Translate a use case's stream into OpenAI's events; an error mid-stream becomes one error event.
+
+    ``announce`` lists the choices whose first chunk is sent before any text (chat sends the role at once).
+    """
     try:
-        if role_first:
-            yield event(chunk("", None, None))
+        for index in announce:
+            yield event(chunk(TextDelta("", index)))
         async for item in events:
-            if isinstance(item, TextDelta):
-                if item.text:
-                    yield event(chunk(item.text, None, None))
+            if isinstance(item, TextDelta) and not item.text:
                 continue
-            yield event(chunk(None, str(item.finish_reason), None))
-            if include_usage:
-                yield event(chunk(None, None, usage_body(item.usage)))
+            if isinstance(item, Completion) and not include_usage:
+                continue
+            yield event(chunk(item))
     except Exception as error:
         status, body = error_body(error)
         if isinstance(error, DomainError) and status < 500:  # noqa: PLR2004

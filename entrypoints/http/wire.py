@@ -7,6 +7,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 import attrs
@@ -16,7 +17,7 @@ from attrs import validators as v
 from cattrs.cols import list_structure_factory
 
 from domain.errors import InvalidRequestError
-from domain.generation import GenerationParams
+from domain.generation import GenerationParams, LogprobEntry
 from domain.messages import ChatMessage, Role
 
 T = TypeVar("T")
@@ -36,6 +37,21 @@ def _not_yet(_instance: object, attribute: attrs.Attribute[Any], value: object) 
     if value:
         msg = f"'{attribute.name}' is not supported yet; leave it unset or zero"
         raise ValueError(msg)
+
+
+MAX_CHOICES = 64
+MAX_TOP_LOGPROBS = 20
+
+
+def _token_biases(_instance: object, attribute: attrs.Attribute[Any], value: dict[str, float]) -> None:
+    """``logit_bias`` maps token ids, written as strings, to biases in [-100, 100]."""
+    for token, bias in value.items():
+        if not token.isdigit():
+            msg = f"'{attribute.name}' keys must be token ids, got {token!r}"
+            raise ValueError(msg)
+        if not (math.isfinite(bias) and -100 <= bias <= 100):  # noqa: PLR2004  OpenAI's range
+            msg = f"'{attribute.name}' values must be in [-100, 100], got {bias}"
+            raise ValueError(msg)
 
 
 def _within(low: float, high: float) -> Any:  # noqa: ANN401  an attrs validator
@@ -88,14 +104,14 @@ class SamplingRequest:
     max_completion_tokens: int | None = attrs.field(default=None, validator=_non_negative)
     temperature: float | None = attrs.field(default=None, validator=_within(0, 2))
     top_p: float | None = attrs.field(default=None, validator=_within(0, 1))
-    n: int = attrs.field(default=1, validator=v.ge(1))
+    n: int = attrs.field(default=1, validator=[v.ge(1), v.le(MAX_CHOICES)])
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float | None = attrs.field(default=None, validator=_not_yet)
-    frequency_penalty: float | None = attrs.field(default=None, validator=_not_yet)
-    logit_bias: dict[str, float] | None = attrs.field(default=None, validator=_not_yet)
+    presence_penalty: float | None = attrs.field(default=None, validator=_within(-2, 2))
+    frequency_penalty: float | None = attrs.field(default=None, validator=_within(-2, 2))
+    logit_bias: dict[str, float] | None = attrs.field(default=None, validator=v.optional(_token_biases))
     user: str | None = None
     # HuggingFace generation options, sent by the OpenAI SDK through ``extra_body``.
     max_new_tokens: int | None = attrs.field(default=None, validator=_non_negative)
@@ -117,14 +133,16 @@ class SamplingRequest:
     do_sample: bool | None = None
 
     def __attrs_post_init__(self) -> None:
-        if self.n > 1:
-            raise InvalidRequestError("n > 1 is not supported yet: send one request per choice", param="n")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
         if self.bad_words_ids is not None and any(not ids for ids in self.bad_words_ids):
             raise InvalidRequestError(
                 "bad_words_ids must be a list of non-empty lists of token ids", param="bad_words_ids"
             )
+
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives to return with each token's logprob; ``None`` when logprobs are not wanted."""
+        return None
 
     def stop_sequences(self) -> tuple[str, ...]:
         """``stop`` as a tuple, whether one string or a list was sent."""
@@ -159,6 +177,10 @@ class SamplingRequest:
             bad_words_ids=None if self.bad_words_ids is None else tuple(tuple(ids) for ids in self.bad_words_ids),
             seed=self.seed,
             stop=self.stop_sequences(),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
+            logprobs=self.top_logprobs_wanted(),
             extra=options | extra,
         )
 
@@ -168,6 +190,17 @@ class ChatCompletionRequest(SamplingRequest):
     """Body of ``POST /v1/chat/completions``."""
 
     messages: list[Message] = attrs.field(validator=v.min_len(1))
+    logprobs: bool = False
+    top_logprobs: int | None = attrs.field(default=None, validator=v.optional([v.ge(0), v.le(MAX_TOP_LOGPROBS)]))
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+
+    def top_logprobs_wanted(self) -> int | None:
+        """``logprobs: true`` asks for logprobs, ``top_logprobs`` for alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat_messages(self) -> list[ChatMessage]:
         """The conversation as domain messages."""
@@ -178,9 +211,27 @@ class ChatCompletionRequest(SamplingRequest):
 class CompletionRequest(SamplingRequest):
     """Body of ``POST /v1/completions``."""
 
-    prompt: str
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
+    logprobs: int | None = attrs.field(default=None, validator=v.optional([v.ge(0), v.le(MAX_TOP_LOGPROBS)]))
     suffix: str | None = attrs.field(default=None, validator=_not_yet)
+
+    def top_logprobs_wanted(self) -> int | None:
+        """The legacy ``logprobs: k``: each token's logprob and the ``k`` most likely alternatives."""
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s): one string, several, one list of token ids, or several."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        if all(isinstance(item, int) for item in prompt):
+            return [prompt]  # type: ignore[list-item]
+        if any(isinstance(item, list) and not item for item in prompt):
+            raise InvalidRequestError("a prompt of token ids must not be empty", param="prompt")
+        return list(prompt)  # type: ignore[arg-type]
 
 
 # Responses -------------------------------------------------------------------------------------------------------
@@ -204,13 +255,85 @@ class AssistantMessage:
 
 
 @attrs.frozen
+class TopLogprob:
+    """An alternative token at a position, in chat ``logprobs``."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+@attrs.frozen
+class TokenLogprobBody:
+    """A generated token in chat ``logprobs.content``."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+@attrs.frozen
+class ChatLogprobs:
+    """Chat ``logprobs``: one entry per generated token."""
+
+    content: list[TokenLogprobBody]
+    refusal: None = None
+
+
+@attrs.frozen
+class CompletionLogprobs:
+    """The legacy completions ``logprobs`` object."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+LOWEST_LOGPROB = -9999.0
+"""JSON has no infinity: a token that could not be chosen reports this, as vLLM does."""
+
+
+def _finite_logprob(value: float) -> float:
+    return max(value, LOWEST_LOGPROB) if not math.isnan(value) else LOWEST_LOGPROB
+
+
+def chat_logprobs(entries: Sequence[LogprobEntry]) -> ChatLogprobs:
+    """Chat ``logprobs`` for the tokens behind some text."""
+    return ChatLogprobs(
+        [
+            TokenLogprobBody(
+                entry.token,
+                _finite_logprob(entry.logprob if entry.logprob is not None else 0.0),
+                list(entry.token.encode()),
+                [TopLogprob(token, _finite_logprob(value), list(token.encode())) for token, value in entry.top],
+            )
+            for entry in entries
+        ]
+    )
+
+
+def completion_logprobs(entries: Sequence[LogprobEntry]) -> CompletionLogprobs:
+    """Legacy completions ``logprobs`` for the tokens behind some text; an echoed prompt's first token has none."""
+    return CompletionLogprobs(
+        tokens=[entry.token for entry in entries],
+        token_logprobs=[None if e.logprob is None else _finite_logprob(e.logprob) for e in entries],
+        top_logprobs=[
+            None if e.logprob is None else {token: _finite_logprob(value) for token, value in e.top} for e in entries
+        ],
+        text_offset=[entry.offset for entry in entries],
+    )
+
+
+@attrs.frozen
 class ChatChoice:
     """One of ``choices`` in a chat completion."""
 
     index: int
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 @attrs.frozen
@@ -241,7 +364,7 @@ class ChunkChoice:
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 @attrs.frozen
@@ -264,7 +387,7 @@ class CompletionChoice:
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 @attrs.frozen
