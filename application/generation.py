@@ -73,10 +73,15 @@ class TextGeneration:
         return Prompt(text=text, token_ids=tuple(token_ids))
 
     def budget(self, prompt: Prompt, params: GenerationParams, *, default_max_tokens: int | None) -> GenerationParams:
-        """``params`` with ``max_new_tokens`` set, checked against the context window."""
+        """``params`` with ``max_new_tokens`` set; tokens checked against the context, biases against the vocab."""
         context = self.generator.context_length
         prompt_tokens = len(prompt.token_ids)
         room = context - prompt_tokens
+        vocabulary = self.generator.vocab_size
+        outside = [token for token in params.logit_bias if not 0 <= token < vocabulary]
+        if outside:
+            msg = f"logit_bias names token ids outside the vocabulary [0, {vocabulary}): {outside[:10]}"
+            raise InvalidRequestError(msg, param="logit_bias")
         requested = params.max_new_tokens if params.max_new_tokens is not None else default_max_tokens
         if room < 0 or (requested is None and room == 0) or (requested is not None and requested > room):
             completion = requested if requested is not None else 1
@@ -131,11 +136,13 @@ class TextGeneration:
         text = ""
         released = sent = 0
         finish_reason = FinishReason.LENGTH
+        cut = None
         if params.max_new_tokens != 0:
             async with contextlib.aclosing(self.generator.generate(job.prompt.token_ids, params)) as steps:
                 async for step in steps:
                     if params.logprobs is not None:
-                        entries.extend(self._entries(step.logprobs, len(prefix) + len(text)))
+                        offset = len(prefix) + len(text)
+                        entries.extend(self._entry(logprob, offset) for logprob in step.logprobs)
                     text += decoder.push(step.token_ids)
                     if step.finish_reason is not None:
                         finish_reason = step.finish_reason
@@ -149,9 +156,10 @@ class TextGeneration:
                         ready = [e for e in entries[sent:] if e.offset < len(prefix) + safe]
                         yield TextDelta(text[released:safe], job.index, tuple(ready))
                         released, sent = safe, sent + len(ready)
-        final = [e for e in entries if e.offset < len(prefix) + len(text)]
-        if len(text) > released:
-            yield TextDelta(text[released:], job.index, tuple(final[sent:]))
+        final = entries if cut is None else [e for e in entries if e.offset < len(prefix) + len(text)]
+        rest = tuple(final[sent:])
+        if len(text) > released or rest:
+            yield TextDelta(text[released:], job.index, rest)
         generated = decoder.token_ids
         self._log(
             "generation.finished",
@@ -176,18 +184,12 @@ class TextGeneration:
         rest = [self._entry(lp, offsets[i + 1]) for i, lp in enumerate(scored)]
         return job.prompt.text, tuple([first, *rest] if first else rest)
 
-    def _entries(self, logprobs: Sequence[TokenLogprob], offset: int) -> list[LogprobEntry]:
-        return [self._entry(lp, offset) for lp in logprobs if not self._is_special(lp.token_id)]
-
     def _entry(self, logprob: TokenLogprob, offset: int) -> LogprobEntry:
         top = tuple((self._token(token), value) for token, value in logprob.top)
         return LogprobEntry(self._token(logprob.token_id), logprob.logprob, offset, top)
 
     def _token(self, token_id: int) -> str:
         return self.generator.decode([token_id], skip_special_tokens=False)
-
-    def _is_special(self, token_id: int) -> bool:
-        return not self.generator.decode([token_id], skip_special_tokens=True) and bool(self._token(token_id))
 
     def _log(self, event: str, **content: object) -> None:
         """Log ``event`` with its content, or with none of it when content logging is off."""

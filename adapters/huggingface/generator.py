@@ -154,10 +154,6 @@ def check_ranges(params: GenerationParams, *, vocab_size: int) -> None:
         if outside:
             msg = f"`bad_words_ids` holds token ids outside the vocabulary [0, {vocab_size}): {outside}."
             raise InvalidRequestError(msg, param="bad_words_ids")
-    outside = [token for token in params.logit_bias if not 0 <= token < vocab_size]
-    if outside:
-        msg = f"`logit_bias` names token ids outside the vocabulary [0, {vocab_size}): {outside}."
-        raise InvalidRequestError(msg, param="logit_bias")
     if params.logprobs is not None and beams > 1:
         raise InvalidRequestError("`logprobs` cannot be combined with beam search.", param="logprobs")
 

@@ -97,7 +97,7 @@ async def sse_stream(
         for index in announce:
             yield event(chunk(TextDelta("", index)))
         async for item in events:
-            if isinstance(item, TextDelta) and not item.text:
+            if isinstance(item, TextDelta) and not item.text and not item.logprobs:
                 continue
             if isinstance(item, Completion) and not include_usage:
                 continue
