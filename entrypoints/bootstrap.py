@@ -12,6 +12,7 @@ from adapters.stop_sequences import StopSequences
 from application.chat import ChatService
 from application.completion import CompletionService
 from application.generation import TextGeneration
+from application.tokenization import TokenizationService
 from domain.ports import Generator
 from entrypoints.settings import ServerSettings
 
@@ -33,6 +34,7 @@ class Services:
     created: int
     chat: ChatService
     completion: CompletionService
+    tokenization: TokenizationService
     close: Callable[[], None] = lambda: None
     """Releases what the services hold (the generator's worker thread)."""
 
@@ -62,6 +64,7 @@ def build_services(
         created=int(time.time()),
         chat=ChatService(renderer=renderer, generation=generation),
         completion=CompletionService(generation=generation),
+        tokenization=TokenizationService(generator=generator, renderer=renderer),
         close=close,
     )
 
