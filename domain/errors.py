@@ -32,3 +32,9 @@ class ModelNotReadyError(DomainError):
 
 class GenerationError(DomainError):
     """The generator failed while producing tokens (HTTP 500)."""
+
+
+class QueueFullError(DomainError):
+    """Every batch slot is taken and the waiting queue is full: try again shortly (HTTP 429)."""
+
+    code = "queue_full"

@@ -1,0 +1,586 @@
+"""Continuous batching: one thread decodes every running request together, one token per step.
+
+A request joins the running batch at the next step (its prompt is prefilled, alone or with the other newcomers, and
+its cache is merged into the batch's); a finished or abandoned one leaves at the next step without waiting for the
+others. Each row keeps its own ``GenerationConfig``, logits processors, stopping criteria and random generator, all
+built with transformers' own machinery, so a request decodes as it would alone through ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import threading
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import attrs
+import structlog
+import torch
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
+
+from adapters.huggingface.processors import LogprobRecorder, OpenAIPenalties
+from domain.errors import DomainError, GenerationError, QueueFullError
+from domain.generation import FinishReason, GeneratedTokens, GenerationParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from adapters.huggingface.generator import HuggingFaceGenerator
+
+log = structlog.get_logger(__name__)
+
+UNBATCHED_EXTRA_OPTIONS = frozenset({"num_beams", "num_beam_groups", "diversity_penalty", "guidance_scale"})
+"""Options that, set through ``GenerationParams.extra``, send a request down the plain ``generate`` path."""
+
+PREFILL_TOKEN_BUDGET = 4096
+"""Most (padded) prompt tokens prefilled in one forward pass; longer groups are split, a longer prompt goes alone."""
+
+
+@attrs.frozen
+class BatchLimits:
+    """How much work the engine takes on: running sequences, and requests waiting for a slot."""
+
+    max_batch_size: int = 8
+    max_queue: int = 64
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue < 0:
+            msg = f"max_batch_size must be >= 1 and max_queue >= 0, got {self.max_batch_size} and {self.max_queue}"
+            raise ValueError(msg)
+
+
+@attrs.define(eq=False, repr=False)
+class _Row:
+    """One request as the engine thread sees it: its settings, its tokens so far, and where its steps go."""
+
+    prompt_ids: tuple[int, ...]
+    params: GenerationParams
+    config: GenerationConfig
+    deliver: Callable[[GeneratedTokens | BaseException | None], bool]
+    """Hands an item to the consumer; ``None`` says the engine has let go of the row. ``False``: consumer gone."""
+    cancelled: threading.Event = attrs.field(factory=threading.Event)
+    processors: LogitsProcessorList = attrs.field(factory=LogitsProcessorList)
+    stopping: StoppingCriteriaList = attrs.field(factory=StoppingCriteriaList)
+    recorder: LogprobRecorder | None = None
+    rng: torch.Generator | None = None
+    ids: torch.Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long))
+    """Prompt and generated tokens, shape ``[1, length]``: what logits processors and stopping criteria read."""
+    cached: int = 0
+    """How many of ``ids`` the KV cache holds (all but the last sampled token, once prefilled)."""
+    finish_reason: FinishReason | None = None
+    released: bool = False
+    """The consumer has been told the engine let go of the row."""
+
+    @property
+    def generated(self) -> int:
+        """How many tokens this row has produced."""
+        return int(self.ids.shape[-1]) - len(self.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        """Finished, or its consumer left."""
+        return self.finish_reason is not None or self.cancelled.is_set()
+
+
+@attrs.define
+class _Batch:
+    """The running rows with one left-padded KV cache: row ``i`` holds its ``cached`` tokens in the last columns."""
+
+    rows: list[_Row] = attrs.field(factory=list)
+    cache: DynamicCache | None = None
+    mask: torch.Tensor | None = None
+    """``[rows, columns]``: 1 where the cache holds a real token, 0 on the left padding."""
+
+    def add(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Merge prefilled ``rows`` (their cache and mask) in, padding on the left whichever side is shorter."""
+        if self.cache is None or self.mask is None or not self.rows:
+            self.rows, self.cache, self.mask = list(rows), cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(_layers(self.cache), _layers(cache), strict=True):
+            (my_keys, my_values), (their_keys, their_values) = _kv(mine), _kv(theirs)
+            mine.keys = torch.cat([_pad_left(my_keys, width, dim=2), _pad_left(their_keys, width, dim=2)])
+            mine.values = torch.cat([_pad_left(my_values, width, dim=2), _pad_left(their_values, width, dim=2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)])
+        self.rows.extend(rows)
+
+    def keep(self, keep: Sequence[int]) -> None:
+        """Keep only the rows at ``keep``, then drop the columns no remaining row uses."""
+        if len(keep) == len(self.rows):
+            return
+        if not keep or self.cache is None or self.mask is None:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.mask = self.mask.index_select(0, index)
+        first = int(self.mask.any(dim=0).int().argmax())
+        self.mask = self.mask[:, first:]
+        for layer in _layers(self.cache):
+            keys, values = _kv(layer)
+            layer.keys = keys.index_select(0, index)[:, :, first:]
+            layer.values = values.index_select(0, index)[:, :, first:]
+        self.rows = [self.rows[i] for i in keep]
+
+    def grow(self) -> None:
+        """One more real column for every row: the step just run appended each row's token to the cache."""
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+
+
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's layers: plain ``DynamicLayer`` ones, as ``BatchingGenerator.batchable_model`` checked."""
+    return cast("list[DynamicLayer]", cache.layers)
+
+
+def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's key and value tensors, ``[rows, heads, columns, head_dim]``."""
+    return cast("torch.Tensor", layer.keys), cast("torch.Tensor", layer.values)
+
+
+def _pad_left(tensor: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
+    """``tensor`` with zeros prepended along ``dim`` up to ``width``."""
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+@attrs.define
+class BatchingGenerator:
+    """The ``Generator`` port with continuous batching over a ``HuggingFaceGenerator``'s model.
+
+    One engine thread owns the model for batched decoding. Requests that cannot share a batch (beam search, diverse
+    beam search, classifier-free guidance, output constraints) go through the plain generator, on its own thread.
+    At most ``limits.max_batch_size`` sequences decode together; at most ``limits.max_queue`` wait for a slot, past
+    that a request fails with ``QueueFullError``. Model facts, tokenization and scoring are the plain generator's.
+    """
+
+    plain: HuggingFaceGenerator
+    limits: BatchLimits = attrs.field(factory=BatchLimits)
+    _waiting: collections.deque[_Row] = attrs.field(init=False, factory=collections.deque)
+    _condition: threading.Condition = attrs.field(init=False, factory=threading.Condition)
+    _closed: bool = attrs.field(init=False, default=False)
+    _unbatched: int = attrs.field(init=False, default=0)
+    _batch: _Batch = attrs.field(init=False, factory=_Batch)
+    _thread: threading.Thread | None = attrs.field(init=False, default=None)
+    batchable_model: bool = attrs.field(init=False, default=False)
+    """Whether the model's cache is one plain ``DynamicLayer`` per layer (else every request goes the plain way)."""
+
+    def __attrs_post_init__(self) -> None:
+        cache = DynamicCache(config=self.model.config)
+        self.batchable_model = bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+        if not self.batchable_model:
+            log.warning("batching.unsupported_cache", layers=sorted({type(layer).__name__ for layer in cache.layers}))
+
+    # --- the model facts, from the plain generator ------------------------------------------------------------
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The transformers model."""
+        return self.plain.model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The model's tokenizer."""
+        return self.plain.tokenizer
+
+    @property
+    def model_id(self) -> str:
+        """The name clients use for the model."""
+        return self.plain.model_id
+
+    @property
+    def context_length(self) -> int:
+        """How many tokens (prompt and completion) fit in one sequence."""
+        return self.plain.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        """How many token ids the model scores."""
+        return self.plain.vocab_size
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's Jinja chat template, if it has one."""
+        return self.plain.chat_template
+
+    @property
+    def bos_token(self) -> str | None:
+        """The beginning-of-sequence token text, for chat templates."""
+        return self.plain.bos_token
+
+    @property
+    def eos_token(self) -> str | None:
+        """The end-of-sequence token text, for chat templates."""
+        return self.plain.eos_token
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every token id that ends generation."""
+        return self.plain.eos_token_ids
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """Token ids of ``text``."""
+        return self.plain.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool) -> str:
+        """Text of ``token_ids``."""
+        return self.plain.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def generation_config(self, params: GenerationParams, *, prompt_length: int) -> GenerationConfig:
+        """The validated ``GenerationConfig`` for a request (see ``HuggingFaceGenerator.generation_config``)."""
+        return self.plain.generation_config(params, prompt_length=prompt_length)
+
+    async def score(self, token_ids: Sequence[int], *, top: int) -> list[TokenLogprob]:
+        """Log-probability of each of ``token_ids[1:]`` given what precedes it, on the plain generator's thread."""
+        return await self.plain.score(token_ids, top=top)
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    def batchable(self, params: GenerationParams) -> bool:
+        """Whether a request can decode in the shared batch: one hypothesis, no guidance model, no constraint."""
+        base = self.model.generation_config
+        return (
+            self.batchable_model
+            and (params.num_beams or base.num_beams or 1) == 1
+            and (params.num_beam_groups or base.num_beam_groups or 1) == 1
+            and (params.guidance_scale if params.guidance_scale is not None else base.guidance_scale) in (None, 1)
+            and params.constraint is None
+            and not UNBATCHED_EXTRA_OPTIONS & set(params.extra)
+        )
+
+    async def generate(
+        self, prompt_ids: Sequence[int], params: GenerationParams
+    ) -> AsyncGenerator[GeneratedTokens, None]:
+        """Stream new tokens after ``prompt_ids``; the last item carries the finish reason.
+
+        Raises ``QueueFullError`` when ``limits.max_queue`` requests already wait; closing the iterator takes the
+        request out of the queue, or out of the batch at the next step.
+        """
+        if not self.batchable(params):
+            async with (
+                self._unbatched_slot(),
+                contextlib.aclosing(self.plain.generate(prompt_ids, params)) as plain_steps,
+            ):
+                async for step in plain_steps:
+                    yield step
+            return
+        config = self.generation_config(params, prompt_length=len(prompt_ids))
+        log.debug("generation.config", config=config.to_diff_dict(), seed=params.seed)
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue[GeneratedTokens | BaseException | None] = asyncio.Queue()
+        row = _Row(prompt_ids=tuple(prompt_ids), params=params, config=config, deliver=_deliverer(loop, steps))
+        self._enqueue(row)
+        released = False
+        try:
+            while (item := await steps.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            released = True
+        finally:
+            row.cancelled.set()
+            if not released and not self._dequeue(row):
+                with self._condition:
+                    self._condition.notify_all()
+                while not released and self._worker_alive():
+                    item = await steps.get()  # wait for the engine to let go of the row: at most one step
+                    released = item is None
+
+    def close(self) -> None:
+        """Stop the engine: waiting and running requests fail, the plain generator stops taking work."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        self.plain.close()
+
+    @contextlib.asynccontextmanager
+    async def _unbatched_slot(self) -> AsyncGenerator[None, None]:
+        """Count a plain-path request against the queue limit while it runs or waits."""
+        if self._unbatched >= self.limits.max_queue:
+            raise QueueFullError(_queue_full_message(self.limits))
+        self._unbatched += 1
+        try:
+            yield
+        finally:
+            self._unbatched -= 1
+
+    def _enqueue(self, row: _Row) -> None:
+        with self._condition:
+            if self._closed:
+                raise GenerationError("The generator is shut down.")
+            free = self.limits.max_batch_size - len(self._batch.rows)
+            if len(self._waiting) - max(free, 0) >= self.limits.max_queue:
+                raise QueueFullError(_queue_full_message(self.limits))
+            self._waiting.append(row)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="batching-engine", daemon=True)
+                self._thread.start()
+            self._condition.notify_all()
+
+    def _dequeue(self, row: _Row) -> bool:
+        """Take ``row`` out of the waiting queue; ``False`` if it is not there (running, or already gone)."""
+        with self._condition:
+            if not any(waiting is row for waiting in self._waiting):
+                return False
+            self._waiting.remove(row)
+        log.debug("batching.dequeued", reason="client left")
+        return True
+
+    def _worker_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- the engine thread --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """The engine loop: admit newcomers, run one decoding step for everyone, let finished rows go."""
+        with torch.inference_mode():
+            while (admitted := self._admit()) is not None:
+                try:
+                    if admitted:
+                        self._prefill(admitted)
+                    self._release_done()
+                    if self._batch.rows:
+                        self._step()
+                        self._release_done()
+                except Exception as error:  # noqa: BLE001  the rows' consumers re-raise it
+                    self._fail(self._batch.rows, error)
+                    self._batch = _Batch()
+        self._fail([*self._batch.rows, *self._drain()], GenerationError("The generator is shut down."))
+        self._batch = _Batch()
+
+    def _admit(self) -> list[_Row] | None:
+        """Rows to start now (waiting while there is nothing to do); ``None`` once the engine is closed."""
+        with self._condition:
+            while not self._closed and not self._waiting and not self._batch.rows:
+                self._condition.wait()
+            if self._closed:
+                return None
+            admitted: list[_Row] = []
+            while self._waiting and len(self._batch.rows) + len(admitted) < self.limits.max_batch_size:
+                row = self._waiting.popleft()
+                if row.cancelled.is_set():
+                    _release(row)
+                else:
+                    admitted.append(row)
+            return admitted
+
+    def _drain(self) -> list[_Row]:
+        with self._condition:
+            rows = list(self._waiting)
+            self._waiting.clear()
+            return rows
+
+    def _prepare(self, row: _Row) -> None:
+        """Build the row's processors and stopping criteria as ``generate`` would, and its random generator."""
+        model: Any = self.model  # generate's private helpers, which nn.Module's typing hides
+        prompt_length = len(row.prompt_ids)
+        config, _ = model._prepare_generation_config(row.config)  # noqa: SLF001  generate's defaults (top_k=50...)
+        row.config = config
+        config.max_length = (config.max_new_tokens or 0) + prompt_length
+        if config.min_new_tokens is not None:
+            config.min_length = config.min_new_tokens + prompt_length
+        config.stop_strings = list(row.params.stop) or None
+        ids = torch.tensor([row.prompt_ids], dtype=torch.long, device=model.device)
+        model._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=model.device)  # noqa: SLF001
+        custom = LogitsProcessorList()
+        if row.params.presence_penalty or row.params.frequency_penalty:
+            custom.append(
+                OpenAIPenalties(
+                    prompt_length=prompt_length,
+                    presence=row.params.presence_penalty,
+                    frequency=row.params.frequency_penalty,
+                )
+            )
+        if row.params.logprobs is not None:
+            row.recorder = LogprobRecorder(row.params.logprobs)
+            custom.append(row.recorder)
+        row.processors = model._get_logits_processor(  # noqa: SLF001  the same list `generate` builds
+            generation_config=config,
+            input_ids_seq_length=prompt_length,
+            encoder_input_ids=ids,
+            logits_processor=custom,
+            device=model.device,
+            model_kwargs={"attention_mask": torch.ones_like(ids)},
+        )
+        row.stopping = model._get_stopping_criteria(  # noqa: SLF001
+            generation_config=config, stopping_criteria=StoppingCriteriaList(), tokenizer=self.tokenizer
+        )
+        if row.params.seed is not None and config.do_sample:
+            row.rng = torch.Generator(device=model.device)
+            row.rng.manual_seed(row.params.seed)
+        row.ids = ids
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        """Prefill newcomers in groups that fit the token budget, sample their first token, and merge them in."""
+        ready: list[_Row] = []
+        for row in rows:
+            try:
+                self._prepare(row)
+            except Exception as error:  # noqa: BLE001  only this request is at fault
+                self._fail([row], error)
+            else:
+                ready.append(row)
+        ready.sort(key=lambda r: len(r.prompt_ids))
+        for group in _groups(ready, PREFILL_TOKEN_BUDGET):
+            try:
+                cache, mask, logits = self._prefill_group(group)
+            except Exception as error:  # noqa: BLE001  the group's consumers re-raise it
+                self._fail(group, error)
+                continue
+            for index, row in enumerate(group):
+                row.cached = len(row.prompt_ids)
+                self._advance(row, logits[index : index + 1])
+            self._batch.add(group, cache, mask)
+            log.debug("batching.joined", rows=len(group), running=len(self._batch.rows))
+
+    def _prefill_group(self, group: list[_Row]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """One forward pass over left-padded prompts: the cache, its mask, and each row's last logits (float32)."""
+        width = max(len(row.prompt_ids) for row in group)
+        device = self.model.device
+        ids = torch.zeros((len(group), width), dtype=torch.long, device=device)
+        mask = torch.zeros((len(group), width), dtype=torch.long, device=device)
+        for index, row in enumerate(group):
+            length = len(row.prompt_ids)
+            ids[index, width - length :] = row.ids[0]
+            mask[index, width - length :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, positions, mask, cache)
+        return cache, mask, logits
+
+    def _step(self) -> None:
+        """One decoding step for every running row."""
+        batch = self._batch
+        device = self.model.device
+        last = torch.tensor([[int(row.ids[0, -1])] for row in batch.rows], dtype=torch.long, device=device)
+        positions = torch.tensor([[row.cached] for row in batch.rows], dtype=torch.long, device=device)
+        assert batch.mask is not None  # noqa: S101  rows always come with their mask
+        mask = torch.cat([batch.mask, batch.mask.new_ones((batch.mask.shape[0], 1))], dim=1)
+        logits = self._forward(last, positions, mask, batch.cache)
+        batch.grow()
+        for index, row in enumerate(batch.rows):
+            row.cached += 1
+            if not row.cancelled.is_set():
+                self._advance(row, logits[index : index + 1])
+
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache | None
+    ) -> torch.Tensor:
+        """The model's logits for the last position of each row, as float32 (what ``generate`` samples from)."""
+        outputs = self.model(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=None if bool(mask.all()) else mask,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            return_dict=True,
+        )
+        logits: torch.Tensor = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+        return logits
+
+    def _advance(self, row: _Row, logits: torch.Tensor) -> None:
+        """Process one row's logits, pick its next token, hand it over, and check whether the row is done."""
+        try:
+            scores = row.processors(cast("torch.LongTensor", row.ids), cast("torch.FloatTensor", logits))
+            if row.config.do_sample:
+                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=row.rng)
+            else:
+                token = torch.argmax(scores, dim=-1, keepdim=True)
+            row.ids = torch.cat([row.ids, token.to(row.ids.dtype)], dim=-1)
+            token_id = int(token)
+            logprobs = () if row.recorder is None else row.recorder.logprobs_of([token_id])
+            if not row.deliver(GeneratedTokens(token_ids=(token_id,), logprobs=logprobs)):
+                row.cancelled.set()
+            if bool(row.stopping(row.ids, scores).any()):
+                row.finish_reason = self._finish_reason(row)
+        except Exception as error:  # noqa: BLE001  only this request is at fault
+            self._fail([row], error)
+
+    def _finish_reason(self, row: _Row) -> FinishReason:
+        """``LENGTH`` when the token budget ran out on something other than an end-of-sequence token."""
+        ran_out = row.generated >= (row.config.max_new_tokens or 0)
+        ended = int(row.ids[0, -1]) in self.eos_token_ids
+        return FinishReason.LENGTH if ran_out and not ended else FinishReason.STOP
+
+    def _release_done(self) -> None:
+        """Hand finished rows their finish reason and drop them, with abandoned ones, from the batch."""
+        keep = []
+        for index, row in enumerate(self._batch.rows):
+            if not row.done:
+                keep.append(index)
+                continue
+            if row.finish_reason is not None and not row.cancelled.is_set():
+                row.deliver(GeneratedTokens(finish_reason=row.finish_reason))
+            _release(row)
+        if len(keep) < len(self._batch.rows):
+            self._batch.keep(keep)
+            log.debug("batching.left", running=len(self._batch.rows))
+
+    def _fail(self, rows: Sequence[_Row], error: Exception) -> None:
+        """End ``rows`` with ``error`` (a domain error as it is, anything else as a ``GenerationError``)."""
+        if not rows:
+            return
+        if not isinstance(error, DomainError):
+            log.error("generation.failed", exc_info=error, rows=len(rows))
+            failure: DomainError = GenerationError(f"Generation failed: {error}")
+            failure.__cause__ = error
+        else:
+            failure = error
+        for row in rows:
+            row.finish_reason = row.finish_reason or FinishReason.STOP
+            row.cancelled.set()
+            row.deliver(failure)
+            _release(row)
+
+
+def _release(row: _Row) -> None:
+    """Tell the row's consumer, once, that the engine has let go of it."""
+    if not row.released:
+        row.released = True
+        row.deliver(None)
+
+
+def _groups(rows: list[_Row], budget: int) -> list[list[_Row]]:
+    """Split rows (sorted by prompt length) into groups whose padded prompts fit ``budget`` tokens."""
+    groups: list[list[_Row]] = []
+    current: list[_Row] = []
+    for row in rows:
+        if current and (len(current) + 1) * len(row.prompt_ids) > budget:
+            groups.append(current)
+            current = []
+        current.append(row)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _deliverer(
+    loop: asyncio.AbstractEventLoop, steps: asyncio.Queue[GeneratedTokens | BaseException | None]
+) -> Callable[[GeneratedTokens | BaseException | None], bool]:
+    """A thread-safe ``put`` onto ``steps``; it returns ``False`` once the event loop is gone."""
+
+    def deliver(item: GeneratedTokens | BaseException | None) -> bool:
+        try:
+            loop.call_soon_threadsafe(steps.put_nowait, item)
+        except RuntimeError:
+            return False
+        return True
+
+    return deliver
+
+
+def _queue_full_message(limits: BatchLimits) -> str:
+    return (
+        f"The server is busy: {limits.max_batch_size} requests are generating and {limits.max_queue} are waiting. "
+        "Retry shortly."
+    )
+
+
+__all__ = ["BatchLimits", "BatchingGenerator"]

@@ -1,0 +1,310 @@
+"""BatchingGenerator: the generator suite against it, then what batching adds (joining, leaving, limits)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adapters.huggingface.batching import BatchingGenerator, BatchLimits
+from adapters.huggingface.generator import HuggingFaceGenerator
+from domain.errors import GenerationError, QueueFullError
+from domain.generation import FinishReason, GenerationParams
+
+# The whole HuggingFaceGenerator suite runs again here, with the fixtures below handing it the engine.
+from tests.test_huggingface_generator import *  # noqa: F403
+from tests.test_huggingface_generator import PROMPT, ForwardCounter, collect, greedy, tokens_of
+
+
+def plain(model_dir) -> HuggingFaceGenerator:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return HuggingFaceGenerator(model, AutoTokenizer.from_pretrained(model_dir), model_id="tiny")
+
+
+def engine(model_dir, **limits) -> BatchingGenerator:
+    return BatchingGenerator(plain(model_dir), BatchLimits(**limits))
+
+
+@pytest.fixture(scope="module")
+def generator(model_dir):
+    generator = engine(model_dir)
+    yield generator
+    generator.close()
+
+
+@pytest.fixture
+def own_generator(model_dir):
+    """One sequence at a time, so that a second request really waits in the queue."""
+    generator = engine(model_dir, max_batch_size=1)
+    yield generator
+    generator.close()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """The plain generator over an identical model: what the engine must reproduce."""
+    generator = plain(model_dir)
+    yield generator
+    generator.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(generator):
+    texts = (PROMPT, "Hello", "My friend writes a long letter in the garden. The old man", "she", "Café 你好 😀")
+    return [generator.encode(text, add_special_tokens=True) for text in texts]
+
+
+def same_steps(actual, expected):
+    """Same tokens and finish; log-probabilities equal up to float noise (a batch sums in another order)."""
+    assert [(s.token_ids, s.finish_reason) for s in actual] == [(s.token_ids, s.finish_reason) for s in expected]
+    for got, want in zip(actual, expected, strict=True):
+        assert [(p.token_id, [t for t, _ in p.top]) for p in got.logprobs] == [
+            (p.token_id, [t for t, _ in p.top]) for p in want.logprobs
+        ]
+        for p, q in zip(got.logprobs, want.logprobs, strict=True):
+            assert p.logprob == pytest.approx(q.logprob, abs=1e-4)
+            assert [v for _, v in p.top] == pytest.approx([v for _, v in q.top], abs=1e-4)
+    return True
+
+
+async def gather(generator, jobs):
+    async def one(prompt_ids, params):
+        return [step async for step in generator.generate(prompt_ids, params)]
+
+    return await asyncio.gather(*(one(prompt_ids, params) for prompt_ids, params in jobs))
+
+
+MIXED = (
+    greedy(max_new_tokens=20),
+    GenerationParams(max_new_tokens=14, seed=7),
+    GenerationParams(max_new_tokens=9, temperature=0.7, top_p=0.9, seed=3),
+    greedy(max_new_tokens=16, presence_penalty=0.8, frequency_penalty=0.4, logit_bias={5: 4.0}, logprobs=3),
+    greedy(max_new_tokens=12, repetition_penalty=1.5, no_repeat_ngram_size=2),
+)
+"""Requests with different decoding settings, to decode side by side."""
+
+
+# --- what batching must not change ---------------------------------------------------------------------------------
+
+
+def test_each_request_alone_matches_the_plain_generator(generator, reference, prompts):
+    for prompt_ids, params in zip(prompts, MIXED, strict=True):
+        assert collect(generator, prompt_ids, params) == collect(reference, prompt_ids, params)
+
+
+def test_concurrent_requests_with_their_own_settings_match_the_plain_generator(generator, reference, prompts):
+    jobs = list(zip(prompts, MIXED, strict=True))
+    expected = [collect(reference, prompt_ids, params) for prompt_ids, params in jobs]
+    counter = ForwardCounter()
+    with counter.attached(generator.model):
+        results = asyncio.run(gather(generator, jobs))
+    assert all(same_steps(got, want) for got, want in zip(results, expected, strict=True))
+    assert len(counter.lengths) < sum(len(tokens_of(steps)) for steps in expected)  # they shared forward passes
+
+
+def test_logprobs_match_the_plain_generator_inside_a_batch(generator, reference, prompts):
+    params = GenerationParams(max_new_tokens=6, seed=11, logprobs=2)
+    expected = collect(reference, prompts[0], params)
+    results = asyncio.run(gather(generator, [(prompts[0], params), (prompts[2], greedy(max_new_tokens=10))]))
+    assert same_steps(results[0], expected)
+    assert all(len(step.logprobs) == 1 and len(step.logprobs[0].top) == 2 for step in expected[:-1])
+
+
+def test_a_seeded_request_is_reproducible_whoever_else_is_in_the_batch(generator, prompts):
+    params = GenerationParams(max_new_tokens=12, seed=42)
+    alone = collect(generator, prompts[1], params)
+    unseeded = GenerationParams(max_new_tokens=12)
+    crowded = asyncio.run(gather(generator, [(prompts[0], unseeded), (prompts[1], params), (prompts[3], unseeded)]))
+    assert crowded[1] == alone
+
+
+def test_a_request_joins_a_running_batch_and_both_decode_as_alone(generator, reference, prompts):
+    long_params, short_params = greedy(max_new_tokens=40), greedy(max_new_tokens=8, stop=("e",))
+    expected_long = collect(reference, prompts[2], long_params)
+    expected_short = collect(reference, prompts[0], short_params)
+    counter = ForwardCounter(delay=0.01)
+
+    async def staggered():
+        long_run = asyncio.ensure_future(gather(generator, [(prompts[2], long_params)]))
+        await asyncio.sleep(0.1)  # a few steps in
+        short = await gather(generator, [(prompts[0], short_params)])
+        return (await long_run)[0], short[0]
+
+    with counter.attached(generator.model):
+        long_steps, short_steps = asyncio.run(staggered())
+    assert long_steps == expected_long
+    assert short_steps == expected_short
+
+
+def test_a_finished_request_leaves_without_waiting_for_the_others(generator, prompts):
+    async def scenario():
+        long_run = asyncio.ensure_future(gather(generator, [(prompts[0], greedy(max_new_tokens=200))]))
+        short = await gather(generator, [(prompts[1], greedy(max_new_tokens=3))])
+        finished_first = not long_run.done()
+        await long_run
+        return short[0], finished_first
+
+    counter = ForwardCounter(delay=0.01)
+    with counter.attached(generator.model):
+        short, finished_first = asyncio.run(scenario())
+    assert len(tokens_of(short)) == 3
+    assert short[-1].finish_reason is FinishReason.LENGTH
+    assert finished_first
+
+
+def test_closing_one_stream_leaves_the_others_untouched(generator, reference, prompts):
+    expected = collect(reference, prompts[2], greedy(max_new_tokens=30))
+
+    async def scenario():
+        kept = asyncio.ensure_future(gather(generator, [(prompts[2], greedy(max_new_tokens=30))]))
+        dropped = generator.generate(prompts[0], greedy(max_new_tokens=200))
+        await anext(dropped)
+        await anext(dropped)
+        await dropped.aclose()
+        return (await kept)[0]
+
+    assert asyncio.run(scenario()) == expected
+
+
+def test_closing_a_stream_frees_its_row_at_the_next_step(model_dir, prompts):
+    generator = engine(model_dir)
+    counter = ForwardCounter(delay=0.02)
+
+    async def scenario():
+        steps = generator.generate(prompts[0], greedy(max_new_tokens=200))
+        await anext(steps)
+        await steps.aclose()
+        return len(counter.lengths)
+
+    try:
+        with counter.attached(generator.model):
+            at_close = asyncio.run(scenario())
+            time.sleep(0.2)
+        assert len(counter.lengths) == at_close  # the engine had let go when aclose returned
+    finally:
+        generator.close()
+
+
+# --- requests that cannot share a batch ----------------------------------------------------------------------------
+
+
+def test_beam_search_runs_beside_the_batch_without_blocking_it(generator, reference, prompts):
+    beams = GenerationParams(max_new_tokens=60, num_beams=3)
+    assert not generator.batchable(beams)
+    counter = ForwardCounter(delay=0.01)
+
+    async def scenario():
+        finished: list[str] = []
+
+        async def run(name, prompt_ids, params):
+            steps = [step async for step in generator.generate(prompt_ids, params)]
+            finished.append(name)
+            return steps
+
+        beam = asyncio.ensure_future(run("beams", prompts[0], beams))
+        await asyncio.sleep(0.05)
+        quick = await run("greedy", prompts[1], greedy(max_new_tokens=4))
+        return quick, await beam, finished
+
+    with counter.attached(generator.model):
+        quick, beam_steps, finished = asyncio.run(scenario())
+    assert finished == ["greedy", "beams"]
+    assert quick == collect(reference, prompts[1], greedy(max_new_tokens=4))
+    assert beam_steps == collect(reference, prompts[0], beams)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        GenerationParams(num_beams=2),
+        GenerationParams(num_beams=4, num_beam_groups=2, diversity_penalty=1.0),
+        GenerationParams(guidance_scale=2.0),
+        GenerationParams(extra={"num_beams": 2}),
+    ],
+)
+def test_what_cannot_share_a_batch_takes_the_plain_path(generator, params):
+    assert not generator.batchable(params)
+
+
+# --- limits --------------------------------------------------------------------------------------------------------
+
+
+def test_past_the_queue_a_request_is_refused_and_nothing_is_dropped(model_dir, prompts):
+    generator = engine(model_dir, max_batch_size=1, max_queue=1)
+
+    async def scenario():
+        running = generator.generate(prompts[0], greedy(max_new_tokens=30))
+        await anext(running)
+        waiting = asyncio.ensure_future(gather(generator, [(prompts[1], greedy(max_new_tokens=3))]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError) as refused:
+            await anext(generator.generate(prompts[2], greedy(max_new_tokens=3)))
+        rest = [step async for step in running]
+        return refused.value, rest, (await waiting)[0]
+
+    try:
+        with ForwardCounter(delay=0.01).attached(generator.model):
+            refused, rest, waited = asyncio.run(scenario())
+    finally:
+        generator.close()
+    assert refused.code == "queue_full"
+    assert rest[-1].finish_reason is FinishReason.LENGTH
+    assert len(tokens_of(waited)) == 3
+
+
+def test_the_batch_never_exceeds_its_size(model_dir, prompts):
+    generator = engine(model_dir, max_batch_size=2)
+    batch_sizes: list[int] = []
+
+    def record(module, args, kwargs):
+        batch_sizes.append(kwargs["input_ids"].shape[0])
+
+    handle = generator.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        results = asyncio.run(gather(generator, [(p, greedy(max_new_tokens=6)) for p in prompts]))
+    finally:
+        handle.remove()
+        generator.close()
+    assert all(len(tokens_of(steps)) == 6 for steps in results)
+    assert max(batch_sizes) == 2
+
+
+def test_a_forward_failure_fails_the_whole_batch_then_the_engine_recovers(own_generator, prompts):
+    with ForwardCounter(error=RuntimeError("device on fire")).attached(own_generator.model):
+        results = asyncio.run(_outcomes(own_generator, prompts[:2]))
+    assert all(isinstance(result, GenerationError) for result in results)
+    assert len(tokens_of(collect(own_generator, prompts[0], greedy(max_new_tokens=3)))) == 3
+
+
+def test_closing_the_engine_fails_what_waits(model_dir, prompts):
+    generator = engine(model_dir, max_batch_size=1)
+    counter = ForwardCounter(delay=0.02)
+
+    async def scenario():
+        running = asyncio.ensure_future(_outcomes(generator, [prompts[0]], max_new_tokens=200))
+        waiting = asyncio.ensure_future(_outcomes(generator, [prompts[1]], max_new_tokens=3))
+        await asyncio.sleep(0.1)
+        generator.close()
+        return (await running)[0], (await waiting)[0]
+
+    with counter.attached(generator.model):
+        running, waiting = asyncio.run(scenario())
+    assert isinstance(running, GenerationError)
+    assert isinstance(waiting, GenerationError)
+
+
+async def _outcomes(generator, prompt_list, max_new_tokens=5):
+    async def one(prompt_ids):
+        try:
+            return [step async for step in generator.generate(prompt_ids, greedy(max_new_tokens=max_new_tokens))]
+        except GenerationError as error:
+            return error
+
+    return await asyncio.gather(*(one(prompt_ids) for prompt_ids in prompt_list))
+
+
+def test_limits_must_be_positive():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        BatchLimits(max_batch_size=0)
