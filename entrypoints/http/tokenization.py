@@ -10,6 +10,7 @@ from litestar import Controller, Request, post
 
 from entrypoints.bootstrap import Services
 from entrypoints.http.controllers import read_body
+from entrypoints.http.openapi import body_operation
 from entrypoints.http.wire import Message
 
 
@@ -60,7 +61,13 @@ class TokenizationController(Controller):
 
     tags = ["Tokenizer"]  # noqa: RUF012  Litestar reads it from the class
 
-    @post("/tokenize", operation_id="tokenize", summary="Tokenize a prompt or conversation", status_code=200)
+    @post(
+        "/tokenize",
+        operation_id="tokenize",
+        summary="Tokenize a prompt or conversation",
+        status_code=200,
+        operation_class=body_operation(TokenizeRequest),
+    )
     async def tokenize(self, request: Request[Any, Any, Any], services: Services) -> TokenizeResponse:
         """Token ids of a prompt (as completions count it) or of messages rendered with the chat template."""
         body = await read_body(request, TokenizeRequest)
@@ -78,7 +85,13 @@ class TokenizationController(Controller):
         strings = tokenizer.token_strings(tokens) if body.return_token_strs else None
         return TokenizeResponse(len(tokens), tokenizer.max_model_len, tokens, strings)
 
-    @post("/detokenize", operation_id="detokenize", summary="Turn token ids back into text", status_code=200)
+    @post(
+        "/detokenize",
+        operation_id="detokenize",
+        summary="Turn token ids back into text",
+        status_code=200,
+        operation_class=body_operation(DetokenizeRequest),
+    )
     async def detokenize(self, request: Request[Any, Any, Any], services: Services) -> DetokenizeResponse:
         """The text of a list of token ids."""
         body = await read_body(request, DetokenizeRequest)

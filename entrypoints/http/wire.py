@@ -22,8 +22,6 @@ from domain.messages import ChatMessage, Role
 
 T = TypeVar("T")
 
-_positive = v.optional(v.ge(1))
-_non_negative = v.optional(v.ge(0))
 
 
 def _finite(_instance: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
@@ -54,8 +52,15 @@ def _token_biases(_instance: object, attribute: attrs.Attribute[Any], value: dic
             raise ValueError(msg)
 
 
-def _within(low: float, high: float) -> Any:  # noqa: ANN401  an attrs validator
-    return v.optional([_finite, v.ge(low), v.le(high)])
+def ranged(low: float | None = None, high: float | None = None, *, default: Any = None) -> Any:  # noqa: ANN401
+    """A number field checked against ``[low, high]`` (finite), with the same bounds in the published schema."""
+    checks: list[Any] = [_finite]
+    if low is not None:
+        checks.append(v.ge(low))
+    if high is not None:
+        checks.append(v.le(high))
+    limits = {name: bound for name, bound in (("minimum", low), ("maximum", high)) if bound is not None}
+    return attrs.field(default=default, validator=v.optional(checks), metadata={"schema": limits})
 
 
 @attrs.frozen(kw_only=True)
@@ -100,33 +105,33 @@ class SamplingRequest:
     """The fields chat and text completions share: OpenAI's sampling options and HuggingFace's."""
 
     model: str | None = None
-    max_tokens: int | None = attrs.field(default=None, validator=_non_negative)
-    max_completion_tokens: int | None = attrs.field(default=None, validator=_non_negative)
-    temperature: float | None = attrs.field(default=None, validator=_within(0, 2))
-    top_p: float | None = attrs.field(default=None, validator=_within(0, 1))
-    n: int = attrs.field(default=1, validator=[v.ge(1), v.le(MAX_CHOICES)])
+    max_tokens: int | None = ranged(0)
+    max_completion_tokens: int | None = ranged(0)
+    temperature: float | None = ranged(0, 2)
+    top_p: float | None = ranged(0, 1)
+    n: int = ranged(1, MAX_CHOICES, default=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float | None = attrs.field(default=None, validator=_within(-2, 2))
-    frequency_penalty: float | None = attrs.field(default=None, validator=_within(-2, 2))
+    presence_penalty: float | None = ranged(-2, 2)
+    frequency_penalty: float | None = ranged(-2, 2)
     logit_bias: dict[str, float] | None = attrs.field(default=None, validator=v.optional(_token_biases))
     user: str | None = None
     # HuggingFace generation options, sent by the OpenAI SDK through ``extra_body``.
-    max_new_tokens: int | None = attrs.field(default=None, validator=_non_negative)
-    top_k: int | None = attrs.field(default=None, validator=_non_negative)
-    typical_p: float | None = attrs.field(default=None, validator=_within(0, 1))
-    min_p: float | None = attrs.field(default=None, validator=_within(0, 1))
+    max_new_tokens: int | None = ranged(0)
+    top_k: int | None = ranged(0)
+    typical_p: float | None = ranged(0, 1)
+    min_p: float | None = ranged(0, 1)
     repetition_penalty: float | None = attrs.field(default=None, validator=v.optional([_finite, v.gt(0)]))
-    no_repeat_ngram_size: int | None = attrs.field(default=None, validator=_non_negative)
-    encoder_no_repeat_ngram_size: int | None = attrs.field(default=None, validator=_non_negative)
-    num_beams: int | None = attrs.field(default=None, validator=_positive)
-    num_beam_groups: int | None = attrs.field(default=None, validator=_positive)
+    no_repeat_ngram_size: int | None = ranged(0)
+    encoder_no_repeat_ngram_size: int | None = ranged(0)
+    num_beams: int | None = ranged(1)
+    num_beam_groups: int | None = ranged(1)
     diversity_penalty: float | None = attrs.field(default=None, validator=v.optional([_finite, v.ge(0)]))
     length_penalty: float | None = attrs.field(default=None, validator=v.optional(_finite))
-    min_length: int | None = attrs.field(default=None, validator=_non_negative)
-    min_new_tokens: int | None = attrs.field(default=None, validator=_non_negative)
+    min_length: int | None = ranged(0)
+    min_new_tokens: int | None = ranged(0)
     early_stopping: bool | Literal["never"] | None = None
     guidance_scale: float | None = attrs.field(default=None, validator=v.optional([_finite, v.ge(0)]))
     bad_words_ids: list[list[int]] | None = None
@@ -191,7 +196,7 @@ class ChatCompletionRequest(SamplingRequest):
 
     messages: list[Message] = attrs.field(validator=v.min_len(1))
     logprobs: bool = False
-    top_logprobs: int | None = attrs.field(default=None, validator=v.optional([v.ge(0), v.le(MAX_TOP_LOGPROBS)]))
+    top_logprobs: int | None = ranged(0, MAX_TOP_LOGPROBS)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -213,7 +218,7 @@ class CompletionRequest(SamplingRequest):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = attrs.field(default=None, validator=v.optional([v.ge(0), v.le(MAX_TOP_LOGPROBS)]))
+    logprobs: int | None = ranged(0, MAX_TOP_LOGPROBS)
     suffix: str | None = attrs.field(default=None, validator=_not_yet)
 
     def top_logprobs_wanted(self) -> int | None:
