@@ -167,3 +167,78 @@ def test_a_model_that_fails_to_load_reports_error_and_calls_back() -> None:
             "weights are corrupt"
             in client.post("/v1/chat/completions", json={"messages": USER}).json()["error"]["message"]
         )
+
+
+def reference_logprobs(model_dir: Path, token_ids: list[int]) -> list[float]:
+    """Log-probabilities of ``token_ids[1:]`` computed directly with transformers, to check the server against."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([token_ids])).logits[0, :-1].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return [float(logprobs[i, token]) for i, token in enumerate(token_ids[1:])]
+
+
+def test_echo_scoring_matches_a_direct_forward_pass(client: TestClient, tiny_model: Path) -> None:
+    tokens = client.post("/tokenize", json={"prompt": "The sea is calm tonight"}).json()["tokens"]
+    body = {"prompt": [tokens], "echo": True, "logprobs": 1, "max_tokens": 0, "temperature": 0}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    served = choice["logprobs"]["token_logprobs"]
+    assert served[0] is None
+    assert served[1:] == pytest.approx(reference_logprobs(tiny_model, tokens), abs=1e-4)
+    assert len(choice["logprobs"]["text_offset"]) == len(tokens)
+
+
+def test_lm_eval_loglikelihood_request_on_a_real_model(client: TestClient, tiny_model: Path) -> None:
+    """lm-eval's local-completions payload: the continuation's logprobs are ``token_logprobs[ctxlen:-1]``."""
+    context = client.post("/tokenize", json={"prompt": "Once upon a time"}).json()["tokens"]
+    continuation = client.post("/tokenize", json={"prompt": " the sea", "add_special_tokens": False}).json()["tokens"]
+    payload = {
+        "model": "m",
+        "prompt": [context + continuation],
+        "temperature": 0,
+        "max_tokens": 1,
+        "logprobs": 1,
+        "seed": 1234,
+        "echo": True,
+    }
+    choice = client.post("/v1/completions", json=payload).json()["choices"][0]
+    token_logprobs = choice["logprobs"]["token_logprobs"][len(context) : -1]
+    expected = reference_logprobs(tiny_model, context + continuation)[len(context) - 1 :]
+    assert token_logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_greedy_logprobs_name_the_most_likely_token(client: TestClient) -> None:
+    choice = chat(client, max_tokens=6, logprobs=True, top_logprobs=3)["choices"][0]
+    for entry in choice["logprobs"]["content"]:
+        assert entry["top_logprobs"][0]["token"] == entry["token"]
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"])
+        assert entry["logprob"] <= 0
+
+
+def test_logit_bias_forces_a_token(client: TestClient) -> None:
+    token = client.post("/tokenize", json={"prompt": "sea", "add_special_tokens": False}).json()["tokens"][0]
+    answer = chat(client, max_tokens=4, logit_bias={str(token): 100})
+    ids = client.post(
+        "/tokenize", json={"prompt": answer["choices"][0]["message"]["content"], "add_special_tokens": False}
+    )
+    assert set(ids.json()["tokens"]) == {token}
+
+
+def test_presence_and_frequency_penalties_change_greedy_output(client: TestClient) -> None:
+    plain = chat(client, max_tokens=24)["choices"][0]["message"]["content"]
+    penalised = chat(client, max_tokens=24, presence_penalty=2.0, frequency_penalty=2.0)["choices"][0]["message"]
+    assert penalised["content"] != plain
+
+
+def test_n_seeded_choices_are_reproducible_and_the_first_matches_n_1(client: TestClient) -> None:
+    body = chat(client, max_tokens=5, n=3, temperature=1.0, seed=3)
+    again = chat(client, max_tokens=5, n=3, temperature=1.0, seed=3)
+    single = chat(client, max_tokens=5, temperature=1.0, seed=3)
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert [c["message"] for c in body["choices"]] == [c["message"] for c in again["choices"]]
+    assert body["choices"][0]["message"] == single["choices"][0]["message"]
+    assert 3 <= body["usage"]["completion_tokens"] <= 15
+    assert body["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]
