@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import structlog
+import torch
 from litestar.testing import TestClient
+from transformers import AutoModelForCausalLM
 
 from entrypoints.bootstrap import Services, build_services
 from entrypoints.http.app import create_app
@@ -171,9 +173,6 @@ def test_a_model_that_fails_to_load_reports_error_and_calls_back() -> None:
 
 def reference_logprobs(model_dir: Path, token_ids: list[int]) -> list[float]:
     """Log-probabilities of ``token_ids[1:]`` computed directly with transformers, to check the server against."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([token_ids])).logits[0, :-1].float()
