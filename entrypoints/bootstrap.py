@@ -70,11 +70,16 @@ def build_services(
 
 
 def load_services(settings: ServerSettings) -> Services:
-    """Load the configured HuggingFace model (slow: call it off the event loop) and build the services."""
-    from adapters.huggingface.generator import HuggingFaceGenerator  # noqa: PLC0415  torch loads only when serving
+    """Load the configured HuggingFace model (slow: call it off the event loop) and build the services.
+
+    Requests decode together in a continuously batched engine; those that cannot share a batch take the plain path.
+    """
+    from adapters.huggingface.batching import BatchingGenerator, BatchLimits  # noqa: PLC0415  torch loads only when serving
+    from adapters.huggingface.generator import HuggingFaceGenerator  # noqa: PLC0415
     from adapters.huggingface.loading import load_model  # noqa: PLC0415
 
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
-    generator = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id)
+    plain = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id)
+    generator = BatchingGenerator(plain, BatchLimits(settings.max_batch_size, settings.max_queue))
     template = TokenizerTemplate(generator.chat_template, generator.bos_token, generator.eos_token)
     return build_services(settings, generator, template, close=generator.close)

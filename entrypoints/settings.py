@@ -17,6 +17,10 @@ class ServerSettings:
     port: int = 8000
     device: str = "auto"
     dtype: str | None = None
+    max_batch_size: int = 8
+    """Sequences decoded together, one token each per step (continuous batching)."""
+    max_queue: int = 64
+    """Requests waiting for a batch slot; past that a request is refused with 429."""
     chat_template: Path | None = None
     stop_sequences: tuple[str, ...] = ()
     log_level: str = "INFO"

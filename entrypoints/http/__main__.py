@@ -40,6 +40,16 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
         help="weights dtype (default: bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU)",
     )
     parser.add_argument(
+        "--max-batch-size", type=int, default=8, metavar="N", help="sequences decoded together (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests waiting for a batch slot; past that: 429 (default: %(default)s)",
+    )
+    parser.add_argument(
         "--chat-template", type=Path, default=None, help="Jinja chat template file (overrides the tokenizer's)"
     )
     parser.add_argument(
@@ -54,6 +64,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
     )
     parser.add_argument("--cache-dir", type=Path, default=None, help="where converted GGUF snapshots are kept")
     args = parser.parse_args(argv)
+    if args.max_batch_size < 1 or args.max_queue < 0:
+        parser.error("--max-batch-size must be at least 1 and --max-queue at least 0")
     if args.chat_template is not None and not args.chat_template.is_file():
         parser.error(f"--chat-template: no such file: {args.chat_template}")
     return ServerSettings(
@@ -62,6 +74,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
         port=args.port,
         device=args.device,
         dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
         chat_template=args.chat_template,
         stop_sequences=tuple(args.stop_sequences),
         log_level=args.log_level,

@@ -9,16 +9,21 @@ import structlog
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 
-from domain.errors import DomainError, GenerationError, InvalidRequestError, ModelNotReadyError
+from domain.errors import DomainError, GenerationError, InvalidRequestError, ModelNotReadyError, QueueFullError
 from entrypoints.http.wire import ErrorBody, ErrorInfo, unstructure
 
 log = structlog.get_logger(__name__)
+
+RETRY_AFTER = {429: "1", 503: "5"}
+"""Seconds a client should wait before retrying, by status: a batch slot frees quickly, a model loads slowly."""
 
 
 def error_body(error: BaseException) -> tuple[int, ErrorBody]:
     """The HTTP status and OpenAI error body for ``error``."""
     if isinstance(error, InvalidRequestError):
         return 400, ErrorBody(ErrorInfo(error.message, "invalid_request_error", error.param, error.code))
+    if isinstance(error, QueueFullError):
+        return 429, ErrorBody(ErrorInfo(error.message, "rate_limit_exceeded", None, error.code))
     if isinstance(error, ModelNotReadyError):
         return 503, ErrorBody(ErrorInfo(error.message, "service_unavailable", None, error.code))
     if isinstance(error, GenerationError | DomainError):
@@ -38,5 +43,5 @@ def handle_error(_request: Request[Any, Any, Any], error: Exception) -> Response
         log.error("request.failed", status=status, exc_info=error)
     else:
         log.info("request.rejected", status=status, error=body.error.message, param=body.error.param)
-    headers = {"Retry-After": "5"} if status == 503 else None  # noqa: PLR2004
+    headers = {"Retry-After": RETRY_AFTER[status]} if status in RETRY_AFTER else None
     return Response(unstructure(body), status_code=status, media_type=MediaType.JSON, headers=headers)

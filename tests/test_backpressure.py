@@ -1,0 +1,53 @@
+"""Backpressure at the edge: the batch and queue flags, and a full queue answered with 429 and Retry-After."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+
+import attrs
+import pytest
+from litestar.testing import TestClient
+
+from domain.errors import QueueFullError
+from domain.generation import GeneratedTokens, GenerationParams
+from entrypoints.http.__main__ import parse_settings
+from entrypoints.http.app import create_app
+from entrypoints.settings import ServerSettings
+from tests.fakes import FakeGenerator
+
+
+@attrs.define
+class BusyGenerator(FakeGenerator):
+    """Every slot taken, every queue place too."""
+
+    async def generate(
+        self, prompt_ids: Sequence[int], params: GenerationParams
+    ) -> AsyncGenerator[GeneratedTokens, None]:
+        self.calls.append((tuple(prompt_ids), params))
+        raise QueueFullError("The server is busy: retry shortly.")
+        yield GeneratedTokens()  # pragma: no cover  makes this an async generator
+
+
+def test_a_full_queue_is_a_429_with_retry_after_and_an_openai_body():
+    with TestClient(app=create_app(ServerSettings(), generator=BusyGenerator())) as client:
+        response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 429
+    assert int(response.headers["retry-after"]) >= 1
+    error = response.json()["error"]
+    assert error["type"] == "rate_limit_exceeded"
+    assert error["code"] == "queue_full"
+    assert "busy" in error["message"]
+
+
+def test_batch_and_queue_flags_reach_the_settings():
+    settings = parse_settings(["--max-batch-size", "16", "--max-queue", "0"])
+    assert (settings.max_batch_size, settings.max_queue) == (16, 0)
+    defaults = parse_settings([])
+    assert (defaults.max_batch_size, defaults.max_queue) == (8, 64)
+
+
+@pytest.mark.parametrize("argv", [["--max-batch-size", "0"], ["--max-queue", "-1"]])
+def test_batch_and_queue_flags_must_make_sense(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(argv)
+    assert "--max-batch-size must be at least 1" in capsys.readouterr().err
