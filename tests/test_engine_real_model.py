@@ -1,0 +1,75 @@
+"""The batching engine on the embedded SmolLM2: greedy output equals the plain generator's, token for token."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from adapters.huggingface.batching import BatchingGenerator, BatchLimits
+from adapters.huggingface.generator import HuggingFaceGenerator
+from adapters.huggingface.loading import load_model
+from domain.generation import GenerationParams
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue, for a child who keeps asking why.",
+    "List three fruits.",
+)
+GREEDY = GenerationParams(temperature=0, max_new_tokens=48)
+
+
+@pytest.fixture(scope="module")
+def generators():
+    loaded = load_model(None, device="cpu")
+    plain = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id)
+    engine = BatchingGenerator(
+        HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id), BatchLimits(max_batch_size=8)
+    )
+    yield plain, engine
+    engine.close()
+    plain.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(generators):
+    tokenizer = generators[0].tokenizer
+    return [
+        list(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"])
+        for q in QUESTIONS
+    ]
+
+
+async def tokens(generator, prompt_ids, params):
+    return [token async for step in generator.generate(prompt_ids, params) for token in step.token_ids]
+
+
+def test_greedy_through_the_engine_equals_the_plain_generator(generators, prompts):
+    plain, engine = generators
+
+    async def run():
+        expected = [await tokens(plain, p, GREEDY) for p in prompts]
+        alone = [await tokens(engine, p, GREEDY) for p in prompts]
+        together = await asyncio.gather(*(tokens(engine, p, GREEDY) for p in prompts))
+        return expected, alone, together
+
+    expected, alone, together = asyncio.run(run())
+    assert alone == expected
+    assert together == expected
+
+
+def test_seeded_sampling_through_the_engine_equals_the_plain_generator(generators, prompts):
+    plain, engine = generators
+    params = GenerationParams(temperature=0.8, top_p=0.95, seed=2024, max_new_tokens=32)
+
+    async def run():
+        expected = await tokens(plain, prompts[1], params)
+        crowd = [tokens(engine, p, GenerationParams(max_new_tokens=32)) for p in prompts[2:]]
+        together = await asyncio.gather(tokens(engine, prompts[1], params), *crowd)
+        return expected, together[0]
+
+    expected, together = asyncio.run(run())
+    assert together == expected
