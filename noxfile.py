@@ -36,6 +36,15 @@ def slow(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Throughput against `transformers serve` on the embedded model (minutes; never in CI): bench/throughput.py."""
+    install_project(session)
+    session.install("--no-deps", EMBEDDED_MODEL)
+    session.install("transformers[serving]")
+    session.run("python", "bench/throughput.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """Ruff, with the broad rule set in pyproject.toml."""
     session.install("ruff==0.17.6")

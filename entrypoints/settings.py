@@ -21,6 +21,8 @@ class ServerSettings:
     """Sequences decoded together, one token each per step (continuous batching)."""
     max_queue: int = 64
     """Requests waiting for a batch slot; past that a request is refused with 429."""
+    threads: int | None = None
+    """Torch intra-op threads on the CPU; ``None``: one per core but one, left to the event loop."""
     chat_template: Path | None = None
     stop_sequences: tuple[str, ...] = ()
     log_level: str = "INFO"

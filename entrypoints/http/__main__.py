@@ -50,6 +50,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
         help="requests waiting for a batch slot; past that: 429 (default: %(default)s)",
     )
     parser.add_argument(
+        "--threads", type=int, default=None, metavar="N", help="torch threads on the CPU (default: cores - 1, min 1)"
+    )
+    parser.add_argument(
         "--chat-template", type=Path, default=None, help="Jinja chat template file (overrides the tokenizer's)"
     )
     parser.add_argument(
@@ -66,6 +69,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
     args = parser.parse_args(argv)
     if args.max_batch_size < 1 or args.max_queue < 0:
         parser.error("--max-batch-size must be at least 1 and --max-queue at least 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     if args.chat_template is not None and not args.chat_template.is_file():
         parser.error(f"--chat-template: no such file: {args.chat_template}")
     return ServerSettings(
@@ -76,6 +81,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
         dtype=args.dtype,
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
+        threads=args.threads,
         chat_template=args.chat_template,
         stop_sequences=tuple(args.stop_sequences),
         log_level=args.log_level,

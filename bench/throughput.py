@@ -1,0 +1,439 @@
+"""Throughput of this server against ``transformers serve``, side by side on the same model and machine.
+
+Starts each server in turn on the embedded SmolLM2 (ours converts its GGUF into the snapshot cache once;
+``transformers serve`` is pointed at that snapshot directory, since it cannot download), then sends streaming chat
+requests from a fixed prompt set at each concurrency, a fixed number of requests per cell, and reports:
+aggregate completion tok/s, median per-stream decode tok/s, time to first token p50/p95, errors, peak RSS of the
+server process, and our ratio to each ``transformers serve`` mode, row by row.
+
+    python bench/throughput.py                         # 1, 4 and 16 concurrent streams, all three servers
+    python bench/throughput.py --readme README.md      # and write the table into README's Performance section
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a bicycle works, part by part, for a curious ten-year-old.",
+    "Describe a busy market in the morning: the sounds, the smells and the people.",
+    "Give me a detailed recipe for a vegetable soup, with every step.",
+    "Tell me about the history of the printing press and why it mattered.",
+    "Write a letter to a friend describing your last holiday by the sea.",
+    "Explain what a computer does when you press a key on the keyboard.",
+    "Describe the life cycle of a butterfly, stage by stage.",
+)
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+
+@dataclass
+class Server:
+    """How to start one server and what it calls its model."""
+
+    name: str
+    command: list[str]
+    port: int
+    model: str
+    ready_path: str = "/health"
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Sample:
+    """One streamed request, as the client saw it."""
+
+    ttft: float | None = None
+    duration: float = 0.0
+    decode_seconds: float = 0.0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Round:
+    """One pass of a cell's requests."""
+
+    samples: list[Sample]
+    wall: float
+    peak_rss_mib: float | None
+
+    @property
+    def aggregate(self) -> float:
+        """Completion tokens per second of wall time."""
+        tokens = sum(s.completion_tokens for s in self.samples if s.error is None)
+        return tokens / self.wall if self.wall else 0.0
+
+
+@dataclass
+class Cell:
+    """One server at one concurrency, over every round: medians of rounds, percentiles of pooled samples."""
+
+    server: str
+    concurrency: int
+    rounds: list[Round] = field(default_factory=list)
+
+    @property
+    def samples(self) -> list[Sample]:
+        """Every request of every round."""
+        return [s for r in self.rounds for s in r.samples]
+
+    @property
+    def ok(self) -> list[Sample]:
+        """The requests that succeeded."""
+        return [s for s in self.samples if s.error is None]
+
+    @property
+    def errors(self) -> int:
+        """How many requests failed."""
+        return len(self.samples) - len(self.ok)
+
+    @property
+    def aggregate(self) -> float:
+        """Median over rounds of completion tokens per second."""
+        return statistics.median(r.aggregate for r in self.rounds) if self.rounds else 0.0
+
+    @property
+    def peak_rss_mib(self) -> float | None:
+        """Highest resident memory of the server during the cell."""
+        peaks = [r.peak_rss_mib for r in self.rounds if r.peak_rss_mib]
+        return max(peaks) if peaks else None
+
+    @property
+    def per_stream(self) -> float:
+        """Median decode rate of one stream, after its first token."""
+        rates = [(s.completion_tokens - 1) / s.decode_seconds for s in self.ok if s.decode_seconds > 0]
+        return statistics.median(rates) if rates else 0.0
+
+    def ttft(self, quantile: float) -> float:
+        """Time to first token at ``quantile`` (nearest rank)."""
+        values = sorted(s.ttft for s in self.ok if s.ttft is not None)
+        if not values:
+            return float("nan")
+        return values[min(len(values) - 1, round(quantile * (len(values) - 1)))]
+
+
+def snapshot_dir(cache_dir: Path) -> Path:
+    """Convert the embedded GGUF into the snapshot cache (once) and return the snapshot directory."""
+    sys.path.insert(0, str(ROOT))
+    from adapters.huggingface.loading import default_model_path, gguf_snapshot  # noqa: PLC0415
+
+    return gguf_snapshot(default_model_path(), cache_dir)
+
+
+def servers(args: argparse.Namespace, snapshot: Path) -> list[Server]:
+    """Ours, then ``transformers serve`` without and with continuous batching."""
+    python = sys.executable
+    transformers_cli = str(Path(python).with_name("transformers"))
+    ours = Server(
+        "hf-openai-server",
+        [
+            python,
+            "-m",
+            "entrypoints.http",
+            "--port",
+            str(args.port),
+            "--device",
+            "cpu",
+            "--max-batch-size",
+            str(args.max_batch_size),
+            "--log-level",
+            "WARNING",
+            "--cache-dir",
+            str(args.cache_dir),
+            *(["--dtype", args.dtype] if args.dtype else []),
+        ],
+        args.port,
+        "SmolLM2-135M-Instruct",
+    )
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def theirs(port: int) -> list[str]:
+        command = [transformers_cli, "serve", str(snapshot), "--port", str(port), "--device", "cpu"]
+        return [*command, "--dtype", args.dtype or "auto", "--log-level", "warning"]
+
+    return [
+        ours,
+        Server("transformers serve", theirs(args.port + 1), args.port + 1, str(snapshot), env=offline),
+        Server(
+            "transformers serve --continuous-batching",
+            [*theirs(args.port + 2), "--continuous-batching"],
+            args.port + 2,
+            str(snapshot),
+            env=offline,
+        ),
+    ]
+
+
+@contextlib.contextmanager
+def running(server: Server, timeout: float) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``server``, wait until it answers, and stop it afterwards."""
+    log = Path(os.environ.get("BENCH_LOG_DIR", "/tmp")) / f"bench-{server.port}.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            server.command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, env=os.environ | server.env
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                msg = f"{server.name} exited with {process.returncode}; see {log}"
+                raise RuntimeError(msg)
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{server.port}{server.ready_path}", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                msg = f"{server.name} was not ready within {timeout:.0f} s; see {log}"
+                raise RuntimeError(msg)
+            time.sleep(0.5)
+        yield process
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def stream_one(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> Sample:
+    """One streaming chat request; completion tokens from the usage chunk (else one per content chunk)."""
+    body = {
+        "model": server.model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    sample = Sample()
+    started = time.perf_counter()
+    first = last = None
+    chunks = 0
+    try:
+        async with client.stream("POST", f"http://127.0.0.1:{server.port}/v1/chat/completions", json=body) as reply:
+            if reply.status_code != 200:
+                sample.error = f"HTTP {reply.status_code}"
+                return sample
+            async for line in reply.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                if "error" in event:
+                    sample.error = str(event["error"].get("message"))
+                    break
+                if event.get("usage"):
+                    sample.completion_tokens = int(event["usage"]["completion_tokens"])
+                for choice in event.get("choices") or ():
+                    if (choice.get("delta") or {}).get("content"):
+                        now = time.perf_counter()
+                        first = first or now
+                        last = now
+                        chunks += 1
+    except httpx.HTTPError as error:
+        sample.error = f"{type(error).__name__}: {error}"
+    sample.duration = time.perf_counter() - started
+    if first is not None and last is not None:
+        sample.ttft = first - started
+        sample.decode_seconds = last - first
+    sample.completion_tokens = sample.completion_tokens or chunks
+    return sample
+
+
+async def run_cell(server: Server, concurrency: int, requests: int, max_tokens: int) -> tuple[list[Sample], float]:
+    """``requests`` requests, ``concurrency`` at a time, prompts in a fixed rotation."""
+    queue = list(range(requests))
+    samples: list[Sample] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def worker() -> None:
+            while queue:
+                index = queue.pop(0)
+                samples.append(await stream_one(client, server, PROMPTS[index % len(PROMPTS)], max_tokens))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return samples, time.perf_counter() - started
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) so each cell reports its own peak."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """``VmHWM`` of the process and its children, in MiB (Linux only)."""
+    total = 0.0
+    pids = [pid, *_children(pid)]
+    for one in pids:
+        with contextlib.suppress(OSError):
+            match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{one}/status").read_text())
+            if match:
+                total += int(match.group(1)) / 1024
+    return total or None
+
+
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
+def bench(selected: Sequence[Server], args: argparse.Namespace) -> list[Cell]:
+    """Every server up at once; per concurrency, rounds in which each server runs the cell in turn.
+
+    Interleaving rounds spreads the load of a shared machine evenly over the servers being compared.
+    """
+    cells = {(server.name, c): Cell(server.name, c) for server in selected for c in args.concurrency}
+    with contextlib.ExitStack() as stack:
+        processes = {server.name: stack.enter_context(running(server, args.start_timeout)) for server in selected}
+        for server in selected:
+            asyncio.run(run_cell(server, 1, args.warmup, args.max_tokens))
+        for concurrency in args.concurrency:
+            requests = args.requests or max(4, 2 * concurrency)
+            for round_index in range(args.rounds):
+                shift = round_index % len(selected)
+                for server in [*selected[shift:], *selected[:shift]]:
+                    pid = processes[server.name].pid
+                    reset_peak_rss(pid)
+                    samples, wall = asyncio.run(run_cell(server, concurrency, requests, args.max_tokens))
+                    done = Round(samples, wall, peak_rss_mib(pid))
+                    cells[server.name, concurrency].rounds.append(done)
+                    errors = sum(s.error is not None for s in samples)
+                    print(
+                        f"c={concurrency:<3} round {round_index} {server.name:42s} n={requests:<3} "
+                        f"{done.aggregate:7.1f} tok/s  errors {errors}  ({wall:.1f} s)",
+                        flush=True,
+                    )
+    return list(cells.values())
+
+
+def machine() -> str:
+    """CPU model, cores, torch and transformers versions."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = match.group(1).strip() if match else cpu
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {platform.system()}; Python {platform.python_version()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}"
+    )
+
+
+def table(cells: Sequence[Cell], args: argparse.Namespace) -> str:
+    """The Markdown table: every cell, and our ratios to each ``transformers serve`` mode."""
+    by_key = {(c.server, c.concurrency): c for c in cells}
+    names = list(dict.fromkeys(c.server for c in cells))
+    ours, others = names[0], names[1:]
+    header = (
+        "| server | concurrency | requests | aggregate tok/s | per-stream tok/s | TTFT p50 | TTFT p95 "
+        "| errors | peak RSS |"
+    )
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in names:
+        for concurrency in args.concurrency:
+            cell = by_key.get((name, concurrency))
+            if cell is None:
+                continue
+            rss = f"{cell.peak_rss_mib:.0f} MiB" if cell.peak_rss_mib else "n/a"
+            lines.append(
+                f"| {name} | {concurrency} | {len(cell.samples)} | {cell.aggregate:.1f} | {cell.per_stream:.1f} "
+                f"| {cell.ttft(0.5):.2f} s | {cell.ttft(0.95):.2f} s | {cell.errors} | {rss} |"
+            )
+    lines += ["", "| ratio (ours / theirs) | concurrency | aggregate | per-stream | TTFT p50 (theirs / ours) |"]
+    lines.append("|---|---:|---:|---:|---:|")
+    for other in others:
+        for concurrency in args.concurrency:
+            mine, theirs = by_key.get((ours, concurrency)), by_key.get((other, concurrency))
+            if mine is None or theirs is None:
+                continue
+            lines.append(
+                f"| vs {other} | {concurrency} | {_ratio(mine.aggregate, theirs.aggregate)} "
+                f"| {_ratio(mine.per_stream, theirs.per_stream)} | {_ratio(theirs.ttft(0.5), mine.ttft(0.5))} |"
+            )
+    return "\n".join(lines)
+
+
+def _ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.2f}x" if denominator and not math.isnan(denominator) else "n/a"
+
+
+def write_readme(readme: Path, text: str) -> None:
+    """Replace what lies between the bench markers in ``readme``."""
+    content = readme.read_text(encoding="utf-8")
+    start, end = content.index(README_START) + len(README_START), content.index(README_END)
+    readme.write_text(f"{content[:start]}\n{text}\n{content[end:]}", encoding="utf-8")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=None, help="per cell (default: 2 x concurrency, at least 4)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, default=16, help="our server's --max-batch-size")
+    parser.add_argument("--dtype", default=None, help="both servers' weights dtype (default: the checkpoint's)")
+    parser.add_argument("--warmup", type=int, default=2, help="requests before measuring (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved passes per cell (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8311)
+    parser.add_argument("--start-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="server names to run (substring match), e.g. hf-openai 'serve'"
+    )
+    parser.add_argument("--cache-dir", type=Path, default=None, help="snapshot cache (default: the server's)")
+    parser.add_argument("--readme", type=Path, default=None, help="write the table into this README's markers")
+    args = parser.parse_args(argv)
+    if args.cache_dir is None:
+        sys.path.insert(0, str(ROOT))
+        from adapters.huggingface.loading import default_cache_dir  # noqa: PLC0415
+
+        args.cache_dir = default_cache_dir()
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run every cell, print the table, and write it into the README when asked."""
+    args = parse_args(argv)
+    snapshot = snapshot_dir(args.cache_dir)
+    print(f"machine: {machine()}\nsnapshot: {snapshot}", flush=True)
+    selected = [s for s in servers(args, snapshot) if not args.only or any(part in s.name for part in args.only)]
+    cells = bench(selected, args)
+    settings = (
+        f"SmolLM2-135M-Instruct ({args.dtype or 'fp32'}), streaming chat, max_tokens {args.max_tokens}, "
+        f"temperature 0, {len(PROMPTS)} prompts in rotation, {args.warmup} warm-up requests, {args.rounds} "
+        "interleaved rounds per cell (aggregate: median of rounds; per-stream and TTFT: over all requests); "
+        f"ours with --max-batch-size {args.max_batch_size}."
+    )
+    report = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n{settings}\n\n{table(cells, args)}"
+    print(f"\n{report}")
+    if args.readme is not None:
+        write_readme(args.readme, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
