@@ -26,6 +26,9 @@ from domain.ports import Generator, StopPolicy
 
 log = structlog.get_logger(__name__)
 
+CONTENT = frozenset({"prompt", "input_ids", "generated_ids", "raw_text", "response"})
+"""Logged fields that hold what users wrote or the model said; ``--no-log-content`` leaves them out."""
+
 ChoiceStream = AsyncGenerator[TextDelta | Choice, None]
 
 
@@ -191,9 +194,9 @@ class TextGeneration:
     def _token(self, token_id: int) -> str:
         return self.generator.decode([token_id], skip_special_tokens=False)
 
-    def _log(self, event: str, **content: object) -> None:
-        """Log ``event`` with its content, or with none of it when content logging is off."""
-        log.info(event, **(content if self.log_content else {}))
+    def _log(self, event: str, **fields: object) -> None:
+        """Log ``event``; when content logging is off, without its texts and token ids (counts stay)."""
+        log.info(event, **(fields if self.log_content else {k: v for k, v in fields.items() if k not in CONTENT}))
 
 
 def _offsets(generator: Generator, token_ids: Sequence[int]) -> list[int]:

@@ -29,3 +29,12 @@ class ServerSettings:
     log_format: str = "auto"
     log_content: bool = True
     cache_dir: Path | None = None
+    api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
+    """Bearer keys that open ``/v1``, ``/tokenize`` and ``/detokenize``; none leaves them open."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins browsers may call from; none turns CORS off."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    request_timeout: float | None = None
+    """Seconds a request may run before its generation is stopped; ``None`` for no limit."""
+    shutdown_timeout: float = 30.0
+    """Seconds in-flight requests get to finish after SIGTERM/SIGINT."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -12,15 +14,38 @@ import uvicorn
 
 from adapters.huggingface.loading import ModelNotFoundError, resolve_model
 from entrypoints.http.app import create_app
+from entrypoints.http.lifecycle import Drain, DrainingServer
+from entrypoints.http.security import warn_if_exposed
 from entrypoints.logs import configure_logging
 from entrypoints.settings import ServerSettings
 
 DTYPE_CHOICES = ("fp32", "float32", "fp16", "half", "float16", "bf16", "bfloat16", "fp64", "double", "float64")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+API_KEY_VARIABLE = "HF_OPENAI_SERVER_API_KEY"
+SHUTDOWN_BACKSTOP = 5
+"""Seconds uvicorn waits past ``--shutdown-timeout`` before it cancels what our drain did not end."""
 
 
-def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
-    """Settings from the command line."""
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number of seconds above zero."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        msg = f"must be a finite number above zero: {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def positive_integer(text: str) -> int:
+    """An argparse type: a count above zero."""
+    value = int(text)
+    if value <= 0:
+        msg = f"must be above zero: {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerSettings:
+    """Settings from the command line, and API keys also from ``HF_OPENAI_SERVER_API_KEY`` (comma-separated)."""
     parser = argparse.ArgumentParser(
         prog="python -m entrypoints.http", description="OpenAI-compatible server for a HuggingFace model."
     )
@@ -66,11 +91,36 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
         "--no-log-content", action="store_true", help="keep prompts, token ids and texts out of the logs"
     )
     parser.add_argument("--cache-dir", type=Path, default=None, help="where converted GGUF snapshots are kept")
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help=f"require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize (repeatable; or ${API_KEY_VARIABLE})",
+    )
+    parser.add_argument(
+        "--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow browsers from ORIGIN (repeatable)"
+    )
+    parser.add_argument(
+        "--max-body-bytes", type=positive_integer, default=4 * 1024 * 1024, help="(default: %(default)s, 4 MiB)"
+    )
+    parser.add_argument(
+        "--request-timeout", type=positive_number, default=None, metavar="SECONDS", help="(default: no limit)"
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=positive_number,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long requests may finish after SIGTERM/SIGINT (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.max_batch_size < 1 or args.max_queue < 0:
         parser.error("--max-batch-size must be at least 1 and --max-queue at least 0")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
+    environ = os.environ if environ is None else environ
+    from_environment = [key.strip() for key in environ.get(API_KEY_VARIABLE, "").split(",") if key.strip()]
     if args.chat_template is not None and not args.chat_template.is_file():
         parser.error(f"--chat-template: no such file: {args.chat_template}")
     return ServerSettings(
@@ -88,6 +138,11 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
         log_format=args.log_format,
         log_content=not args.no_log_content,
         cache_dir=args.cache_dir,
+        api_keys=tuple(dict.fromkeys([*args.api_key, *from_environment])),
+        cors_origins=tuple(args.cors_origin),
+        max_body_bytes=args.max_body_bytes,
+        request_timeout=args.request_timeout,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 
@@ -109,10 +164,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_load_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on"))
+    drain = Drain(grace=settings.shutdown_timeout)
+    app = create_app(settings, on_load_failure=stop, drain=drain)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.shutdown_timeout) + SHUTDOWN_BACKSTOP,
+    )
+    server = DrainingServer(config, drain)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info("server.starting", url=f"http://{host}:{settings.port}/v1", model=source.model_id)
+    warn_if_exposed(settings)
     server.run()
     if failures:
         print(f"error: {failures[0]}", file=sys.stderr)  # noqa: T201  the one line the user reads

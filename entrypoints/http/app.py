@@ -20,6 +20,9 @@ from domain.ports import Generator
 from entrypoints.bootstrap import Services, build_services, load_services
 from entrypoints.http.controllers import ChatController, CompletionsController, ModelsController
 from entrypoints.http.errors import handle_error
+from entrypoints.http.lifecycle import Drain, watch_provider
+from entrypoints.http.metrics import Metrics, MetricsMiddleware, metrics_route
+from entrypoints.http.security import api_key_middleware, cors_config
 from entrypoints.settings import ServerSettings
 
 log = structlog.get_logger(__name__)
@@ -39,19 +42,27 @@ def create_app(
     generator: Generator | None = None,
     loader: Callable[[ServerSettings], Services] = load_services,
     on_load_failure: Callable[[BaseException], None] | None = None,
+    drain: Drain | None = None,
 ) -> Litestar:
     """Build the server. With ``generator`` (tests) it serves at once; otherwise ``loader`` runs in the lifespan.
 
     The server listens while the model loads: ``/health`` answers 503 ``loading`` and the API a 503 error until then.
+    ``drain`` is shared with the server that drains on a signal (``DrainingServer``).
     """
     slot = ModelSlot()
     if generator is not None:
         slot.services = build_services(settings, generator)
+    metrics = Metrics.create()
+    drain = drain or Drain(grace=settings.shutdown_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
         task = (
-            None if slot.services is not None else asyncio.create_task(_load(settings, loader, slot, on_load_failure))
+            None
+            if slot.services is not None
+            else asyncio.create_task(
+                _load(settings, loader, slot, on_load_failure, on_loaded=metrics.model_load_seconds.set)
+            )
         )
         try:
             yield
@@ -79,9 +90,15 @@ def create_app(
         structlog.contextvars.clear_contextvars()
 
     return Litestar(
-        route_handlers=[health, ModelsController, ChatController, CompletionsController],
-        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        route_handlers=[health, metrics_route(metrics), ModelsController, ChatController, CompletionsController],
+        dependencies={
+            "services": Provide(provide_services, sync_to_thread=False),
+            "watch": Provide(watch_provider(settings, metrics, drain), sync_to_thread=False),
+        },
         exception_handlers={Exception: handle_error},
+        middleware=[MetricsMiddleware(metrics), *api_key_middleware(settings)],
+        cors_config=cors_config(settings),
+        request_max_body_size=settings.max_body_bytes,
         before_request=start_request_context,
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(title="hf-openai-server", version="0.1.0", path="/docs"),
@@ -95,8 +112,10 @@ async def _load(
     loader: Callable[[ServerSettings], Services],
     slot: ModelSlot,
     on_failure: Callable[[BaseException], None] | None,
+    *,
+    on_loaded: Callable[[float], None] = lambda _seconds: None,
 ) -> None:
-    """Load off the event loop, so the server answers (503) while the model loads."""
+    """Load off the event loop, so the server answers (503) while the model loads; report the seconds it took."""
     started = time.perf_counter()
     try:
         slot.services = await asyncio.to_thread(loader, settings)
@@ -106,4 +125,6 @@ async def _load(
         if on_failure is not None:
             on_failure(error)
         return
-    log.info("model.ready", model=slot.services.model_id, seconds=round(time.perf_counter() - started, 2))
+    seconds = time.perf_counter() - started
+    on_loaded(seconds)
+    log.info("model.ready", model=slot.services.model_id, seconds=round(seconds, 2))

@@ -15,6 +15,7 @@ from litestar import Controller, Request, get, post
 from application.generation import complete
 from domain.errors import InvalidRequestError
 from entrypoints.bootstrap import Services
+from entrypoints.http.lifecycle import RequestWatch
 from entrypoints.http.streaming import EventStream, chat_chunks, completion_chunks, sse_stream, usage_body
 from entrypoints.http.wire import (
     AssistantMessage,
@@ -99,12 +100,14 @@ class ChatController(Controller):
     tags = ["Chat"]  # noqa: RUF012  Litestar reads it from the class
 
     @post(operation_id="createChatCompletion", summary="Create a chat completion", status_code=200)
-    async def create(self, request: Request[Any, Any, Any], services: Services) -> ChatCompletionResponse | EventStream:
+    async def create(
+        self, request: Request[Any, Any, Any], services: Services, watch: RequestWatch
+    ) -> ChatCompletionResponse | EventStream:
         """Answer a conversation, whole or streamed as server-sent events."""
         body, unknown, response_id = await read_request(request, ChatCompletionRequest, "chatcmpl")
         created = int(time.time())
         params = body.to_params(unknown)
-        events = services.chat.stream(body.chat_messages(), params, n=body.n)
+        events = watch(services.chat.stream(body.chat_messages(), params, n=body.n))
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             chunks = chat_chunks(response_id, created, services.model_id, logprobs=params.logprobs is not None)
@@ -129,12 +132,14 @@ class CompletionsController(Controller):
     tags = ["Completions"]  # noqa: RUF012  Litestar reads it from the class
 
     @post(operation_id="createCompletion", summary="Create a text completion", status_code=200)
-    async def create(self, request: Request[Any, Any, Any], services: Services) -> CompletionResponse | EventStream:
+    async def create(
+        self, request: Request[Any, Any, Any], services: Services, watch: RequestWatch
+    ) -> CompletionResponse | EventStream:
         """Continue a prompt, whole or streamed as server-sent events."""
         body, unknown, response_id = await read_request(request, CompletionRequest, "cmpl")
         created = int(time.time())
         params = body.to_params(unknown)
-        events = services.completion.stream(body.prompts(), params, n=body.n, echo=body.echo)
+        events = watch(services.completion.stream(body.prompts(), params, n=body.n, echo=body.echo))
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             chunks = completion_chunks(response_id, created, services.model_id, logprobs=params.logprobs is not None)

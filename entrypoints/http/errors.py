@@ -10,6 +10,7 @@ from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 
 from domain.errors import DomainError, GenerationError, InvalidRequestError, ModelNotReadyError, QueueFullError
+from entrypoints.http.refusals import RefusalError
 from entrypoints.http.wire import ErrorBody, ErrorInfo, unstructure
 
 log = structlog.get_logger(__name__)
@@ -18,7 +19,7 @@ RETRY_AFTER = {429: "1", 503: "5"}
 """Seconds a client should wait before retrying, by status: a batch slot frees quickly, a model loads slowly."""
 
 
-def error_body(error: BaseException) -> tuple[int, ErrorBody]:
+def error_body(error: BaseException) -> tuple[int, ErrorBody]:  # noqa: PLR0911  one return per family
     """The HTTP status and OpenAI error body for ``error``."""
     if isinstance(error, InvalidRequestError):
         return 400, ErrorBody(ErrorInfo(error.message, "invalid_request_error", error.param, error.code))
@@ -26,6 +27,8 @@ def error_body(error: BaseException) -> tuple[int, ErrorBody]:
         return 429, ErrorBody(ErrorInfo(error.message, "rate_limit_exceeded", None, error.code))
     if isinstance(error, ModelNotReadyError):
         return 503, ErrorBody(ErrorInfo(error.message, "service_unavailable", None, error.code))
+    if isinstance(error, RefusalError):
+        return error.status, ErrorBody(ErrorInfo(error.message, error.type, None, error.code))
     if isinstance(error, GenerationError | DomainError):
         return 500, ErrorBody(ErrorInfo(error.message, "server_error", error.param, error.code))
     if isinstance(error, HTTPException):
@@ -39,7 +42,9 @@ def error_body(error: BaseException) -> tuple[int, ErrorBody]:
 def handle_error(_request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
     """Exception handler for the whole app: OpenAI's body, and a log line (with traceback when it is ours)."""
     status, body = error_body(error)
-    if status >= 500:  # noqa: PLR2004
+    if isinstance(error, RefusalError):
+        log.warning("request.refused", status=status, code=body.error.code)
+    elif status >= 500:  # noqa: PLR2004
         log.error("request.failed", status=status, exc_info=error)
     else:
         log.info("request.rejected", status=status, error=body.error.message, param=body.error.param)

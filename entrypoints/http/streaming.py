@@ -12,6 +12,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from domain.errors import DomainError
 from domain.generation import Choice, Completion, CompletionStream, TextDelta, Usage
 from entrypoints.http.errors import error_body
+from entrypoints.http.refusals import RefusalError
 from entrypoints.http.wire import (
     ChatCompletionChunk,
     ChunkChoice,
@@ -106,6 +107,8 @@ async def sse_stream(
         status, body = error_body(error)
         if isinstance(error, DomainError) and status < 500:  # noqa: PLR2004
             log.info("stream.rejected", error=body.error.message)
+        elif isinstance(error, RefusalError):
+            log.warning("stream.refused", status=status, code=body.error.code)
         else:
             log.exception("stream.failed")
         yield event(body)
