@@ -9,10 +9,12 @@ from typing import Any, NoReturn
 
 import attrs
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from domain.errors import InvalidRequestError
 from domain.messages import ChatMessage
+from domain.tools import FunctionTool
 
 FALLBACK_TEMPLATE = (
     "{% for message in messages %}"
@@ -54,14 +56,23 @@ class JinjaTemplateRenderer:
     bos_token: str = ""
     eos_token: str = ""
     _template: jinja2.Template = attrs.field(init=False, repr=False)
+    _supports_tools: bool = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
+        environment = _environment()
         try:
-            template = _environment().from_string(self.source)
+            template = environment.from_string(self.source)
+            variables = jinja2.meta.find_undeclared_variables(environment.parse(self.source))
         except jinja2.TemplateSyntaxError as error:
             msg = f"invalid chat template (line {error.lineno}): {error.message}"
             raise ValueError(msg) from error
         object.__setattr__(self, "_template", template)
+        object.__setattr__(self, "_supports_tools", "tools" in variables)
+
+    @property
+    def supports_tools(self) -> bool:
+        """The template reads the ``tools`` variable, as tool-calling HuggingFace templates do."""
+        return self._supports_tools
 
     @classmethod
     def choose(
@@ -71,12 +82,14 @@ class JinjaTemplateRenderer:
         source = override or tokenizer_template or FALLBACK_TEMPLATE
         return cls(source, bos_token or "", eos_token or "")
 
-    def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool) -> str:
-        """The prompt text for ``messages``."""
-        payload = [{"role": str(m.role), "content": m.content} | ({"name": m.name} if m.name else {}) for m in messages]
+    def render(
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool, tools: Sequence[FunctionTool] = ()
+    ) -> str:
+        """The prompt text for ``messages``; ``tools`` (HF's shape, ``None`` when there are none) for templates."""
         try:
             return self._template.render(
-                messages=payload,
+                messages=[_message(m) for m in messages],
+                tools=[tool.to_json() for tool in tools] or None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
@@ -86,3 +99,22 @@ class JinjaTemplateRenderer:
         except jinja2.TemplateError as error:
             msg = f"the chat template could not render these messages: {error}"
             raise InvalidRequestError(msg, param="messages") from error
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    """A message as HF templates read it: tool calls with their arguments as a value, tool results with their id."""
+    payload: dict[str, Any] = {"role": str(message.role), "content": message.content}
+    if message.name:
+        payload["name"] = message.name
+    if message.tool_calls:
+        payload["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments_value()},
+            }
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        payload["tool_call_id"] = message.tool_call_id
+    return payload

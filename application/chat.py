@@ -8,10 +8,12 @@ import attrs
 import structlog
 
 from application.generation import ChoiceJob, TextGeneration, complete
+from application.tools import check_tool_use, describe_tools, extract_tool_calls, tool_constraint
 from domain.errors import InvalidRequestError
 from domain.generation import Completion, CompletionStream, GenerationParams
 from domain.messages import ChatMessage
 from domain.ports import TemplateRenderer
+from domain.tools import NO_TOOLS, ToolUse
 
 log = structlog.get_logger(__name__)
 
@@ -28,23 +30,43 @@ class ChatService:
     renderer: TemplateRenderer
     generation: TextGeneration
 
-    def stream(self, messages: Sequence[ChatMessage], params: GenerationParams, *, n: int = 1) -> CompletionStream:
+    def stream(
+        self, messages: Sequence[ChatMessage], params: GenerationParams, *, n: int = 1, tools: ToolUse = NO_TOOLS
+    ) -> CompletionStream:
         """Check and render the request now, then stream ``n`` answers: deltas, finished choices, the ``Completion``.
 
-        Errors in the request (template, context length) are raised by this call, before anything is generated.
+        With tools offered, their calls are taken out of the answers' text (and a forced choice constrains the
+        output to calls). Errors in the request (template, context length, tool choice) are raised by this call,
+        before anything is generated.
         """
         if not messages:
             raise InvalidRequestError("messages must contain at least one message", param="messages")
+        check_tool_use(tools)
         for index, message in enumerate(messages):
+            calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in message.tool_calls]
             if self.generation.log_content:
-                log.info("chat.message", index=index, role=str(message.role), content=message.content)
+                extra = {"tool_calls": calls} if calls else {}
+                log.info("chat.message", index=index, role=str(message.role), content=message.content, **extra)
             else:
                 log.info("chat.message", index=index, role=str(message.role))
-        text = self.renderer.render(messages, add_generation_prompt=True)
+        text = self._render(messages, tools)
         prompt = self.generation.tokenize(text, add_special_tokens=False)
+        constraint = tool_constraint(tools)
+        if constraint is not None:
+            params = attrs.evolve(params, constraint=constraint)
         params = self.generation.budget(prompt, params, default_max_tokens=None)
-        return self.generation.run([ChoiceJob(prompt, choice_params(params, i), i) for i in range(n)])
+        events = self.generation.run([ChoiceJob(prompt, choice_params(params, i), i) for i in range(n)])
+        offered = tools.offered
+        return extract_tool_calls(events, [tool.name for tool in offered]) if offered else events
 
-    async def complete(self, messages: Sequence[ChatMessage], params: GenerationParams, *, n: int = 1) -> Completion:
+    async def complete(
+        self, messages: Sequence[ChatMessage], params: GenerationParams, *, n: int = 1, tools: ToolUse = NO_TOOLS
+    ) -> Completion:
         """All answers at once."""
-        return await complete(self.stream(messages, params, n=n))
+        return await complete(self.stream(messages, params, n=n, tools=tools))
+
+    def _render(self, messages: Sequence[ChatMessage], tools: ToolUse) -> str:
+        """The prompt: tools go to a template that shows them, else into the system prompt (Hermes format)."""
+        if self.renderer.supports_tools:
+            return self.renderer.render(messages, add_generation_prompt=True, tools=tools.offered)
+        return self.renderer.render(describe_tools(messages, tools), add_generation_prompt=True)

@@ -22,7 +22,7 @@ from domain.generation import (
     TokenLogprob,
     Usage,
 )
-from domain.ports import Generator, StopPolicy
+from domain.ports import ConstraintChecker, Generator, StopPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +57,8 @@ class TextGeneration:
     generator: Generator
     stop_policy: StopPolicy
     log_content: bool = True
+    constraints: ConstraintChecker | None = None
+    """Checks output constraints (``response_format``, forced tool calls) before generating; none: unchecked."""
 
     def tokenize(self, text: str, *, add_special_tokens: bool) -> Prompt:
         """Encode ``text`` and log its token ids."""
@@ -100,7 +102,11 @@ class TextGeneration:
         """Generate every choice concurrently; stream their deltas and ends, then the ``Completion`` with usage.
 
         Prompt tokens count once per distinct prompt, completion tokens once per choice, as OpenAI counts them.
+        An output constraint that cannot be enforced is rejected by this call, before anything is generated.
         """
+        if self.constraints is not None:
+            for constraint in {id(c): c for job in jobs if (c := job.params.constraint) is not None}.values():
+                self.constraints.check(constraint)
         return self._run(list(jobs))
 
     async def _run(self, jobs: list[ChoiceJob]) -> CompletionStream:

@@ -7,6 +7,8 @@ from collections.abc import AsyncGenerator, Mapping
 
 import attrs
 
+from domain.tools import ToolCall
+
 
 class FinishReason(enum.StrEnum):
     """Why generation ended, in OpenAI's words."""
@@ -15,13 +17,23 @@ class FinishReason(enum.StrEnum):
     """The model produced an end-of-sequence token or a stop sequence."""
     LENGTH = "length"
     """The token budget (``max_tokens`` or the context window) ran out."""
+    TOOL_CALLS = "tool_calls"
+    """The model called tools and ended its turn."""
 
 
 @attrs.frozen
 class OutputConstraint:
-    """A grammar the generated text must follow: JSON matching ``json_schema`` (any JSON object when ``None``)."""
+    """A grammar the generated text must follow: JSON matching ``json_schema`` (any JSON object when ``None``).
+
+    With ``wrapper`` (an opening and a closing text), the output is instead such JSON values each written between
+    the two, one of them or, with ``repeat``, one or more separated by newlines: how tool calls are written.
+    """
 
     json_schema: Mapping[str, object] | None = None
+    wrapper: tuple[str, str] | None = None
+    repeat: bool = False
+    param: str = "response_format"
+    """The request field the constraint comes from, named in the error when it cannot be enforced."""
 
 
 @attrs.frozen(kw_only=True)
@@ -119,11 +131,15 @@ class LogprobEntry:
 
 @attrs.frozen
 class TextDelta:
-    """A piece of clean text of one choice, produced while the use case streams, with its tokens' logprobs."""
+    """A piece of clean text of one choice, produced while the use case streams, with its tokens' logprobs.
+
+    ``tool_calls`` holds the calls completed since the previous delta (chat with tools); their markup is not text.
+    """
 
     text: str
     index: int = 0
     logprobs: tuple[LogprobEntry, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @attrs.frozen
@@ -135,6 +151,8 @@ class Choice:
     index: int = 0
     logprobs: tuple[LogprobEntry, ...] | None = None
     completion_tokens: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The tools the model called (chat with tools); ``text`` then holds only the rest of its answer."""
 
 
 @attrs.frozen

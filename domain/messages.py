@@ -6,6 +6,8 @@ import enum
 
 import attrs
 
+from domain.tools import ToolCall
+
 
 class Role(enum.StrEnum):
     """Who speaks in a conversation, as OpenAI names them."""
@@ -19,8 +21,13 @@ class Role(enum.StrEnum):
 
 @attrs.frozen
 class ChatMessage:
-    """One turn of a conversation; ``content`` is plain text (parts are joined by the wire layer)."""
+    """One turn of a conversation; ``content`` is plain text (parts are joined by the wire layer).
+
+    An assistant turn may carry the ``tool_calls`` it made; a tool turn answers the call ``tool_call_id`` names.
+    """
 
     role: Role
     content: str
     name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None

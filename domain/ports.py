@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
-from domain.generation import GeneratedTokens, GenerationParams, TokenLogprob
+from domain.generation import GeneratedTokens, GenerationParams, OutputConstraint, TokenLogprob
 from domain.messages import ChatMessage
+from domain.tools import FunctionTool
 
 
 class Generator(Protocol):
@@ -50,8 +51,23 @@ class Generator(Protocol):
 class TemplateRenderer(Protocol):
     """Turns a conversation into the prompt text the model was trained on."""
 
-    def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool) -> str:
-        """The prompt for ``messages``, ending with the assistant's turn when asked."""
+    @property
+    def supports_tools(self) -> bool:
+        """The template shows ``tools`` to the model itself (otherwise the use case describes them in the prompt)."""
+        ...
+
+    def render(
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool, tools: Sequence[FunctionTool] = ()
+    ) -> str:
+        """The prompt for ``messages`` (offering ``tools``), ending with the assistant's turn when asked."""
+        ...
+
+
+class ConstraintChecker(Protocol):
+    """Tells, before anything is generated, whether an output constraint can be enforced."""
+
+    def check(self, constraint: OutputConstraint) -> None:
+        """Raise ``InvalidRequestError`` (naming ``constraint.param``) when ``constraint`` cannot be enforced."""
         ...
 
 

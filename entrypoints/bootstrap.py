@@ -13,7 +13,7 @@ from application.chat import ChatService
 from application.completion import CompletionService
 from application.generation import TextGeneration
 from application.tokenization import TokenizationService
-from domain.ports import Generator
+from domain.ports import ConstraintChecker, Generator
 from entrypoints.settings import ServerSettings
 
 
@@ -44,8 +44,12 @@ def build_services(
     generator: Generator,
     tokenizer: TokenizerTemplate | None = None,
     close: Callable[[], None] = lambda: None,
+    constraints: ConstraintChecker | None = None,
 ) -> Services:
-    """Wire the use cases around ``generator``; the chat template follows the ``--chat-template`` priority."""
+    """Wire the use cases around ``generator``; the chat template follows the ``--chat-template`` priority.
+
+    ``constraints`` checks ``response_format`` schemas and forced tool calls before generation starts.
+    """
     tokenizer = tokenizer or TokenizerTemplate()
     override = settings.chat_template.read_text(encoding="utf-8") if settings.chat_template else None
     renderer = JinjaTemplateRenderer.choose(
@@ -58,6 +62,7 @@ def build_services(
         generator=generator,
         stop_policy=StopSequences(settings.stop_sequences),
         log_content=settings.log_content,
+        constraints=constraints,
     )
     return Services(
         model_id=generator.model_id,
@@ -84,4 +89,4 @@ def load_services(settings: ServerSettings) -> Services:
     plain = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id)
     generator = BatchingGenerator(plain, BatchLimits(settings.max_batch_size, settings.max_queue))
     template = TokenizerTemplate(generator.chat_template, generator.bos_token, generator.eos_token)
-    return build_services(settings, generator, template, close=generator.close)
+    return build_services(settings, generator, template, close=generator.close, constraints=plain.grammars)

@@ -81,7 +81,7 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def build_tiny_model(directory: Path, *, vocab_size: int = 400, seed: int = 0) -> Path:
+def build_tiny_model(directory: Path, *, vocab_size: int = 400, seed: int = 0, context_length: int = 256) -> Path:
     """Save a tiny random ``LlamaForCausalLM`` and its tokenizer into ``directory``; return ``directory``.
 
     Loadable with ``AutoModelForCausalLM.from_pretrained(directory)`` and ``AutoTokenizer.from_pretrained(directory)``.
@@ -89,6 +89,7 @@ def build_tiny_model(directory: Path, *, vocab_size: int = 400, seed: int = 0) -
     """
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(vocab_size)
+    tokenizer.model_max_length = context_length
     config = LlamaConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -96,7 +97,7 @@ def build_tiny_model(directory: Path, *, vocab_size: int = 400, seed: int = 0) -
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=len(tokenizer),
-        max_position_embeddings=256,
+        max_position_embeddings=context_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -20,6 +20,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from adapters.huggingface.constraints import GrammarCompiler
 from adapters.huggingface.processors import LogprobRecorder, OpenAIPenalties, token_logprob
 from domain.errors import ContextLengthExceededError, DomainError, GenerationError, InvalidRequestError
 from domain.generation import FinishReason, GeneratedTokens, GenerationParams, TokenLogprob
@@ -256,6 +257,13 @@ class HuggingFaceGenerator:
     _executor: ThreadPoolExecutor = attrs.field(
         init=False, factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
     )
+    grammars: GrammarCompiler = attrs.field(
+        init=False,
+        default=attrs.Factory(
+            lambda self: GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids), takes_self=True
+        ),
+    )
+    """Compiles ``response_format`` and forced tool-call constraints for this tokenizer (cached)."""
 
     @property
     def model_id(self) -> str:
@@ -343,6 +351,8 @@ class HuggingFaceGenerator:
         beams = (config.num_beams or 1) > 1
         recorder = None if params.logprobs is None else LogprobRecorder(params.logprobs)
         processors = LogitsProcessorList([] if recorder is None else [recorder])
+        if params.constraint is not None:
+            processors.insert(0, self.grammars.processor(params.constraint))
         if params.presence_penalty or params.frequency_penalty:
             penalties = OpenAIPenalties(
                 prompt_length=len(prompt_ids), presence=params.presence_penalty, frequency=params.frequency_penalty

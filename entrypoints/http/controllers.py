@@ -18,7 +18,6 @@ from entrypoints.bootstrap import Services
 from entrypoints.http.lifecycle import RequestWatch
 from entrypoints.http.streaming import EventStream, chat_chunks, completion_chunks, sse_stream, usage_body
 from entrypoints.http.wire import (
-    AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -28,6 +27,7 @@ from entrypoints.http.wire import (
     ModelCard,
     ModelList,
     SamplingRequest,
+    assistant_message,
     chat_logprobs,
     completion_logprobs,
     structure,
@@ -107,7 +107,7 @@ class ChatController(Controller):
         body, unknown, response_id = await read_request(request, ChatCompletionRequest, "chatcmpl")
         created = int(time.time())
         params = body.to_params(unknown)
-        events = watch(services.chat.stream(body.chat_messages(), params, n=body.n))
+        events = watch(services.chat.stream(body.chat_messages(), params, n=body.n, tools=body.tool_use()))
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             chunks = chat_chunks(response_id, created, services.model_id, logprobs=params.logprobs is not None)
@@ -116,7 +116,7 @@ class ChatController(Controller):
         choices = [
             ChatChoice(
                 c.index,
-                AssistantMessage(c.text),
+                assistant_message(c),
                 str(c.finish_reason),
                 None if c.logprobs is None else chat_logprobs(c.logprobs),
             )

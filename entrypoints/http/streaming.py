@@ -24,6 +24,7 @@ from entrypoints.http.wire import (
     completion_logprobs,
     unstructure,
 )
+from entrypoints.http.wire_tools import tool_call_deltas
 
 log = structlog.get_logger(__name__)
 
@@ -52,8 +53,12 @@ def event(payload: object) -> ServerSentEventMessage:
 
 
 def chat_chunks(response_id: str, created: int, model: str, *, logprobs: bool) -> ChunkFactory:
-    """Chunk factory for ``chat.completion.chunk``; each choice's first chunk carries the assistant role."""
+    """Chunk factory for ``chat.completion.chunk``; each choice's first chunk carries the assistant role.
+
+    Tool calls are sent whole as they complete, numbered within their choice.
+    """
     started: set[int] = set()
+    called: dict[int, int] = {}
 
     def chunk(item: TextDelta | Choice | Completion) -> object:
         if isinstance(item, Completion):
@@ -65,7 +70,10 @@ def chat_chunks(response_id: str, created: int, model: str, *, logprobs: bool) -
             choice = ChunkChoice(item.index, Delta(role=role, content="" if first else None), str(item.finish_reason))
         else:
             entries = chat_logprobs(item.logprobs) if logprobs else None
-            choice = ChunkChoice(item.index, Delta(role=role, content=item.text), None, entries)
+            calls = tool_call_deltas(item.tool_calls, called.get(item.index, 0)) if item.tool_calls else None
+            called[item.index] = called.get(item.index, 0) + len(item.tool_calls)
+            content = item.text if item.text or not calls else None
+            choice = ChunkChoice(item.index, Delta(role=role, content=content, tool_calls=calls), None, entries)
         return ChatCompletionChunk(response_id, created, model, [choice])
 
     return chunk
@@ -98,7 +106,7 @@ async def sse_stream(
         for index in announce:
             yield event(chunk(TextDelta("", index)))
         async for item in events:
-            if isinstance(item, TextDelta) and not item.text and not item.logprobs:
+            if isinstance(item, TextDelta) and not (item.text or item.logprobs or item.tool_calls):
                 continue
             if isinstance(item, Completion) and not include_usage:
                 continue

@@ -17,11 +17,21 @@ from attrs import validators as v
 from cattrs.cols import list_structure_factory
 
 from domain.errors import InvalidRequestError
-from domain.generation import GenerationParams, LogprobEntry
+from domain.generation import Choice, GenerationParams, LogprobEntry
 from domain.messages import ChatMessage, Role
+from domain.tools import ToolUse
+from entrypoints.http.wire_tools import (
+    ResponseFormat,
+    ToolCallBody,
+    ToolCallDeltaBody,
+    ToolCallingMessage,
+    ToolChoiceBody,
+    ToolDefinition,
+    tool_call_bodies,
+    tool_choice,
+)
 
 T = TypeVar("T")
-
 
 
 def _finite(_instance: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
@@ -85,9 +95,14 @@ class Message:
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None
+    tool_call_id: str | None = None
 
     def to_domain(self, index: int) -> ChatMessage:
-        """The domain message, with text parts joined."""
+        """The domain message, with text parts joined; a tool result must say which call it answers."""
+        if self.role is Role.TOOL and not self.tool_call_id:
+            msg = f"messages[{index}]: a 'tool' message needs the tool_call_id of the call it answers"
+            raise InvalidRequestError(msg, param=f"messages[{index}].tool_call_id")
         content = self.content
         if isinstance(content, list):
             parts = []
@@ -97,7 +112,8 @@ class Message:
                     raise InvalidRequestError(msg, param=f"messages[{index}].content")
                 parts.append(part.text)
             content = "".join(parts)
-        return ChatMessage(role=self.role, content=content or "", name=self.name)
+        calls = tuple(call.to_domain() for call in self.tool_calls or ())
+        return ChatMessage(self.role, content or "", self.name, tool_calls=calls, tool_call_id=self.tool_call_id)
 
 
 @attrs.frozen(kw_only=True)
@@ -136,6 +152,7 @@ class SamplingRequest:
     guidance_scale: float | None = attrs.field(default=None, validator=v.optional([_finite, v.ge(0)]))
     bad_words_ids: list[list[int]] | None = None
     do_sample: bool | None = None
+    response_format: ResponseFormat | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -186,6 +203,7 @@ class SamplingRequest:
             frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
             logprobs=self.top_logprobs_wanted(),
+            constraint=None if self.response_format is None else self.response_format.constraint(),
             extra=options | extra,
         )
 
@@ -197,6 +215,9 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[Message] = attrs.field(validator=v.min_len(1))
     logprobs: bool = False
     top_logprobs: int | None = ranged(0, MAX_TOP_LOGPROBS)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoiceBody | None = None
+    parallel_tool_calls: bool = True
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -210,6 +231,11 @@ class ChatCompletionRequest(SamplingRequest):
     def chat_messages(self) -> list[ChatMessage]:
         """The conversation as domain messages."""
         return [message.to_domain(index) for index, message in enumerate(self.messages)]
+
+    def tool_use(self) -> ToolUse:
+        """The offered tools (names and schemas checked), the tool choice and whether calls may be parallel."""
+        tools = tuple(tool.to_domain(index) for index, tool in enumerate(self.tools or ()))
+        return ToolUse(tools, tool_choice(self.tool_choice, has_tools=bool(tools)), self.parallel_tool_calls)
 
 
 @attrs.frozen(kw_only=True)
@@ -257,6 +283,13 @@ class AssistantMessage:
 
     content: str
     role: str = "assistant"
+
+
+def assistant_message(choice: Choice) -> AssistantMessage | ToolCallingMessage:
+    """The ``message`` of a finished chat choice: its text, or the tools it called (and any text, else ``null``)."""
+    if not choice.tool_calls:
+        return AssistantMessage(choice.text)
+    return ToolCallingMessage(choice.text or None, tool_call_bodies(choice.tool_calls))
 
 
 @attrs.frozen
@@ -336,7 +369,7 @@ class ChatChoice:
     """One of ``choices`` in a chat completion."""
 
     index: int
-    message: AssistantMessage
+    message: AssistantMessage | ToolCallingMessage
     finish_reason: str
     logprobs: ChatLogprobs | None = None
 
@@ -356,10 +389,11 @@ class ChatCompletionResponse:
 
 @attrs.frozen
 class Delta:
-    """What a chat chunk adds: the role on the first chunk, then content."""
+    """What a chat chunk adds: the role on the first chunk, then content, or tool calls as each completes."""
 
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDeltaBody] | None = None
 
 
 @attrs.frozen
@@ -466,6 +500,9 @@ def _union(converter: cattrs.Converter) -> Any:  # noqa: ANN401  a cattrs hook
         arms = typing.get_args(union)
         if value is None and type(None) in arms:
             return None
+        fitting = [arm for arm in arms if _takes_object(arm, value)]
+        if len(fitting) == 1:  # the only arm for a JSON object: its own error says what is wrong inside
+            return converter.structure(value, fitting[0])
         for arm in arms:
             if arm is type(None):
                 continue
@@ -478,6 +515,11 @@ def _union(converter: cattrs.Converter) -> Any:  # noqa: ANN401  a cattrs hook
         raise TypeError(msg)
 
     return structure
+
+
+def _takes_object(kind: Any, value: object) -> bool:  # noqa: ANN401
+    """Whether ``value`` is a JSON object and ``kind`` one (an attrs class or a dict)."""
+    return isinstance(value, dict) and (attrs.has(kind) or typing.get_origin(kind) is dict)
 
 
 def _type_name(kind: Any) -> str:  # noqa: ANN401
@@ -534,6 +576,19 @@ def _is_union(kind: Any) -> bool:  # noqa: ANN401
     return typing.get_origin(kind) in (typing.Union, types.UnionType)
 
 
+def _is_literal(kind: Any) -> bool:  # noqa: ANN401
+    return typing.get_origin(kind) is typing.Literal
+
+
+def _literal(value: object, kind: Any) -> object:  # noqa: ANN401  a cattrs hook
+    """One of the literal's values, else a readable ``ValueError`` (which union structuring moves past)."""
+    allowed = typing.get_args(kind)
+    if isinstance(value, str | int | bool | None) and any(type(value) is type(a) and value == a for a in allowed):
+        return value
+    msg = f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}"
+    raise ValueError(msg)
+
+
 def _converter() -> cattrs.Converter:
     """The wire converter: strict JSON types (no "1" for 1, no 1 for true), enums by value."""
     converter = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
@@ -544,6 +599,7 @@ def _converter() -> cattrs.Converter:
     converter.register_unstructure_hook(
         Delta, cattrs.gen.make_dict_unstructure_fn(Delta, converter, _cattrs_omit_if_default=True)
     )
+    converter.register_structure_hook_func(_is_literal, _literal)
     converter.register_structure_hook(int, _strict(int, accepts=(int,)))
     converter.register_structure_hook(float, _strict(float, accepts=(int, float)))
     converter.register_structure_hook(str, _strict(str, accepts=(str,)))
