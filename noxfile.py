@@ -45,6 +45,20 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def fuzz(session: nox.Session) -> None:
+    """Schemathesis on every operation the OpenAPI schema publishes (fake generator, loopback): no 5xx, no drift."""
+    install_project(session)
+    session.run("pytest", "tests/schema_fuzz.py", "-s", "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def load(session: nox.Session) -> None:
+    """500 requests on the fake and 100 on a tiny model, 32 at a time, on loopback: bench/load.py."""
+    install_project(session)
+    session.run("python", "bench/load.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """Ruff, with the broad rule set in pyproject.toml."""
     session.install("ruff==0.17.6")
