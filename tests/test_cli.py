@@ -338,7 +338,7 @@ def test_ctrl_d_leaves_cleanly(repl: pexpect.spawn) -> None:
 
 
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(repl: pexpect.spawn, fake: FakeGenerator) -> None:
-    story = "Once upon a time " + "and so on " * 100
+    story = "Once upon a time " + "and so on " * 1000
     fake.reply = story
     fake.step_delay = 0.02
     repl.sendline("Tell me a story")

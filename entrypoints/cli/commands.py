@@ -52,9 +52,9 @@ class AnswerPrinter:
     def write(self, text: str) -> None:
         """Show ``text`` at once."""
         if text:
+            self.parts.append(text)  # first: a Ctrl-C during the write must not lose text already on screen
             sys.stdout.write(text)
             sys.stdout.flush()
-            self.parts.append(text)
 
     @property
     def answer(self) -> Answer:
