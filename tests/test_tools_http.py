@@ -222,6 +222,7 @@ def test_response_format_maps_to_an_output_constraint(client: TestClient, fake: 
     [
         {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
         {"type": "json_schema", "json_schema": {"name": "x", "schema": {"minimum": "one"}}},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$schema": 5}}},
         {"type": "json_schema"},
         {"type": "xml"},
         {"type": "json_schema", "json_schema": {"name": "x", "schema": "not an object"}},

@@ -20,6 +20,9 @@ _FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 def check_json_schema(schema: dict[str, Any], param: str) -> None:
     """Reject ``schema`` when it is not a valid JSON Schema (against its declared draft, 2020-12 by default)."""
+    if not isinstance(schema.get("$schema", ""), str):
+        msg = f"{param} is not a valid JSON Schema: '$schema' must be a string"
+        raise InvalidRequestError(msg, param=param)
     validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         validator.check_schema(schema)
