@@ -172,5 +172,13 @@ def test_concatenated_deltas_equal_the_whole_answer(reply: str, stop: list[str])
     assert streamed == last.text == whole.text
     assert whole.finish_reason == last.finish_reason
     assert not any(s in whole.text for s in stop)
-    cut = min((reply.index(s) for s in stop if s in reply), default=len(reply))
-    assert whole.text == reply[:cut]
+    assert whole.text == first_stop_cut(reply, stop)
+
+
+def first_stop_cut(text: str, stops: list[str]) -> str:
+    """What generation yields: the text is cut as soon as a stop sequence completes, at that sequence's start."""
+    for end in range(len(text) + 1):
+        present = [text.index(s) for s in stops if s in text[:end]]
+        if present:
+            return text[: min(present)]
+    return text
