@@ -15,12 +15,12 @@ from collections.abc import Iterator
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from entrypoints.http.app import create_app
+from entrypoints.logs import configure_logging
 from entrypoints.settings import ServerSettings
 from tests.fakes import FakeGenerator
 from tests.live_server import serve
@@ -31,7 +31,8 @@ CHECKS = [not_a_server_error, response_schema_conformance]
 
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
-    app = create_app(ServerSettings(log_level="WARNING"), generator=FakeGenerator(reply="Fuzzed, and fine."))
+    configure_logging("WARNING")
+    app = create_app(ServerSettings(), generator=FakeGenerator(reply="Fuzzed, and fine."))
     with serve(app) as url:
         yield url
 
@@ -41,6 +42,8 @@ def test_no_server_errors_and_responses_match_the_schema(base: str, mode: Genera
     schema = schemathesis.openapi.from_url(f"{base}/docs/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 5
+    if mode is GenerationMode.NEGATIVE:  # an operation without parameters or body has nothing to get wrong
+        operations = [op for op in operations if any(map(len, (op.body, op.query, op.path_parameters, op.headers)))]
     statuses: collections.Counter[tuple[str, int]] = collections.Counter()
     for operation in operations:
 
@@ -50,10 +53,7 @@ def test_no_server_errors_and_responses_match_the_schema(base: str, mode: Genera
             response = case.call_and_validate(base_url=base, checks=CHECKS)
             statuses[operation.label, response.status_code] += 1  # noqa: B023  read while the loop is on it
 
-        try:
-            check()
-        except Unsatisfiable:  # nothing in this operation can be made invalid (no parameters, no body)
-            assert mode is GenerationMode.NEGATIVE
+        check()
     total = sum(statuses.values())
     print(f"\n{mode.value}: {total} requests over {len(operations)} operations, 0 server errors")  # noqa: T201
     for (label, status), count in sorted(statuses.items()):

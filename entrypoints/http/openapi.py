@@ -29,8 +29,13 @@ from litestar.typing import FieldDefinition
 
 SSE = OpenAPIMediaType(
     schema=Schema(
-        type=OpenAPIType.STRING,
-        description="With `stream: true`: `data: {chunk}` events (the JSON of each chunk), then `data: [DONE]`.",
+        type=OpenAPIType.OBJECT,
+        description=(
+            "With `stream: true`, one event of the stream (before OpenAPI 3.2, an event stream's schema describes "
+            "each event): `data: {chunk}` events (the JSON of each chunk, or of an error body), then `data: [DONE]`."
+        ),
+        properties={"data": Schema(type=OpenAPIType.STRING)},
+        required=["data"],
     )
 )
 
