@@ -23,6 +23,7 @@ from entrypoints.http.errors import handle_error
 from entrypoints.http.lifecycle import Drain, watch_provider
 from entrypoints.http.metrics import Metrics, MetricsMiddleware, metrics_route
 from entrypoints.http.security import api_key_middleware, cors_config
+from entrypoints.http.tokenization import TokenizationController
 from entrypoints.settings import ServerSettings
 
 log = structlog.get_logger(__name__)
@@ -90,7 +91,14 @@ def create_app(
         structlog.contextvars.clear_contextvars()
 
     return Litestar(
-        route_handlers=[health, metrics_route(metrics), ModelsController, ChatController, CompletionsController],
+        route_handlers=[
+            health,
+            metrics_route(metrics),
+            ModelsController,
+            ChatController,
+            CompletionsController,
+            TokenizationController,
+        ],
         dependencies={
             "services": Provide(provide_services, sync_to_thread=False),
             "watch": Provide(watch_provider(settings, metrics, drain), sync_to_thread=False),

@@ -16,6 +16,7 @@ from application.generation import complete
 from domain.errors import InvalidRequestError
 from entrypoints.bootstrap import Services
 from entrypoints.http.lifecycle import RequestWatch
+from entrypoints.http.openapi import body_operation
 from entrypoints.http.streaming import EventStream, chat_chunks, completion_chunks, sse_stream, usage_body
 from entrypoints.http.wire import (
     ChatChoice,
@@ -43,13 +44,24 @@ class ClientDisconnectedError(Exception):
     """The client went away before the answer was ready."""
 
 
-async def read_request(request: Request[Any, Any, Any], kind: type[R], prefix: str) -> tuple[R, dict[str, Any], str]:
-    """Decode and structure the body, start the request's log context, and log its parameters."""
+async def read_json(request: Request[Any, Any, Any]) -> Any:  # noqa: ANN401  any JSON value
+    """The decoded JSON body; anything else is the client's error."""
     try:
-        body = json.loads(await request.body())
+        return json.loads(await request.body())
     except (ValueError, UnicodeDecodeError) as error:
         msg = f"the request body is not valid JSON: {error}"
         raise InvalidRequestError(msg) from error
+
+
+async def read_body(request: Request[Any, Any, Any], kind: type[T]) -> T:
+    """The body structured as ``kind`` (unknown fields ignored)."""
+    parsed, _ = structure(await read_json(request), kind)
+    return parsed
+
+
+async def read_request(request: Request[Any, Any, Any], kind: type[R], prefix: str) -> tuple[R, dict[str, Any], str]:
+    """Decode and structure the body, start the request's log context, and log its parameters."""
+    body = await read_json(request)
     parsed, unknown = structure(body, kind)
     response_id = f"{prefix}-{uuid.uuid4().hex}"
     structlog.contextvars.bind_contextvars(request_id=response_id)
@@ -99,10 +111,15 @@ class ChatController(Controller):
     path = "/v1/chat/completions"
     tags = ["Chat"]  # noqa: RUF012  Litestar reads it from the class
 
-    @post(operation_id="createChatCompletion", summary="Create a chat completion", status_code=200)
+    @post(
+        operation_id="createChatCompletion",
+        summary="Create a chat completion",
+        status_code=200,
+        operation_class=body_operation(ChatCompletionRequest, streams=True),
+    )
     async def create(
         self, request: Request[Any, Any, Any], services: Services, watch: RequestWatch
-    ) -> ChatCompletionResponse | EventStream:
+    ) -> ChatCompletionResponse:
         """Answer a conversation, whole or streamed as server-sent events."""
         body, unknown, response_id = await read_request(request, ChatCompletionRequest, "chatcmpl")
         created = int(time.time())
@@ -111,7 +128,7 @@ class ChatController(Controller):
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             chunks = chat_chunks(response_id, created, services.model_id, logprobs=params.logprobs is not None)
-            return EventStream(sse_stream(events, chunks, include_usage=include_usage, announce=range(body.n)))
+            return EventStream(sse_stream(events, chunks, include_usage=include_usage, announce=range(body.n)))  # type: ignore[return-value]
         result = await until_disconnected(request, complete(events))
         choices = [
             ChatChoice(
@@ -131,10 +148,15 @@ class CompletionsController(Controller):
     path = "/v1/completions"
     tags = ["Completions"]  # noqa: RUF012  Litestar reads it from the class
 
-    @post(operation_id="createCompletion", summary="Create a text completion", status_code=200)
+    @post(
+        operation_id="createCompletion",
+        summary="Create a text completion",
+        status_code=200,
+        operation_class=body_operation(CompletionRequest, streams=True),
+    )
     async def create(
         self, request: Request[Any, Any, Any], services: Services, watch: RequestWatch
-    ) -> CompletionResponse | EventStream:
+    ) -> CompletionResponse:
         """Continue a prompt, whole or streamed as server-sent events."""
         body, unknown, response_id = await read_request(request, CompletionRequest, "cmpl")
         created = int(time.time())
@@ -143,7 +165,7 @@ class CompletionsController(Controller):
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             chunks = completion_chunks(response_id, created, services.model_id, logprobs=params.logprobs is not None)
-            return EventStream(sse_stream(events, chunks, include_usage=include_usage))
+            return EventStream(sse_stream(events, chunks, include_usage=include_usage))  # type: ignore[return-value]
         result = await until_disconnected(request, complete(events))
         choices = [
             CompletionChoice(
