@@ -128,6 +128,12 @@ def test_client_disconnect_stops_a_non_streamed_generation(live_url: str, fake: 
         time.sleep(0.02)
     assert fake.closed_early == 1
     assert fake.produced < 200
+    deadline = time.monotonic() + 5
+    while 'status="499"' not in (metrics := httpx.get(f"{live_url}/metrics").text) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    counted = [line for line in metrics.splitlines() if line.startswith("hf_openai_requests_total{")]
+    assert any('status="499"' in line for line in counted), counted
+    assert not any('status="500"' in line for line in counted), "a client leaving is not a server error"
 
 
 def test_health_answers_while_a_long_generation_runs(live_url: str, fake: FakeGenerator) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -17,6 +18,7 @@ from domain.errors import InvalidRequestError
 from entrypoints.bootstrap import Services
 from entrypoints.http.lifecycle import RequestWatch
 from entrypoints.http.openapi import body_operation
+from entrypoints.http.refusals import ClientDisconnectedError
 from entrypoints.http.streaming import EventStream, chat_chunks, completion_chunks, sse_stream, usage_body
 from entrypoints.http.wire import (
     ChatChoice,
@@ -38,10 +40,6 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R", bound=SamplingRequest)
-
-
-class ClientDisconnectedError(Exception):
-    """The client went away before the answer was ready."""
 
 
 async def read_json(request: Request[Any, Any, Any]) -> Any:  # noqa: ANN401  any JSON value
@@ -88,6 +86,8 @@ async def until_disconnected(request: Request[Any, Any, Any], work: Awaitable[T]
         if not task.done():
             task.cancel()
             log.info("request.cancelled", reason="client disconnected")
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task  # the generation releases what it holds before the handler returns
     if task.cancelled():
         raise ClientDisconnectedError
     return task.result()

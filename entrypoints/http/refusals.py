@@ -40,3 +40,14 @@ class ServerShuttingDownError(RefusalError):
     status = 503
     type = "service_unavailable"
     code = "server_shutting_down"
+
+
+class ClientDisconnectedError(RefusalError):
+    """The client went away before the answer was ready; nobody reads this answer (nginx's 499)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+    def __init__(self, message: str = "the client closed the connection before the answer was ready") -> None:
+        super().__init__(message)
