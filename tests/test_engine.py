@@ -271,6 +271,25 @@ def test_the_batch_never_exceeds_its_size(model_dir, prompts):
     assert max(batch_sizes) == 2
 
 
+def test_a_burst_is_prefilled_a_few_prompts_at_a_time_and_the_first_stream_early(model_dir, prompts):
+    generator = engine(model_dir, max_batch_size=8, prefill_tokens=2 * len(prompts[0]))
+    shapes: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+
+    handle = generator.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        results = asyncio.run(gather(generator, [(prompts[0], greedy(max_new_tokens=4))] * 6))
+    finally:
+        handle.remove()
+        generator.close()
+    prefills = [rows for rows, length in shapes if length > 1]
+    assert prefills == [2, 2, 2]
+    assert shapes.index((2, 1)) < len(shapes) - 1 - shapes[::-1].index((2, len(prompts[0])))  # decoding began first
+    assert all(steps == results[0] for steps in results)
+
+
 def test_a_forward_failure_fails_the_whole_batch_then_the_engine_recovers(own_generator, prompts):
     with ForwardCounter(error=RuntimeError("device on fire")).attached(own_generator.model):
         results = asyncio.run(_outcomes(own_generator, prompts[:2]))
@@ -306,5 +325,6 @@ async def _outcomes(generator, prompt_list, max_new_tokens=5):
 
 
 def test_limits_must_be_positive():
-    with pytest.raises(ValueError, match="max_batch_size"):
-        BatchLimits(max_batch_size=0)
+    for limits in ({"max_batch_size": 0}, {"max_queue": -1}, {"prefill_tokens": 0}):
+        with pytest.raises(ValueError, match="max_batch_size"):
+            BatchLimits(**limits)

@@ -35,9 +35,6 @@ log = structlog.get_logger(__name__)
 UNBATCHED_EXTRA_OPTIONS = frozenset({"num_beams", "num_beam_groups", "diversity_penalty", "guidance_scale"})
 """Options that, set through ``GenerationParams.extra``, send a request down the plain ``generate`` path."""
 
-PREFILL_TOKEN_BUDGET = 4096
-"""Most (padded) prompt tokens prefilled in one forward pass; longer groups are split, a longer prompt goes alone."""
-
 
 @attrs.frozen
 class BatchLimits:
@@ -45,10 +42,16 @@ class BatchLimits:
 
     max_batch_size: int = 8
     max_queue: int = 64
+    prefill_tokens: int = 256
+    """Prompt tokens prefilled between two decoding steps (a longer prompt goes alone).
+
+    A burst of newcomers is prefilled a few at a time, so the first of them stream while the rest wait their turn and
+    the running rows stall for a bounded time; one forward pass over more prompts is no faster per token on a CPU.
+    """
 
     def __attrs_post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue < 0:
-            msg = f"max_batch_size must be >= 1 and max_queue >= 0, got {self.max_batch_size} and {self.max_queue}"
+        if self.max_batch_size < 1 or self.max_queue < 0 or self.prefill_tokens < 1:
+            msg = f"max_batch_size and prefill_tokens must be >= 1 and max_queue >= 0, got {self}"
             raise ValueError(msg)
 
 
@@ -362,12 +365,16 @@ class BatchingGenerator:
             if self._closed:
                 return None
             admitted: list[_Row] = []
+            tokens = 0
             while self._waiting and len(self._batch.rows) + len(admitted) < self.limits.max_batch_size:
-                row = self._waiting.popleft()
+                row = self._waiting[0]
                 if row.cancelled.is_set():
-                    _release(row)
-                else:
-                    admitted.append(row)
+                    _release(self._waiting.popleft())
+                    continue
+                if admitted and tokens + len(row.prompt_ids) > self.limits.prefill_tokens:
+                    break
+                admitted.append(self._waiting.popleft())
+                tokens += len(row.prompt_ids)
             return admitted
 
     def _drain(self) -> list[_Row]:
@@ -427,7 +434,7 @@ class BatchingGenerator:
             else:
                 ready.append(row)
         ready.sort(key=lambda r: len(r.prompt_ids))
-        for group in _groups(ready, PREFILL_TOKEN_BUDGET):
+        for group in _groups(ready, 4 * self.limits.prefill_tokens):  # left padding may take a group past it
             try:
                 cache, mask, logits = self._prefill_group(group)
             except Exception as error:  # noqa: BLE001  the group's consumers re-raise it
