@@ -340,7 +340,7 @@ def machine() -> str:
 
     return (
         f"{cpu}, {os.cpu_count()} cores, {platform.system()}; Python {platform.python_version()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}"
+        f"torch {torch.__version__}, transformers {transformers.__version__}"
     )
 
 
@@ -426,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"SmolLM2-135M-Instruct ({args.dtype or 'fp32'}), streaming chat, max_tokens {args.max_tokens}, "
         f"temperature 0, {len(PROMPTS)} prompts in rotation, {args.warmup} warm-up requests, {args.rounds} "
         "interleaved rounds per cell (aggregate: median of rounds; per-stream and TTFT: over all requests); "
-        f"ours with --max-batch-size {args.max_batch_size}."
+        f"ours with --max-batch-size {args.max_batch_size} and its default --threads, transformers serve with torch's "
+        "default threads."
     )
     report = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n{settings}\n\n{table(cells, args)}"
     print(f"\n{report}")
