@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+CLOSE_TIMEOUT = 5.0
+"""Seconds ``close`` waits for the engine thread to end its current step."""
+
 UNBATCHED_EXTRA_OPTIONS = frozenset({"num_beams", "num_beam_groups", "diversity_penalty", "guidance_scale"})
 """Options that, set through ``GenerationParams.extra``, send a request down the plain ``generate`` path."""
 
@@ -296,11 +299,16 @@ class BatchingGenerator:
                     released = item is None
 
     def close(self) -> None:
-        """Stop the engine: waiting and running requests fail, the plain generator stops taking work."""
+        """Stop the engine: waiting and running requests fail, the plain generator stops taking work.
+
+        Waits (a few seconds at most) for the engine thread to finish its step, so that it is not torn down mid-way.
+        """
         with self._condition:
             self._closed = True
             self._condition.notify_all()
         self.plain.close()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=CLOSE_TIMEOUT)
 
     @contextlib.asynccontextmanager
     async def _unbatched_slot(self) -> AsyncGenerator[None, None]:
