@@ -51,3 +51,13 @@ def test_batch_and_queue_flags_must_make_sense(argv, capsys):
     with pytest.raises(SystemExit):
         parse_settings(argv)
     assert "--max-batch-size must be at least 1" in capsys.readouterr().err
+
+
+def test_a_full_queue_is_a_429_for_a_streamed_request_too():
+    with TestClient(app=create_app(ServerSettings(), generator=BusyGenerator())) as client:
+        body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        response = client.post("/v1/chat/completions", json=body)
+        completion = client.post("/v1/completions", json={"prompt": "hi", "stream": True})
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "queue_full"
+    assert completion.status_code == 429

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import httpx
@@ -120,12 +121,11 @@ def test_a_request_waits_until_its_first_text(live_url: str, fake: FakeGenerator
     fake.step_delay = 0.01
     body = CHAT | {"stream": True, "stop": "x" * 40}  # text that may start a stop sequence is held back
     with httpx.Client(timeout=10) as http:
-        with http.stream("POST", f"{live_url}/v1/chat/completions", json=body) as response:
-            lines = response.iter_lines()
-            next(lines)
-            time.sleep(0.1)
-            during = scrape(http, live_url)
-            list(lines)
+        streaming = threading.Thread(target=lambda: http.post(f"{live_url}/v1/chat/completions", json=body))
+        streaming.start()
+        time.sleep(0.15)
+        during = scrape(http, live_url)
+        streaming.join()
         after = scrape(http, live_url)
     assert value(during, "hf_openai_requests_waiting") == 1
     assert value(during, "hf_openai_requests_running") == 0

@@ -15,6 +15,7 @@ from litestar import Controller, Request, get, post
 
 from application.generation import complete
 from domain.errors import InvalidRequestError
+from domain.generation import CompletionEvent, CompletionStream
 from entrypoints.bootstrap import Services
 from entrypoints.http.lifecycle import RequestWatch
 from entrypoints.http.openapi import body_operation
@@ -93,6 +94,23 @@ async def until_disconnected(request: Request[Any, Any, Any], work: Awaitable[T]
     return task.result()
 
 
+async def started(request: Request[Any, Any, Any], events: CompletionStream) -> CompletionStream:
+    """``events`` once its first event has come.
+
+    What fails before any output (a full queue, a generator error) is then a plain HTTP error with its status, not
+    an error event in a 200 stream.
+    """
+    first = await until_disconnected(request, anext(events))
+    return _after(first, events)
+
+
+async def _after(first: CompletionEvent, events: CompletionStream) -> CompletionStream:
+    yield first
+    async with contextlib.aclosing(events):
+        async for event in events:
+            yield event
+
+
 class ModelsController(Controller):
     """``/v1/models``: https://platform.openai.com/docs/api-reference/models."""
 
@@ -128,6 +146,7 @@ class ChatController(Controller):
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             chunks = chat_chunks(response_id, created, services.model_id, logprobs=params.logprobs is not None)
+            events = await started(request, events)
             return EventStream(sse_stream(events, chunks, include_usage=include_usage, announce=range(body.n)))  # type: ignore[return-value]
         result = await until_disconnected(request, complete(events))
         choices = [
@@ -165,6 +184,7 @@ class CompletionsController(Controller):
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             chunks = completion_chunks(response_id, created, services.model_id, logprobs=params.logprobs is not None)
+            events = await started(request, events)
             return EventStream(sse_stream(events, chunks, include_usage=include_usage))  # type: ignore[return-value]
         result = await until_disconnected(request, complete(events))
         choices = [
