@@ -20,7 +20,14 @@ from entrypoints.bootstrap import Services
 from entrypoints.http.lifecycle import RequestWatch
 from entrypoints.http.openapi import body_operation
 from entrypoints.http.refusals import ClientDisconnectedError
-from entrypoints.http.streaming import EventStream, chat_chunks, completion_chunks, sse_stream, usage_body
+from entrypoints.http.streaming import (
+    ChunkFactory,
+    EventStream,
+    chat_chunks,
+    completion_chunks,
+    sse_stream,
+    usage_body,
+)
 from entrypoints.http.wire import (
     ChatChoice,
     ChatCompletionRequest,
@@ -104,6 +111,20 @@ async def started(request: Request[Any, Any, Any], events: CompletionStream) -> 
     return _after(first, events)
 
 
+async def event_stream(
+    request: Request[Any, Any, Any],
+    events: CompletionStream,
+    chunks: ChunkFactory,
+    include_usage: bool,
+    *,
+    announce: range = range(0),
+) -> EventStream:
+    """The server-sent events of ``events``, answered once the first event has come (see ``started``)."""
+    return EventStream(
+        sse_stream(await started(request, events), chunks, include_usage=include_usage, announce=announce)
+    )
+
+
 async def _after(first: CompletionEvent, events: CompletionStream) -> CompletionStream:
     yield first
     async with contextlib.aclosing(events):
@@ -144,10 +165,8 @@ class ChatController(Controller):
         params = body.to_params(unknown)
         events = watch(services.chat.stream(body.chat_messages(), params, n=body.n, tools=body.tool_use()))
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
             chunks = chat_chunks(response_id, created, services.model_id, logprobs=params.logprobs is not None)
-            events = await started(request, events)
-            return EventStream(sse_stream(events, chunks, include_usage=include_usage, announce=range(body.n)))  # type: ignore[return-value]
+            return await event_stream(request, events, chunks, body.include_usage, announce=range(body.n))  # type: ignore[return-value]
         result = await until_disconnected(request, complete(events))
         choices = [
             ChatChoice(
@@ -182,10 +201,8 @@ class CompletionsController(Controller):
         params = body.to_params(unknown)
         events = watch(services.completion.stream(body.prompts(), params, n=body.n, echo=body.echo))
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
             chunks = completion_chunks(response_id, created, services.model_id, logprobs=params.logprobs is not None)
-            events = await started(request, events)
-            return EventStream(sse_stream(events, chunks, include_usage=include_usage))  # type: ignore[return-value]
+            return await event_stream(request, events, chunks, body.include_usage)  # type: ignore[return-value]
         result = await until_disconnected(request, complete(events))
         choices = [
             CompletionChoice(

@@ -162,6 +162,11 @@ class SamplingRequest:
                 "bad_words_ids must be a list of non-empty lists of token ids", param="bad_words_ids"
             )
 
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk (``stream_options.include_usage``)."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
     def top_logprobs_wanted(self) -> int | None:
         """How many alternatives to return with each token's logprob; ``None`` when logprobs are not wanted."""
         return None
