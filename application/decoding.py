@@ -21,6 +21,7 @@ class IncrementalDecoder:
     """
 
     generator: Generator
+    skip_special_tokens: bool = True
     token_ids: list[int] = attrs.field(factory=list)
     _prefix_offset: int = 0
     _read_offset: int = 0
@@ -36,8 +37,9 @@ class IncrementalDecoder:
 
     def _advance(self, *, final: bool) -> str:
         window = self.token_ids[self._prefix_offset :]
-        prefix = self.generator.decode(window[: self._read_offset - self._prefix_offset], skip_special_tokens=True)
-        full = self.generator.decode(window, skip_special_tokens=True)
+        skip = self.skip_special_tokens
+        prefix = self.generator.decode(window[: self._read_offset - self._prefix_offset], skip_special_tokens=skip)
+        full = self.generator.decode(window, skip_special_tokens=skip)
         if len(full) <= len(prefix) or (full.endswith(_INCOMPLETE) and not final):
             return ""
         self._prefix_offset = self._read_offset

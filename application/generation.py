@@ -206,8 +206,13 @@ class TextGeneration:
 
 
 def _offsets(generator: Generator, token_ids: Sequence[int]) -> list[int]:
-    """Where each token's text starts in the decoded text of ``token_ids``."""
-    return [len(generator.decode(token_ids[:i], skip_special_tokens=False)) for i in range(len(token_ids))]
+    """Where each token's text starts in the decoded text of ``token_ids`` (one pass, constant work per token)."""
+    decoder = IncrementalDecoder(generator, skip_special_tokens=False)
+    offsets, length = [], 0
+    for token in token_ids:
+        offsets.append(length)
+        length += len(decoder.push([token]))
+    return offsets
 
 
 async def _merge(streams: list[ChoiceStream]) -> AsyncGenerator[TextDelta | Choice, None]:
