@@ -112,7 +112,10 @@ class TextGeneration:
     async def _run(self, jobs: list[ChoiceJob]) -> CompletionStream:
         prompt_tokens = sum(len(p.token_ids) for p in {id(job.prompt): job.prompt for job in jobs}.values())
         choices: dict[int, Choice] = {}
-        merged = self.stream_choice(jobs[0]) if len(jobs) == 1 else _merge([self.stream_choice(j) for j in jobs])
+        echoed = {id(job.prompt): job for job in jobs if job.echo}
+        echoes = {key: await self._echo(job) for key, job in echoed.items()}  # each prompt is scored once
+        streams = [self.stream_choice(job, echoes.get(id(job.prompt), ("", ()))) for job in jobs]
+        merged = streams[0] if len(streams) == 1 else _merge(streams)
         async with contextlib.aclosing(merged):
             async for event in merged:
                 if isinstance(event, Choice):
@@ -129,15 +132,17 @@ class TextGeneration:
         )
         yield Completion(choices=ordered, usage=usage)
 
-    async def stream_choice(self, job: ChoiceJob) -> ChoiceStream:
-        """One choice: deltas as text becomes certain, then the finished ``Choice``.
+    async def stream_choice(
+        self, job: ChoiceJob, echoed: tuple[str, tuple[LogprobEntry, ...]] = ("", ())
+    ) -> ChoiceStream:
+        """One choice after the ``echoed`` prompt and its logprobs: deltas as text becomes certain, then the ``Choice``.
 
         Text that might be the start of a stop sequence is held back until it is known not to be one; once a stop
         sequence appears, generation is stopped and the sequence never reaches the client.
         """
         params = attrs.evolve(job.params, stop=self.stop_policy.sequences(job.params.stop))
         stops = params.stop
-        prefix, prefix_logprobs = await self._echo(job)
+        prefix, prefix_logprobs = echoed
         if prefix:
             yield TextDelta(prefix, job.index, prefix_logprobs)
         decoder = IncrementalDecoder(self.generator)

@@ -177,3 +177,11 @@ def test_bad_prompts_are_400s(client: TestClient, prompt) -> None:
     response = client.post("/v1/completions", json={"prompt": prompt})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "prompt"
+
+
+def test_an_echoed_prompt_is_scored_once_for_all_its_choices(client: TestClient, fake: FakeGenerator) -> None:
+    fake.reply = "!"
+    body = post(client, "/v1/completions", prompt=["ab", "cd"], echo=True, logprobs=1, n=3, max_tokens=2)
+    assert [c["text"] for c in body["choices"]] == ["ab!"] * 3 + ["cd!"] * 3
+    assert all(c["logprobs"]["token_logprobs"][0] is None for c in body["choices"])
+    assert sorted(fake.scored) == [(ord("a") + 1, ord("b") + 1), (ord("c") + 1, ord("d") + 1)]
