@@ -78,6 +78,11 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         "--threads", type=int, default=None, metavar="N", help="torch threads on the CPU (default: cores - 1, min 1)"
     )
     parser.add_argument(
+        "--no-pack-weights",
+        action="store_true",
+        help="on the CPU, multiply with torch's own linear layers instead of oneDNN-prepacked weights",
+    )
+    parser.add_argument(
         "--chat-template", type=Path, default=None, help="Jinja chat template file (overrides the tokenizer's)"
     )
     parser.add_argument(
@@ -132,6 +137,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         threads=args.threads,
+        pack_weights=not args.no_pack_weights,
         chat_template=args.chat_template,
         stop_sequences=tuple(args.stop_sequences),
         log_level=args.log_level,

@@ -1,0 +1,99 @@
+"""oneDNN-prepacked linear layers: the same model, the same greedy tokens, no extra memory for unshared weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from adapters.huggingface.loading import load_model
+from adapters.huggingface.packing import PackedLinear, pack_linear_layers, packing_supported
+from tests.tiny_model import build_tiny_model
+
+pytestmark = pytest.mark.skipif(not packing_supported(torch.float32), reason="oneDNN is not available here")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-packing"))
+
+
+def load(model_dir, **kwargs) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
+
+
+def linears(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+
+
+def test_every_linear_layer_is_packed_and_the_logits_agree(model_dir):
+    plain, packed = load(model_dir), load(model_dir)
+    count = pack_linear_layers(packed)
+    assert count == len(linears(plain)) > 0
+    assert all(type(m) is PackedLinear for m in linears(packed))
+    ids = torch.randint(0, 400, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected, actual = plain(ids).logits, packed(ids).logits
+    assert actual.shape == expected.shape
+    assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_generation_is_token_for_token_the_same(model_dir):
+    plain, packed = load(model_dir), load(model_dir)
+    pack_linear_layers(packed)
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
+    with torch.inference_mode():
+        expected = plain.generate(ids, max_new_tokens=40, do_sample=False, min_new_tokens=40)
+        actual = packed.generate(ids, max_new_tokens=40, do_sample=False, min_new_tokens=40)
+    assert actual.tolist() == expected.tolist()
+
+
+def test_unshared_weights_are_released_and_a_tied_one_is_kept():
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        expected = model(ids).logits
+    pack_linear_layers(model)
+    assert isinstance(model.lm_head, PackedLinear)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the embedding still needs it
+    projection = model.model.layers[0].self_attn.q_proj
+    assert isinstance(projection, PackedLinear)
+    assert projection.weight.device.type == "meta"  # only its shape and dtype are left
+    assert "weight" not in dict(projection.named_parameters())
+    with torch.inference_mode():
+        assert torch.allclose(model(ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_layers_are_packed_too(model_dir):
+    model = load(model_dir, dtype=torch.bfloat16)
+    assert pack_linear_layers(model) == len(linears(model))
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_float16_and_meta_models_are_left_alone(model_dir):
+    half = load(model_dir, dtype=torch.float16)
+    assert pack_linear_layers(half) == 0
+    assert all(type(m) is nn.Linear for m in linears(half))
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(4, 4))
+    assert pack_linear_layers(meta) == 0
+
+
+def test_loading_packs_on_the_cpu_unless_asked_not_to(model_dir):
+    packed = load_model(str(model_dir), device="cpu", progress=False)
+    plain = load_model(str(model_dir), device="cpu", progress=False, pack_weights=False)
+    assert {type(m) for m in linears(packed.model)} == {PackedLinear}
+    assert {type(m) for m in linears(plain.model)} == {nn.Linear}
