@@ -161,6 +161,7 @@ def servers(args: argparse.Namespace, snapshot: Path) -> list[Server]:
             "--cache-dir",
             str(args.cache_dir),
             *(["--dtype", args.dtype] if args.dtype else []),
+            *(["--threads", str(args.threads)] if args.threads else []),
         ],
         args.port,
         "SmolLM2-135M-Instruct",
@@ -396,6 +397,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=None, help="per cell (default: 2 x concurrency, at least 4)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=16, help="our server's --max-batch-size")
+    parser.add_argument("--threads", type=int, default=None, help="our server's --threads (default: its own)")
     parser.add_argument("--dtype", default=None, help="both servers' weights dtype (default: the checkpoint's)")
     parser.add_argument("--warmup", type=int, default=2, help="requests before measuring (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved passes per cell (default: %(default)s)")
@@ -422,11 +424,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {machine()}\nsnapshot: {snapshot}", flush=True)
     selected = [s for s in servers(args, snapshot) if not args.only or any(part in s.name for part in args.only)]
     cells = bench(selected, args)
+    threads = f"--threads {args.threads}" if args.threads else "its default --threads"
     settings = (
         f"SmolLM2-135M-Instruct ({args.dtype or 'fp32'}), streaming chat, max_tokens {args.max_tokens}, "
         f"temperature 0, {len(PROMPTS)} prompts in rotation, {args.warmup} warm-up requests, {args.rounds} "
         "interleaved rounds per cell (aggregate: median of rounds; per-stream and TTFT: over all requests); "
-        f"ours with --max-batch-size {args.max_batch_size} and its default --threads, transformers serve with torch's "
+        f"ours with --max-batch-size {args.max_batch_size} and {threads}, transformers serve with torch's "
         "default threads."
     )
     report = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n{settings}\n\n{table(cells, args)}"

@@ -82,11 +82,18 @@ def load_services(settings: ServerSettings) -> Services:
     from adapters.huggingface.batching import BatchingGenerator, BatchLimits  # noqa: PLC0415  torch loads only when serving
     from adapters.huggingface.generator import HuggingFaceGenerator  # noqa: PLC0415
     from adapters.huggingface.loading import load_model  # noqa: PLC0415
-    from adapters.huggingface.threads import configure_threads  # noqa: PLC0415
+    from adapters.huggingface.threads import ThreadTuner, configure_threads  # noqa: PLC0415
 
-    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
-    configure_threads(settings.threads, device=loaded.model.device)
-    plain = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id)
-    generator = BatchingGenerator(plain, BatchLimits(settings.max_batch_size, settings.max_queue))
+    loaded = load_model(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        cache_dir=settings.cache_dir,
+        pack_weights=settings.pack_weights,
+    )
+    threads = configure_threads(settings.threads, device=loaded.model.device)
+    plain = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id, threads=threads)
+    tuner = None if threads is None else ThreadTuner.for_cpu(settings.threads)
+    generator = BatchingGenerator(plain, BatchLimits(settings.max_batch_size, settings.max_queue), threads=tuner)
     template = TokenizerTemplate(generator.chat_template, generator.bos_token, generator.eos_token)
     return build_services(settings, generator, template, close=generator.close, constraints=plain.grammars)

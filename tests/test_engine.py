@@ -6,10 +6,12 @@ import asyncio
 import time
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.huggingface.batching import BatchingGenerator, BatchLimits
 from adapters.huggingface.generator import HuggingFaceGenerator
+from adapters.huggingface.threads import ThreadTuner
 from domain.errors import GenerationError, QueueFullError
 from domain.generation import FinishReason, GenerationParams
 
@@ -331,3 +333,40 @@ def test_limits_must_be_positive():
     for limits in ({"max_batch_size": 0}, {"max_queue": -1}, {"prefill_tokens": 0}):
         with pytest.raises(ValueError, match="max_batch_size"):
             BatchLimits(**limits)
+
+
+def test_the_cache_appends_in_place_and_survives_rows_being_replaced():
+    from adapters.huggingface.batching import _GrowingLayer  # noqa: PLC0415  the engine's own cache layer
+
+    layer, keys, values = _GrowingLayer(), torch.empty(2, 3, 0, 4), torch.empty(2, 3, 0, 4)
+    for step, width in enumerate([5, *[1] * 70, 3]):  # past the slack, so the buffers grow on the way
+        new_keys, new_values = torch.randn(2, 3, width, 4), torch.randn(2, 3, width, 4)
+        keys, values = torch.cat([keys, new_keys], dim=2), torch.cat([values, new_values], dim=2)
+        got_keys, got_values = layer.update(new_keys, new_values)
+        assert torch.equal(got_keys, keys)
+        assert torch.equal(got_values, values)
+        assert layer.get_seq_length() == keys.shape[2]
+        if step == 30:  # rows leave: the batch swaps in a narrower cache, which the next step appends to
+            keys, values = keys[:1, :, 2:], values[:1, :, 2:]
+            layer.keys, layer.values = keys.clone(), values.clone()
+            new_keys, new_values = torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4)
+            keys, values = torch.cat([keys, new_keys], dim=2), torch.cat([values, new_values], dim=2)
+            assert torch.equal(layer.update(new_keys, new_values)[0], keys)
+            keys, values = torch.cat([keys, keys]), torch.cat([values, values])
+            layer.keys, layer.values = keys.clone(), values.clone()
+
+
+def test_the_engine_tunes_its_own_threads_and_decodes_the_same(model_dir, reference, prompts):
+    tuner = ThreadTuner((1, 2), explore_every=4)
+    tuned = BatchingGenerator(plain(model_dir), BatchLimits(), threads=tuner)
+    before = torch.get_num_threads()
+    try:
+        jobs = [(prompt, params) for prompt, params in zip(prompts, MIXED, strict=True)]
+        actual, expected = asyncio.run(gather(tuned, jobs)), asyncio.run(gather(reference, jobs))
+    finally:
+        tuned.close()
+    assert all(same_steps(got, want) for got, want in zip(actual, expected, strict=True))
+    decode = (False, len(prompts).bit_length())  # the kind of a decoding step of all five rows
+    assert tuner.best(decode) in (1, 2)
+    assert len(tuner._kinds[decode].estimates) == 2  # both counts were timed
+    assert torch.get_num_threads() == before  # the engine's setting stays on its own thread

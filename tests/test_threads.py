@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.huggingface.threads import configure_threads, default_threads
+from adapters.huggingface.threads import ThreadTuner, configure_threads, default_threads
 from entrypoints.http.__main__ import parse_settings
 
 
@@ -41,3 +41,70 @@ def test_the_threads_flag_reaches_the_settings():
     assert parse_settings([]).threads is None
     with pytest.raises(SystemExit):
         parse_settings(["--threads", "0"])
+
+
+# ThreadTuner: the batching engine's thread count, measured rather than guessed
+
+
+def drive(tuner: ThreadTuner, seconds: dict[int, float], passes: int, key: str = "decode") -> list[int]:
+    """Run ``passes`` passes of one kind where each count takes ``seconds[count]``; return the counts picked."""
+    picked = []
+    for _ in range(passes):
+        threads = tuner.pick(key)
+        tuner.record(key, threads, seconds[threads])
+        picked.append(threads)
+    return picked
+
+
+def test_each_count_is_tried_then_the_faster_one_kept():
+    tuner = ThreadTuner((1, 2), explore_every=1000)
+    picked = drive(tuner, {1: 0.09, 2: 0.06}, 50)
+    assert picked[:6] == [1, 1, 1, 2, 2, 2]
+    assert set(picked[6:]) == {2}
+    assert tuner.best("decode") == 2
+
+
+def test_a_machine_that_becomes_busy_is_noticed_and_the_other_count_taken():
+    tuner = ThreadTuner((1, 2), explore_every=16, burst=3)
+    drive(tuner, {1: 0.09, 2: 0.06}, 40)
+    assert tuner.best("decode") == 2
+    picked = drive(tuner, {1: 0.09, 2: 0.28}, 40)  # another process now holds a core: two threads collapse
+    assert tuner.best("decode") == 1
+    assert picked[-16:].count(1) >= 16 - 3  # one burst of exploring per 16 passes
+    drive(tuner, {1: 0.09, 2: 0.06}, 16)  # and it leaves again: one burst of trying two threads notices
+    assert tuner.best("decode") == 2
+
+
+def test_the_pass_after_a_switch_is_not_counted():
+    tuner = ThreadTuner((1, 2), explore_every=1000, burst=2)
+    first = tuner.pick("decode")
+    tuner.record("decode", first, 100.0)  # the first pass: threads were parked, not a fair time
+    second = tuner.pick("decode")
+    tuner.record("decode", second, 0.09)
+    assert tuner.best("decode") == first
+    drive(tuner, {1: 0.09, 2: 0.06}, 4)
+    assert tuner.best("decode") == 2
+
+
+def test_kinds_of_work_are_tuned_apart():
+    tuner = ThreadTuner((1, 2), explore_every=1000)
+    drive(tuner, {1: 0.09, 2: 0.06}, 20, key="prefill")
+    drive(tuner, {1: 0.05, 2: 0.07}, 20, key="decode")
+    assert (tuner.best("prefill"), tuner.best("decode")) == (2, 1)
+
+
+def test_a_fixed_count_is_never_changed():
+    tuner = ThreadTuner.for_cpu(3, cores=8)
+    assert drive(tuner, {3: 1.0}, 10) == [3] * 10
+
+
+@pytest.mark.parametrize(("cores", "choices"), [(1, (1,)), (2, (1, 2)), (16, (15, 16))])
+def test_by_default_the_tuner_weighs_every_core_against_all_but_one(cores, choices):
+    assert ThreadTuner.for_cpu(None, cores=cores).choices == choices
+
+
+def test_tuner_settings_are_checked():
+    with pytest.raises(ValueError, match="choices"):
+        ThreadTuner(())
+    with pytest.raises(ValueError, match="choices"):
+        ThreadTuner((1, 2), burst=1)

@@ -254,8 +254,16 @@ class HuggingFaceGenerator:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     _model_id: str = attrs.field(kw_only=True, alias="model_id")
+    threads: int | None = attrs.field(kw_only=True, default=None)
+    """Torch's CPU threads on the worker thread; ``None`` leaves torch's setting alone."""
     _executor: ThreadPoolExecutor = attrs.field(
-        init=False, factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        init=False,
+        default=attrs.Factory(
+            lambda self: ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="generate", initializer=_set_threads, initargs=(self.threads,)
+            ),
+            takes_self=True,
+        ),
     )
     grammars: GrammarCompiler = attrs.field(
         init=False,
@@ -513,3 +521,9 @@ def _result(future: Future[list[int]]) -> list[int]:
         log.exception("generation.failed")
         msg = f"Generation failed: {error}"
         raise GenerationError(msg) from error
+
+
+def _set_threads(threads: int | None) -> None:
+    """Give the worker thread its own torch thread count (torch's setting is per thread once set)."""
+    if threads is not None:
+        torch.set_num_threads(threads)

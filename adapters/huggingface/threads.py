@@ -3,25 +3,32 @@
 Torch defaults to one intra-op thread per core. A server also needs a core for its event loop (HTTP, tokenizing,
 streaming), and every parallel operation waits for its slowest thread: when any other process (or our own event
 loop) holds one of the cores, a step that split its work over all of them waits for a descheduled thread. On a
-2-core machine that made a decoding step 3-10x slower under load, while one thread is as fast as two at batch size 1
-and about 25% slower at batch 16 on an idle machine. So the default leaves one core free.
+2-core machine that made a decoding step 3-10x slower under load, while on an idle machine all cores decode a batch
+of 16 about 1.4x faster than one. Neither count is right everywhere, so the batching engine measures: a
+`ThreadTuner` times its forward passes with each candidate count and keeps the faster, trying the other again now and
+then, since the load on the machine changes. Fixed counts (``--threads``) and the plain path use cores - 1.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable
 
+import attrs
 import structlog
 import torch
 
 log = structlog.get_logger(__name__)
 
 
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_threads(cores: int | None = None) -> int:
     """One intra-op thread per core but one (the event loop's), and at least one."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    return max(1, (available_cores() if cores is None else cores) - 1)
 
 
 def configure_threads(requested: int | None, *, device: torch.device) -> int | None:
@@ -32,3 +39,94 @@ def configure_threads(requested: int | None, *, device: torch.device) -> int | N
     torch.set_num_threads(threads)
     log.info("torch.threads", intra_op=threads, requested=requested)
     return threads
+
+
+@attrs.define
+class _Choices:
+    """What the tuner knows of one kind of work: seconds per unit with each thread count, and what it is trying."""
+
+    estimates: dict[int, float] = attrs.field(factory=dict)
+    recorded: dict[int, int] = attrs.field(factory=dict)
+    """The pass each count's estimate was last updated at."""
+    picks: int = 0
+    trying: int | None = None
+    left: int = 0
+
+
+@attrs.define
+class ThreadTuner:
+    """Picks torch's intra-op thread count for each forward pass by timing the candidates as they run.
+
+    Work of one kind (``key``: prefill or decode, and its size) runs with the count whose smoothed time per unit is
+    lowest. Each untried count is tried first; afterwards, every ``explore_every``-th pass of a kind starts a burst
+    of ``burst`` passes with the best other count, so a machine that became busy (or idle) is noticed: a burst's
+    first recorded time replaces the count's old estimate, the others are smoothed into it. The pass right after a
+    change of count is not recorded: it pays for waking or parking threads. Not thread-safe: one engine thread owns
+    it.
+    """
+
+    choices: tuple[int, ...]
+    explore_every: int = 64
+    burst: int = 3
+    smoothing: float = 0.3
+    _kinds: dict[Hashable, _Choices] = attrs.field(init=False, factory=dict)
+    _current: int | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.choices or min(self.choices) < 1 or self.explore_every < 2 or self.burst < 2:  # noqa: PLR2004
+            msg = f"choices must be >= 1, explore_every and burst >= 2, got {self}"
+            raise ValueError(msg)
+
+    @classmethod
+    def for_cpu(cls, requested: int | None, cores: int | None = None) -> ThreadTuner:
+        """``requested`` threads always, else the faster of cores - 1 and every core."""
+        if requested is not None:
+            return cls((requested,))
+        cores = available_cores() if cores is None else cores
+        return cls(tuple(sorted({default_threads(cores), cores})))
+
+    def pick(self, key: Hashable) -> int:
+        """The thread count for the next pass of ``key``'s kind."""
+        if len(self.choices) == 1:
+            return self.choices[0]
+        kind = self._kinds.setdefault(key, _Choices())
+        kind.picks += 1
+        if kind.left == 0:
+            kind.trying = None
+            untried = [threads for threads in self.choices if threads not in kind.estimates]
+            if untried:
+                kind.trying, kind.left = untried[0], self.burst
+            elif kind.picks % self.explore_every == 0:
+                best = self.best(key)
+                others = [threads for threads in self.choices if threads != best]
+                kind.trying, kind.left = min(others, key=kind.estimates.__getitem__), self.burst
+        if kind.trying is not None:
+            kind.left -= 1
+            return kind.trying
+        return self.best(key)
+
+    def record(self, key: Hashable, threads: int, seconds: float) -> None:
+        """What a pass of ``key``'s kind with ``threads`` took (per unit of work, any unit, one per kind)."""
+        if len(self.choices) == 1:
+            return
+        switched, self._current = threads != self._current, threads
+        if switched:
+            return
+        kind = self._kinds.setdefault(key, _Choices())
+        before = self.best(key) if kind.estimates else None
+        estimate = kind.estimates.get(threads)
+        stale = kind.picks - kind.recorded.get(threads, kind.picks) > self.burst  # from before the last burst
+        if estimate is not None and not stale:
+            seconds = estimate + self.smoothing * (seconds - estimate)
+        kind.estimates[threads] = seconds
+        kind.recorded[threads] = kind.picks
+        if len(kind.estimates) == len(self.choices) and (after := self.best(key)) != before:
+            log.debug("torch.threads.tuned", kind=key, threads=after, estimates=kind.estimates)
+
+    def best(self, key: Hashable) -> int:
+        """The count with the lowest estimate for ``key``'s kind so far (the first choice before any)."""
+        estimates = self._kinds[key].estimates if key in self._kinds else {}
+        return min(estimates, key=estimates.__getitem__) if estimates else self.choices[0]
+
+
+__all__ = ["ThreadTuner", "available_cores", "configure_threads", "default_threads"]
