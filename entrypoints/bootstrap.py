@@ -82,6 +82,7 @@ def load_services(settings: ServerSettings) -> Services:
     from adapters.huggingface.batching import BatchingGenerator, BatchLimits  # noqa: PLC0415  torch loads only when serving
     from adapters.huggingface.generator import HuggingFaceGenerator  # noqa: PLC0415
     from adapters.huggingface.loading import load_model  # noqa: PLC0415
+    from adapters.huggingface.prefix_cache import PrefixCache  # noqa: PLC0415
     from adapters.huggingface.threads import ThreadTuner, configure_threads  # noqa: PLC0415
 
     loaded = load_model(
@@ -93,7 +94,11 @@ def load_services(settings: ServerSettings) -> Services:
     )
     threads = configure_threads(settings.threads, device=loaded.model.device)
     plain = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id, threads=threads)
-    tuner = None if threads is None else ThreadTuner.for_cpu(settings.threads)
-    generator = BatchingGenerator(plain, BatchLimits(settings.max_batch_size, settings.max_queue), threads=tuner)
+    generator = BatchingGenerator(
+        plain,
+        BatchLimits(settings.max_batch_size, settings.max_queue),
+        threads=None if threads is None else ThreadTuner.for_cpu(settings.threads),
+        prefixes=PrefixCache(settings.prefix_cache_mib * 2**20) if settings.prefix_cache_mib else None,
+    )
     template = TokenizerTemplate(generator.chat_template, generator.bos_token, generator.eos_token)
     return build_services(settings, generator, template, close=generator.close, constraints=plain.grammars)

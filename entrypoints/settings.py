@@ -23,6 +23,8 @@ class ServerSettings:
     """Requests waiting for a batch slot; past that a request is refused with 429."""
     threads: int | None = None
     """Torch intra-op threads on the CPU; ``None``: one per core but one, left to the event loop."""
+    prefix_cache_mib: int = 256
+    """Memory for the keys and values of prompt blocks reused by later prompts (0 turns prefix caching off)."""
     pack_weights: bool = True
     """On the CPU, reorder linear weights once for oneDNN's kernels (see ``adapters.huggingface.packing``)."""
     chat_template: Path | None = None

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.huggingface.batching import BatchingGenerator, BatchLimits
 from adapters.huggingface.generator import HuggingFaceGenerator
+from adapters.huggingface.prefix_cache import PrefixCache
 from adapters.huggingface.threads import ThreadTuner
 from domain.errors import GenerationError, QueueFullError
 from domain.generation import FinishReason, GenerationParams
@@ -25,8 +26,10 @@ def plain(model_dir) -> HuggingFaceGenerator:
     return HuggingFaceGenerator(model, AutoTokenizer.from_pretrained(model_dir), model_id="tiny")
 
 
-def engine(model_dir, **limits) -> BatchingGenerator:
-    return BatchingGenerator(plain(model_dir), BatchLimits(**limits))
+def engine(model_dir, *, prefix_cache: bool = True, **limits) -> BatchingGenerator:
+    """The engine, with a prefix cache of small blocks so that the tests' short prompts share some."""
+    prefixes = PrefixCache(2**26, block_tokens=2) if prefix_cache else None
+    return BatchingGenerator(plain(model_dir), BatchLimits(**limits), prefixes=prefixes)
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +277,7 @@ def test_the_batch_never_exceeds_its_size(model_dir, prompts):
 
 
 def test_a_burst_is_prefilled_a_few_prompts_at_a_time_and_the_first_stream_early(model_dir, prompts):
-    generator = engine(model_dir, max_batch_size=8, prefill_tokens=2 * len(prompts[0]))
+    generator = engine(model_dir, prefix_cache=False, max_batch_size=8, prefill_tokens=2 * len(prompts[0]))
     shapes: list[tuple[int, int]] = []
 
     def record(module, args, kwargs):
@@ -370,3 +373,55 @@ def test_the_engine_tunes_its_own_threads_and_decodes_the_same(model_dir, refere
     assert tuner.best(decode) in (1, 2)
     assert len(tuner._kinds[decode].estimates) == 2  # both counts were timed
     assert torch.get_num_threads() == before  # the engine's setting stays on its own thread
+
+
+# --- prefix caching --------------------------------------------------------------------------------------------------
+
+
+def test_a_repeated_prompt_reuses_its_cached_blocks_and_decodes_the_same(model_dir, reference, prompts):
+    generator = engine(model_dir)
+    prefixes = generator.prefixes
+    try:
+        jobs = [(prompt, greedy(max_new_tokens=12, logprobs=2)) for prompt in prompts]
+        first = asyncio.run(gather(generator, jobs))
+        assert prefixes.reused_tokens == 0
+        assert prefixes.blocks > 0
+        again = asyncio.run(gather(generator, jobs))
+        expected = asyncio.run(gather(reference, jobs))
+    finally:
+        generator.close()
+    # every prompt but its last token (and the odd one out of a 2-token block) came from the cache the second time
+    assert prefixes.reused_tokens == sum(2 * ((len(p) - 1) // 2) for p in prompts)
+    assert all(same_steps(got, want) for got, want in zip(first, expected, strict=True))
+    assert all(same_steps(got, want) for got, want in zip(again, expected, strict=True))
+
+
+def test_prompts_that_share_a_beginning_prefill_together_each_from_its_own_cached_part(model_dir, reference, prompts):
+    generator = engine(model_dir)
+    base = prompts[2]  # the longest
+    asyncio.run(gather(generator, [(base[:5], greedy(max_new_tokens=1))]))  # caches blocks of its first 4 tokens
+    jobs = [
+        (base, greedy(max_new_tokens=10)),  # 4 cached, the rest computed
+        (base[:7] + prompts[0], greedy(max_new_tokens=10)),
+        (prompts[1], greedy(max_new_tokens=10)),  # nothing cached: the group mixes both layouts
+        (base[:5], GenerationParams(max_new_tokens=10, seed=5)),
+    ]
+    try:
+        actual = asyncio.run(gather(generator, jobs))
+    finally:
+        generator.close()
+    assert generator.prefixes.reused_tokens >= 4 + 4 + 4
+    assert all(same_steps(got, want) for got, want in zip(actual, asyncio.run(gather(reference, jobs)), strict=True))
+
+
+def test_the_cache_stays_within_its_budget(model_dir, prompts):
+    generator = engine(model_dir)
+    block = generator.model.config.num_hidden_layers * 2 * generator.model.config.num_key_value_heads * 2
+    block *= generator.model.config.head_dim * 4  # bytes of one 2-token block in float32
+    generator.prefixes = PrefixCache(3 * block, block_tokens=2)
+    try:
+        asyncio.run(gather(generator, [(prompt, greedy(max_new_tokens=2)) for prompt in prompts]))
+    finally:
+        generator.close()
+    assert generator.prefixes.blocks == 3
+    assert generator.prefixes.held_bytes == 3 * block

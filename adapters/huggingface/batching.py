@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 
+from adapters.huggingface.prefix_cache import PrefixBlock, PrefixCache, prefix_kv
 from adapters.huggingface.processors import LogprobRecorder, OpenAIPenalties
 from adapters.huggingface.threads import ThreadTuner
 from domain.errors import DomainError, GenerationError, QueueFullError
@@ -78,6 +79,8 @@ class _Row:
     """Prompt and generated tokens, shape ``[1, length]``: what logits processors and stopping criteria read."""
     cached: int = 0
     """How many of ``ids`` the KV cache holds (all but the last sampled token, once prefilled)."""
+    reused: list[PrefixBlock] = attrs.field(factory=list)
+    """Cached prompt blocks this row's prefill starts after."""
     finish_reason: FinishReason | None = None
     released: bool = False
     """The consumer has been told the engine let go of the row."""
@@ -221,6 +224,8 @@ class BatchingGenerator:
     limits: BatchLimits = attrs.field(factory=BatchLimits)
     threads: ThreadTuner | None = None
     """Picks torch's CPU thread count for each forward pass; ``None`` leaves torch's setting alone (GPUs)."""
+    prefixes: PrefixCache | None = None
+    """Keys and values of prompt blocks seen before, reused by later prompts that begin with them."""
     _waiting: collections.deque[_Row] = attrs.field(init=False, factory=collections.deque)
     _condition: threading.Condition = attrs.field(init=False, factory=threading.Condition)
     _closed: bool = attrs.field(init=False, default=False)
@@ -432,10 +437,11 @@ class BatchingGenerator:
                 if row.cancelled.is_set():
                     _release(self._waiting.popleft())
                     continue
-                if admitted and tokens + len(row.prompt_ids) > self.limits.prefill_tokens:
+                to_compute = len(row.prompt_ids) - (self.prefixes.cached_tokens(row.prompt_ids) if self.prefixes else 0)
+                if admitted and tokens + to_compute > self.limits.prefill_tokens:
                     break
                 admitted.append(self._waiting.popleft())
-                tokens += len(row.prompt_ids)
+                tokens += to_compute
             return admitted
 
     def _drain(self) -> list[_Row]:
@@ -497,30 +503,73 @@ class BatchingGenerator:
         ready.sort(key=lambda r: len(r.prompt_ids))
         for group in _groups(ready, 4 * self.limits.prefill_tokens):  # left padding may take a group past it
             try:
+                if self.prefixes is not None:
+                    for row in group:
+                        row.reused = self.prefixes.match(row.prompt_ids)
                 cache, mask, logits = self._prefill_group(group)
             except Exception as error:  # noqa: BLE001  the group's consumers re-raise it
                 self._fail(group, error)
                 continue
+            self._remember_prefixes(group, cache, mask)
             for index, row in enumerate(group):
                 row.cached = len(row.prompt_ids)
                 self._advance(row, logits[index : index + 1])
             self._batch.add(group, cache, mask)
-            log.debug("batching.joined", rows=len(group), running=len(self._batch.rows))
+            log.debug(
+                "batching.joined",
+                rows=len(group),
+                running=len(self._batch.rows),
+                reused_tokens=sum(_reused_tokens(row) for row in group),
+            )
 
     def _prefill_group(self, group: list[_Row]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """One forward pass over left-padded prompts: the cache, its mask, and each row's last logits (float32)."""
-        width = max(len(row.prompt_ids) for row in group)
+        """One forward pass over left-padded prompts: the cache, its mask, and each row's last logits (float32).
+
+        A row that reuses cached blocks has them copied into the cache first and computes only the rest of its
+        prompt: its columns are ``[zeros | cached prefix | zeros | rest]``, the first ``width`` columns holding
+        every row's prefix and the others every row's rest, both right-aligned; the mask hides the zeros.
+        """
+        prefix_width = max(_reused_tokens(row) for row in group)
+        width = max(len(row.prompt_ids) - _reused_tokens(row) for row in group)
         device = self.model.device
         ids = torch.zeros((len(group), width), dtype=torch.long, device=device)
-        mask = torch.zeros((len(group), width), dtype=torch.long, device=device)
+        mask = torch.zeros((len(group), prefix_width + width), dtype=torch.long, device=device)
         for index, row in enumerate(group):
-            length = len(row.prompt_ids)
-            ids[index, width - length :] = row.ids[0]
-            mask[index, width - length :] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            reused = _reused_tokens(row)
+            rest = len(row.prompt_ids) - reused
+            ids[index, width - rest :] = row.ids[0, reused:]
+            mask[index, prefix_width - reused : prefix_width] = 1
+            mask[index, prefix_width + width - rest :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, prefix_width:]
         cache = _growing_cache(self.model.config)
+        if prefix_width:
+            cached = prefix_kv([row.reused for row in group], prefix_width).to(device)
+            for layer, (keys, values) in zip(_layers(cache), cached, strict=True):
+                layer.update(keys, values)
         logits = self._forward(ids, positions, mask, cache)
         return cache, mask, logits
+
+    def _remember_prefixes(self, group: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Cache the full prompt blocks the group's rows computed and the cache does not hold yet.
+
+        Caching is an optimisation: if it fails (a model whose layers' keys differ in shape, say), it is turned off
+        and the requests go on.
+        """
+        prefixes = self.prefixes
+        if prefixes is None:
+            return
+        try:
+            layers = [_kv(layer) for layer in _layers(cache)]
+            for index, row in enumerate(group):
+                if len(row.prompt_ids) // prefixes.block_tokens <= len(row.reused):
+                    continue
+                columns = mask[index].nonzero().squeeze(1)
+                kv = torch.stack([torch.stack([keys[index], values[index]]) for keys, values in layers])
+                prefixes.insert(row.prompt_ids, row.reused, kv.index_select(3, columns))
+        except Exception as error:  # noqa: BLE001  never fail a request for a cache
+            log.warning("prefix_cache.disabled", error=str(error))
+            prefixes.clear()
+            self.prefixes = None
 
     def _step(self) -> None:
         """One decoding step for every running row."""
@@ -614,6 +663,11 @@ class BatchingGenerator:
             row.cancelled.set()
             row.deliver(failure)
             _release(row)
+
+
+def _reused_tokens(row: _Row) -> int:
+    """How many prompt tokens of ``row`` come from the prefix cache."""
+    return sum(len(block.tokens) for block in row.reused)
 
 
 def _release(row: _Row) -> None:

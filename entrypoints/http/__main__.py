@@ -78,6 +78,13 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         "--threads", type=int, default=None, metavar="N", help="torch threads on the CPU (default: cores - 1, min 1)"
     )
     parser.add_argument(
+        "--prefix-cache-mib",
+        type=int,
+        default=256,
+        metavar="MIB",
+        help="memory for cached prompt prefixes, reused by prompts that begin alike; 0: off (default: %(default)s)",
+    )
+    parser.add_argument(
         "--no-pack-weights",
         action="store_true",
         help="on the CPU, multiply with torch's own linear layers instead of oneDNN-prepacked weights",
@@ -122,6 +129,8 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     args = parser.parse_args(argv)
     if args.max_batch_size < 1 or args.max_queue < 0:
         parser.error("--max-batch-size must be at least 1 and --max-queue at least 0")
+    if args.prefix_cache_mib < 0:
+        parser.error("--prefix-cache-mib must be at least 0")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
     environ = os.environ if environ is None else environ
@@ -138,6 +147,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         max_queue=args.max_queue,
         threads=args.threads,
         pack_weights=not args.no_pack_weights,
+        prefix_cache_mib=args.prefix_cache_mib,
         chat_template=args.chat_template,
         stop_sequences=tuple(args.stop_sequences),
         log_level=args.log_level,
