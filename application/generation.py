@@ -122,11 +122,16 @@ class TextGeneration:
                     choices[event.index] = event
                 yield event
         ordered = tuple(choices[index] for index in sorted(choices))
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(c.completion_tokens for c in ordered))
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=sum(c.completion_tokens for c in ordered),
+            cached_tokens=_cached_tokens(jobs, choices),
+        )
         log.info(
             "usage",
             finish_reasons=[str(c.finish_reason) for c in ordered],
             prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
             completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
         )
@@ -151,9 +156,11 @@ class TextGeneration:
         released = sent = 0
         finish_reason = FinishReason.LENGTH
         cut = None
+        cached = 0
         if params.max_new_tokens != 0:
             async with contextlib.aclosing(self.generator.generate(job.prompt.token_ids, params)) as steps:
                 async for step in steps:
+                    cached = max(cached, step.cached_tokens)
                     if params.logprobs is not None:
                         offset = len(prefix) + len(text)
                         entries.extend(self._entry(logprob, offset) for logprob in step.logprobs)
@@ -183,7 +190,9 @@ class TextGeneration:
             response=text,
         )
         logprobs = None if params.logprobs is None else (*prefix_logprobs, *final)
-        yield Choice(prefix + text, finish_reason, job.index, logprobs, completion_tokens=len(generated))
+        yield Choice(
+            prefix + text, finish_reason, job.index, logprobs, completion_tokens=len(generated), cached_tokens=cached
+        )
 
     async def _echo(self, job: ChoiceJob) -> tuple[str, tuple[LogprobEntry, ...]]:
         """The echoed prompt and, when logprobs are asked for, its own tokens' logprobs (the first has none)."""
@@ -208,6 +217,15 @@ class TextGeneration:
     def _log(self, event: str, **fields: object) -> None:
         """Log ``event``; when content logging is off, without its texts and token ids (counts stay)."""
         log.info(event, **(fields if self.log_content else {k: v for k, v in fields.items() if k not in CONTENT}))
+
+
+def _cached_tokens(jobs: Sequence[ChoiceJob], choices: dict[int, Choice]) -> int:
+    """Cached prompt tokens, counted as prompt tokens are: once per distinct prompt (the least its choices read)."""
+    by_prompt: dict[int, list[int]] = {}
+    for job in jobs:
+        if job.index in choices:
+            by_prompt.setdefault(id(job.prompt), []).append(choices[job.index].cached_tokens)
+    return sum(min(counts) for counts in by_prompt.values())
 
 
 def _offsets(generator: Generator, token_ids: Sequence[int]) -> list[int]:

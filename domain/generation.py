@@ -102,6 +102,8 @@ class GeneratedTokens:
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
+    cached_tokens: int = 0
+    """On a stream's first step: how many prompt tokens were read from a prefix cache instead of computed."""
 
 
 @attrs.frozen
@@ -110,6 +112,8 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens read from a prefix cache (OpenAI's ``prompt_tokens_details.cached_tokens``)."""
 
     @property
     def total_tokens(self) -> int:
@@ -151,6 +155,8 @@ class Choice:
     index: int = 0
     logprobs: tuple[LogprobEntry, ...] | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens its generation read from a prefix cache."""
     tool_calls: tuple[ToolCall, ...] = ()
     """The tools the model called (chat with tools); ``text`` then holds only the rest of its answer."""
 

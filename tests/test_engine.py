@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import attrs
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,9 +75,12 @@ def same_steps(actual, expected):
     return True
 
 
-async def gather(generator, jobs):
+async def gather(generator, jobs, *, cached_tokens: bool = False):
+    """Every job's steps; how much of each prompt the prefix cache held is left out unless asked for."""
+
     async def one(prompt_ids, params):
-        return [step async for step in generator.generate(prompt_ids, params)]
+        steps = [step async for step in generator.generate(prompt_ids, params)]
+        return steps if cached_tokens else [attrs.evolve(step, cached_tokens=0) for step in steps]
 
     return await asyncio.gather(*(one(prompt_ids, params) for prompt_ids, params in jobs))
 
@@ -204,7 +208,7 @@ def test_beam_search_runs_beside_the_batch_without_blocking_it(generator, refere
         finished: list[str] = []
 
         async def run(name, prompt_ids, params):
-            steps = [step async for step in generator.generate(prompt_ids, params)]
+            steps = [attrs.evolve(step, cached_tokens=0) async for step in generator.generate(prompt_ids, params)]
             finished.append(name)
             return steps
 
@@ -383,15 +387,17 @@ def test_a_repeated_prompt_reuses_its_cached_blocks_and_decodes_the_same(model_d
     prefixes = generator.prefixes
     try:
         jobs = [(prompt, greedy(max_new_tokens=12, logprobs=2)) for prompt in prompts]
-        first = asyncio.run(gather(generator, jobs))
+        first = asyncio.run(gather(generator, jobs, cached_tokens=True))
         assert prefixes.reused_tokens == 0
         assert prefixes.blocks > 0
-        again = asyncio.run(gather(generator, jobs))
+        again = asyncio.run(gather(generator, jobs, cached_tokens=True))
         expected = asyncio.run(gather(reference, jobs))
     finally:
         generator.close()
     # every prompt but its last token (and the odd one out of a 2-token block) came from the cache the second time
     assert prefixes.reused_tokens == sum(2 * ((len(p) - 1) // 2) for p in prompts)
+    assert [steps[0].cached_tokens for steps in first] == [0] * len(prompts)
+    assert [steps[0].cached_tokens for steps in again] == [2 * ((len(p) - 1) // 2) for p in prompts]
     assert all(same_steps(got, want) for got, want in zip(first, expected, strict=True))
     assert all(same_steps(got, want) for got, want in zip(again, expected, strict=True))
 

@@ -40,6 +40,7 @@ def test_chat_completion_has_openai_shape(client: TestClient, fake: FakeGenerato
         "prompt_tokens": prompt_tokens,
         "completion_tokens": len(b"Hi there") + 1,
         "total_tokens": prompt_tokens + len(b"Hi there") + 1,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
 
 

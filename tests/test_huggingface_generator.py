@@ -7,6 +7,7 @@ import contextlib
 import threading
 import time
 
+import attrs
 import pytest
 import structlog
 import torch
@@ -51,8 +52,10 @@ def prompt(generator):
 
 
 def collect(generator, prompt_ids, params) -> list[GeneratedTokens]:
+    """The steps of one generation; how much of the prompt a prefix cache held is left out (it varies by run)."""
+
     async def run():
-        return [step async for step in generator.generate(prompt_ids, params)]
+        return [attrs.evolve(step, cached_tokens=0) async for step in generator.generate(prompt_ids, params)]
 
     return asyncio.run(run())
 

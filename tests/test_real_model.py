@@ -241,3 +241,21 @@ def test_n_seeded_choices_are_reproducible_and_the_first_matches_n_1(client: Tes
     assert body["choices"][0]["message"] == single["choices"][0]["message"]
     assert 3 <= body["usage"]["completion_tokens"] <= 15
     assert body["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]
+
+
+def test_a_repeated_prompt_is_read_from_the_prefix_cache_and_says_so(client: TestClient) -> None:
+    messages = [{"role": "user", "content": "The old man paints the river at night. " * 6 + "What does he paint?"}]
+    first = chat(client, messages=messages)
+    again = chat(client, messages=messages)
+    prompt_tokens = first["usage"]["prompt_tokens"]
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 16 * ((prompt_tokens - 1) // 16)}
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert again["choices"][0]["message"] == first["choices"][0]["message"]
+    streamed = client.post(
+        "/v1/chat/completions",
+        json={"messages": messages, "max_tokens": 24, "temperature": 0, "stream": True}
+        | {"stream_options": {"include_usage": True}},
+    ).text
+    usage = json.loads(streamed.split("data: ")[-2])["usage"]
+    assert usage["prompt_tokens_details"] == again["usage"]["prompt_tokens_details"]

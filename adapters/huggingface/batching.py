@@ -511,16 +511,12 @@ class BatchingGenerator:
                 self._fail(group, error)
                 continue
             self._remember_prefixes(group, cache, mask)
+            reused = [_reused_tokens(row) for row in group]
             for index, row in enumerate(group):
-                row.cached = len(row.prompt_ids)
-                self._advance(row, logits[index : index + 1])
+                row.cached, row.reused = len(row.prompt_ids), []  # the blocks are in the batch's cache now
+                self._advance(row, logits[index : index + 1], cached_tokens=reused[index])
             self._batch.add(group, cache, mask)
-            log.debug(
-                "batching.joined",
-                rows=len(group),
-                running=len(self._batch.rows),
-                reused_tokens=sum(_reused_tokens(row) for row in group),
-            )
+            log.debug("batching.joined", rows=len(group), running=len(self._batch.rows), reused_tokens=sum(reused))
 
     def _prefill_group(self, group: list[_Row]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """One forward pass over left-padded prompts: the cache, its mask, and each row's last logits (float32).
@@ -610,8 +606,11 @@ class BatchingGenerator:
             self.threads.record(tuning, torch.get_num_threads(), (time.perf_counter() - started) / ids.numel())
         return logits
 
-    def _advance(self, row: _Row, logits: torch.Tensor) -> None:
-        """Process one row's logits, pick its next token, hand it over, and check whether the row is done."""
+    def _advance(self, row: _Row, logits: torch.Tensor, *, cached_tokens: int = 0) -> None:
+        """Process one row's logits, pick its next token, hand it over, and check whether the row is done.
+
+        ``cached_tokens``: on the first token, how many prompt tokens came from the prefix cache.
+        """
         try:
             scores = row.processors(cast("torch.LongTensor", row.ids), cast("torch.FloatTensor", logits))
             if row.config.do_sample:
@@ -621,7 +620,8 @@ class BatchingGenerator:
             row.ids = torch.cat([row.ids, token.to(row.ids.dtype)], dim=-1)
             token_id = int(token)
             logprobs = () if row.recorder is None else row.recorder.logprobs_of([token_id])
-            if not row.deliver(GeneratedTokens(token_ids=(token_id,), logprobs=logprobs)):
+            step = GeneratedTokens(token_ids=(token_id,), logprobs=logprobs, cached_tokens=cached_tokens)
+            if not row.deliver(step):
                 row.cancelled.set()
             if bool(row.stopping(row.ids, scores).any()):
                 row.finish_reason = self._finish_reason(row)

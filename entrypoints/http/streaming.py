@@ -19,6 +19,7 @@ from entrypoints.http.wire import (
     CompletionChoice,
     CompletionResponse,
     Delta,
+    PromptTokensDetails,
     UsageBody,
     chat_logprobs,
     completion_logprobs,
@@ -43,7 +44,9 @@ class EventStream(ServerSentEvent):
 
 def usage_body(usage: Usage) -> UsageBody:
     """The wire form of ``usage``."""
-    return UsageBody(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+    return UsageBody(
+        usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, PromptTokensDetails(usage.cached_tokens)
+    )
 
 
 def event(payload: object) -> ServerSentEventMessage:

@@ -274,12 +274,20 @@ class CompletionRequest(SamplingRequest):
 
 
 @attrs.frozen
+class PromptTokensDetails:
+    """``usage.prompt_tokens_details``."""
+
+    cached_tokens: int = 0
+
+
+@attrs.frozen
 class UsageBody:
     """``usage``."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = attrs.field(factory=PromptTokensDetails)
 
 
 @attrs.frozen
