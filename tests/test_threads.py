@@ -108,3 +108,13 @@ def test_tuner_settings_are_checked():
         ThreadTuner(())
     with pytest.raises(ValueError, match="choices"):
         ThreadTuner((1, 2), burst=1)
+
+
+def test_a_sudden_slowdown_is_noticed_before_the_next_scheduled_try():
+    tuner = ThreadTuner((1, 2), explore_every=10_000, burst=3)
+    drive(tuner, {1: 0.09, 2: 0.06}, 20)
+    assert tuner.best("decode") == 2
+    drive(tuner, {1: 0.09, 2: 0.28}, 10)  # another process takes a core: two threads now 4-5x slower
+    assert tuner.best("decode") == 1
+    drive(tuner, {1: 0.092, 2: 0.06}, 100)  # a slow drift of a few percent does not trigger a try
+    assert tuner.best("decode") == 1

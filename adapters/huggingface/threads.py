@@ -51,6 +51,8 @@ class _Choices:
     picks: int = 0
     trying: int | None = None
     left: int = 0
+    settled: float | None = None
+    """The best count's estimate when the last burst ended: much slower than that, the others are tried again."""
 
 
 @attrs.define
@@ -58,17 +60,19 @@ class ThreadTuner:
     """Picks torch's intra-op thread count for each forward pass by timing the candidates as they run.
 
     Work of one kind (``key``: prefill or decode, and its size) runs with the count whose smoothed time per unit is
-    lowest. Each untried count is tried first; afterwards, every ``explore_every``-th pass of a kind starts a burst
-    of ``burst`` passes with the best other count, so a machine that became busy (or idle) is noticed: a burst's
-    first recorded time replaces the count's old estimate, the others are smoothed into it. The pass right after a
+    lowest. Each untried count is tried first; afterwards a burst of ``burst`` passes with the best other count
+    starts every ``explore_every``-th pass of a kind, and as soon as the best count has become ``drift`` times
+    slower than when it was last chosen, so a machine that became busy (or idle) is noticed: a burst's first
+    recorded time replaces the count's old estimate, the others are smoothed into it. The pass right after a
     change of count is not recorded: it pays for waking or parking threads. Not thread-safe: one engine thread owns
     it.
     """
 
     choices: tuple[int, ...]
-    explore_every: int = 64
+    explore_every: int = 256
     burst: int = 3
     smoothing: float = 0.3
+    drift: float = 1.3
     _kinds: dict[Hashable, _Choices] = attrs.field(init=False, factory=dict)
     _current: int | None = attrs.field(init=False, default=None)
 
@@ -92,11 +96,14 @@ class ThreadTuner:
         kind = self._kinds.setdefault(key, _Choices())
         kind.picks += 1
         if kind.left == 0:
+            if kind.trying is not None or kind.settled is None:  # a burst just ended, or none has run yet
+                kind.settled = kind.estimates.get(self.best(key))
             kind.trying = None
             untried = [threads for threads in self.choices if threads not in kind.estimates]
+            drifted = kind.settled is not None and kind.estimates[self.best(key)] > self.drift * kind.settled
             if untried:
                 kind.trying, kind.left = untried[0], self.burst
-            elif kind.picks % self.explore_every == 0:
+            elif kind.picks % self.explore_every == 0 or drifted:
                 best = self.best(key)
                 others = [threads for threads in self.choices if threads != best]
                 kind.trying, kind.left = min(others, key=kind.estimates.__getitem__), self.burst
