@@ -162,6 +162,7 @@ def servers(args: argparse.Namespace, snapshot: Path) -> list[Server]:
             str(args.cache_dir),
             *(["--dtype", args.dtype] if args.dtype else []),
             *(["--threads", str(args.threads)] if args.threads else []),
+            *(["--prefix-cache-mib", str(args.prefix_cache_mib)] if args.prefix_cache_mib is not None else []),
         ],
         args.port,
         "SmolLM2-135M-Instruct",
@@ -398,6 +399,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=16, help="our server's --max-batch-size")
     parser.add_argument("--threads", type=int, default=None, help="our server's --threads (default: its own)")
+    parser.add_argument(
+        "--prefix-cache-mib", type=int, default=None, help="our server's --prefix-cache-mib (default: its own)"
+    )
     parser.add_argument("--dtype", default=None, help="both servers' weights dtype (default: the checkpoint's)")
     parser.add_argument("--warmup", type=int, default=2, help="requests before measuring (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved passes per cell (default: %(default)s)")
@@ -425,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     selected = [s for s in servers(args, snapshot) if not args.only or any(part in s.name for part in args.only)]
     cells = bench(selected, args)
     threads = f"--threads {args.threads}" if args.threads else "its default --threads"
+    if args.prefix_cache_mib is not None:
+        threads += f" and --prefix-cache-mib {args.prefix_cache_mib}"
     settings = (
         f"SmolLM2-135M-Instruct ({args.dtype or 'fp32'}), streaming chat, max_tokens {args.max_tokens}, "
         f"temperature 0, {len(PROMPTS)} prompts in rotation, {args.warmup} warm-up requests, {args.rounds} "
