@@ -31,6 +31,8 @@ class FakeGenerator:
     produced: int = 0
     closed_early: int = 0
     scored: list[tuple[int, ...]] = attrs.Factory(list)
+    cached_tokens: int = 0
+    """What the first step says a prefix cache held of the prompt (at most the prompt but its last token)."""
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         del add_special_tokens
@@ -61,7 +63,8 @@ class FakeGenerator:
                     raise GenerationError(msg)
                 self.produced += 1
                 logprobs = () if params.logprobs is None else (fake_logprob(token, params.logprobs),)
-                yield GeneratedTokens((token,), logprobs=logprobs)
+                cached = min(self.cached_tokens, len(prompt_ids) - 1) if count == 1 else 0
+                yield GeneratedTokens((token,), logprobs=logprobs, cached_tokens=cached)
             finished = True
             yield GeneratedTokens(finish_reason=FinishReason.STOP)
         finally:

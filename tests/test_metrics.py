@@ -41,6 +41,7 @@ def test_metrics_are_prometheus_text(client: TestClient) -> None:
         "hf_openai_requests",
         "hf_openai_request_duration_seconds",
         "hf_openai_prompt_tokens",
+        "hf_openai_prompt_tokens_cached",
         "hf_openai_completion_tokens",
         "hf_openai_time_to_first_token_seconds",
         "hf_openai_inter_token_latency_seconds",
@@ -80,6 +81,16 @@ def test_tokens_add_up_to_the_usage_the_clients_got(client: TestClient, fake: Fa
     completion = value(samples, "hf_openai_completion_tokens_total", endpoint=endpoint)
     assert prompt == whole["prompt_tokens"] + streamed["prompt_tokens"] == 7
     assert completion == whole["completion_tokens"] + streamed["completion_tokens"] == 8
+
+
+def test_prefix_cache_hits_are_counted_as_the_clients_saw_them(client: TestClient, fake: FakeGenerator) -> None:
+    fake.cached_tokens = 4
+    try:
+        usage = client.post("/v1/completions", json={"prompt": "hello there"}).json()["usage"]
+    finally:
+        fake.cached_tokens = 0
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 4}
+    assert value(scrape(client), "hf_openai_prompt_tokens_cached_total", endpoint="/v1/completions") == 4
 
 
 def test_first_token_and_inter_token_latencies_are_observed(client: TestClient, fake: FakeGenerator) -> None:
