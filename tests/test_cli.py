@@ -183,6 +183,18 @@ def test_show_usage_for_completions(capsys: pytest.CaptureFixture[str], url: str
     assert out == "!\nusage: prompt_tokens=2 completion_tokens=2 total_tokens=4\n"
 
 
+def test_show_usage_names_the_prompt_tokens_the_prefix_cache_held(
+    capsys: pytest.CaptureFixture[str], url: str, fake: FakeGenerator
+) -> None:
+    fake.reply, fake.cached_tokens = "!", 16
+    try:
+        status, out, _ = run_cli(capsys, "--url", url, "complete", "more than sixteen bytes", "--show-usage")
+    finally:
+        fake.cached_tokens = 0
+    assert status == 0
+    assert out.endswith(" cached_tokens=16\n")
+
+
 def test_generation_options_reach_the_server(capsys: pytest.CaptureFixture[str], url: str, fake: FakeGenerator) -> None:
     flags = ["--max-tokens", "40", "--temperature", "0.3", "--top-p", "0.9", "--top-k", "5", "--seed", "7"]
     flags += ["--repetition-penalty", "1.2", "--num-beams", "2", "--no-repeat-ngram-size", "3", "--min-length", "4"]

@@ -128,12 +128,14 @@ def completion_answer(client: openai.OpenAI, settings: ClientSettings, prompt: s
 
 
 def usage_line(usage: CompletionUsage | None) -> str:
-    """The token counts, as ``--show-usage`` prints them."""
+    """The token counts, as ``--show-usage`` prints them (with the prefix cache's share when it had any)."""
     if usage is None:
         return "usage: not reported by the server"
+    details = usage.prompt_tokens_details
+    cached = f" cached_tokens={details.cached_tokens}" if details is not None and details.cached_tokens else ""
     return (
         f"usage: prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens} "
-        f"total_tokens={usage.total_tokens}"
+        f"total_tokens={usage.total_tokens}{cached}"
     )
 
 
