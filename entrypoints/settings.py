@@ -22,7 +22,7 @@ class ServerSettings:
     max_queue: int = 64
     """Requests waiting for a batch slot; past that a request is refused with 429."""
     threads: int | None = None
-    """Torch intra-op threads on the CPU; ``None``: one per core but one, left to the event loop."""
+    """Torch intra-op threads on the CPU; ``None``: tuned by the batching engine (cores - 1 on the plain path)."""
     prefix_cache_mib: int = 256
     """Memory for the keys and values of prompt blocks reused by later prompts (0 turns prefix caching off)."""
     pack_weights: bool = True

@@ -75,7 +75,12 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         help="requests waiting for a batch slot; past that: 429 (default: %(default)s)",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, metavar="N", help="torch threads on the CPU (default: cores - 1, min 1)"
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads on the CPU (default: the batching engine times cores - 1 against every core and keeps "
+        "the faster; the plain path uses cores - 1)",
     )
     parser.add_argument(
         "--prefix-cache-mib",
