@@ -61,14 +61,7 @@ class PrefixCache:
 
     def match(self, tokens: Sequence[int]) -> list[PrefixBlock]:
         """The cached blocks ``tokens`` begins with, leaving at least its last token to compute; touches them."""
-        blocks: list[PrefixBlock] = []
-        children = self._roots
-        for start in range(0, len(tokens) - self.block_tokens, self.block_tokens):  # the last token stays to compute
-            block = children.get(tuple(tokens[start : start + self.block_tokens]))
-            if block is None:
-                break
-            blocks.append(block)
-            children = block.children
+        blocks = self._walk(tokens)
         self._touch(blocks)
         self.looked_up_tokens += len(tokens)
         self.reused_tokens += len(blocks) * self.block_tokens
@@ -76,13 +69,7 @@ class PrefixCache:
 
     def cached_tokens(self, tokens: Sequence[int]) -> int:
         """How many of ``tokens`` `match` would reuse now (without touching anything)."""
-        children, count = self._roots, 0
-        for start in range(0, len(tokens) - self.block_tokens, self.block_tokens):
-            block = children.get(tuple(tokens[start : start + self.block_tokens]))
-            if block is None:
-                break
-            children, count = block.children, count + self.block_tokens
-        return count
+        return len(self._walk(tokens)) * self.block_tokens
 
     def insert(self, tokens: Sequence[int], known: Sequence[PrefixBlock], kv: torch.Tensor) -> None:
         """Cache the full blocks of ``tokens`` after the ``known`` ones, then evict down to the budget.
@@ -112,6 +99,18 @@ class PrefixCache:
         self._recent.clear()
         self.held_bytes = 0
 
+    def _walk(self, tokens: Sequence[int]) -> list[PrefixBlock]:
+        """The cached run of blocks ``tokens`` begins with; its last token is never in one (it stays to compute)."""
+        blocks: list[PrefixBlock] = []
+        children = self._roots
+        for start in range(0, len(tokens) - self.block_tokens, self.block_tokens):
+            block = children.get(tuple(tokens[start : start + self.block_tokens]))
+            if block is None:
+                break
+            blocks.append(block)
+            children = block.children
+        return blocks
+
     def _touch(self, chain: Sequence[PrefixBlock]) -> None:
         """Mark a run of blocks used, the last first, so that a block is always more recent than its children."""
         for block in reversed(chain):
@@ -122,12 +121,8 @@ class PrefixCache:
         while self.held_bytes > self.budget_bytes and self._recent:
             block, _ = self._recent.popitem(last=False)
             siblings = self._roots if block.parent is None else block.parent.children
-            siblings.pop(block.tokens, None)
+            siblings.pop(block.tokens, None)  # a leaf: `_touch` keeps parents more recent than their children
             self.held_bytes -= block.nbytes
-            for orphan in _descendants(block):  # none: children are evicted before their parents
-                if orphan in self._recent:
-                    del self._recent[orphan]
-                    self.held_bytes -= orphan.nbytes
 
 
 def prefix_kv(prefixes: Sequence[Sequence[PrefixBlock]], width: int) -> torch.Tensor:
@@ -143,15 +138,6 @@ def prefix_kv(prefixes: Sequence[Sequence[PrefixBlock]], width: int) -> torch.Te
             joined = torch.cat([block.kv for block in blocks], dim=3)
             out[:, :, row, :, width - joined.shape[3] :] = joined
     return out
-
-
-def _descendants(block: PrefixBlock) -> list[PrefixBlock]:
-    found, stack = [], list(block.children.values())
-    while stack:
-        child = stack.pop()
-        found.append(child)
-        stack.extend(child.children.values())
-    return found
 
 
 __all__ = ["PrefixBlock", "PrefixCache", "prefix_kv"]
