@@ -428,14 +428,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {machine()}\nsnapshot: {snapshot}", flush=True)
     selected = [s for s in servers(args, snapshot) if not args.only or any(part in s.name for part in args.only)]
     cells = bench(selected, args)
-    threads = f"--threads {args.threads}" if args.threads else "its default --threads"
+    our_flags = f"--threads {args.threads}" if args.threads else "its default --threads"
     if args.prefix_cache_mib is not None:
-        threads += f" and --prefix-cache-mib {args.prefix_cache_mib}"
+        our_flags += f" and --prefix-cache-mib {args.prefix_cache_mib}"
     settings = (
         f"SmolLM2-135M-Instruct ({args.dtype or 'fp32'}), streaming chat, max_tokens {args.max_tokens}, "
         f"temperature 0, {len(PROMPTS)} prompts in rotation, {args.warmup} warm-up requests, {args.rounds} "
         "interleaved rounds per cell (aggregate: median of rounds; per-stream and TTFT: over all requests); "
-        f"ours with --max-batch-size {args.max_batch_size} and {threads}, transformers serve with torch's "
+        f"ours with --max-batch-size {args.max_batch_size} and {our_flags}, transformers serve with torch's "
         "default threads."
     )
     report = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n{settings}\n\n{table(cells, args)}"

@@ -14,21 +14,9 @@ from entrypoints.http.app import create_app
 from entrypoints.settings import ServerSettings
 from tests.fakes import FakeGenerator
 from tests.live_server import serve, wait_ready
+from tests.test_constrained_decoding import WEATHER
 from tests.tiny_model import build_tiny_model
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]}},
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
