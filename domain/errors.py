@@ -24,6 +24,12 @@ class ContextLengthExceededError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class UnknownModelError(DomainError):
+    """The request names a model this server does not serve (HTTP 404)."""
+
+    code = "model_not_found"
+
+
 class ModelNotReadyError(DomainError):
     """The model is still loading (HTTP 503)."""
 

@@ -13,6 +13,7 @@ from application.chat import ChatService
 from application.completion import CompletionService
 from application.generation import TextGeneration
 from application.tokenization import TokenizationService
+from domain.errors import UnknownModelError
 from domain.ports import ConstraintChecker, Generator
 from entrypoints.settings import ServerSettings
 
@@ -37,6 +38,15 @@ class Services:
     tokenization: TokenizationService
     close: Callable[[], None] = lambda: None
     """Releases what the services hold (the generator's worker thread)."""
+    aliases: tuple[str, ...] = ()
+    """Every name the model answers to (``model_id`` first)."""
+
+    def check_model(self, name: str) -> None:
+        """Raise ``UnknownModelError`` (a 404) unless ``name`` is one of the model's names."""
+        if name in (self.model_id, *self.aliases):
+            return
+        msg = f"The model '{name}' does not exist."
+        raise UnknownModelError(msg, param="model")
 
 
 def build_services(
@@ -64,8 +74,10 @@ def build_services(
         log_content=settings.log_content,
         constraints=constraints,
     )
+    names = settings.served_model_names or (generator.model_id,)
     return Services(
-        model_id=generator.model_id,
+        model_id=names[0],
+        aliases=names,
         created=int(time.time()),
         chat=ChatService(renderer=renderer, generation=generation),
         completion=CompletionService(generation=generation),

@@ -13,6 +13,8 @@ class ServerSettings:
 
     model: str | None = None
     """Hub id in the local cache, local directory, or ``.gguf`` file; ``None`` serves the embedded SmolLM2."""
+    served_model_names: tuple[str, ...] = ()
+    """Names clients may use for the model (``--served-model-name``); the first is the id responses report."""
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"

@@ -126,7 +126,7 @@ def resolve_model(spec: str | None) -> ModelSource:
         return ModelSource(model_id=gguf_model_id(path), path=path, kind="gguf")
     if path.is_dir():
         if (path / "config.json").is_file():
-            return ModelSource(model_id=spec.rstrip("/\\") or spec, path=path, kind="directory")
+            return ModelSource(model_id=path.resolve().name or spec, path=path, kind="directory")
         msg = f"the directory {spec} has no config.json: pass a transformers model directory or a .gguf file"
         raise ModelNotFoundError(msg)
     if _looks_like_path(spec):

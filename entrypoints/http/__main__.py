@@ -54,6 +54,15 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         default=None,
         help="hub id in the local HF cache, local directory, or .gguf file (default: embedded SmolLM2-135M-Instruct)",
     )
+    parser.add_argument(
+        "--served-model-name",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="a name clients use for the model (repeatable; the first is the id responses report; "
+        "default: the model's own name)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="(default: %(default)s)")
@@ -134,6 +143,8 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     args = parser.parse_args(argv)
     if args.max_batch_size < 1 or args.max_queue < 0:
         parser.error("--max-batch-size must be at least 1 and --max-queue at least 0")
+    if any(not name.strip() for name in args.served_model_name):
+        parser.error("--served-model-name must not be empty")
     if args.prefix_cache_mib < 0:
         parser.error("--prefix-cache-mib must be at least 0")
     if args.threads is not None and args.threads < 1:
@@ -144,6 +155,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         parser.error(f"--chat-template: no such file: {args.chat_template}")
     return ServerSettings(
         model=args.model,
+        served_model_names=tuple(dict.fromkeys(args.served_model_name)),
         host=args.host,
         port=args.port,
         device=args.device,
@@ -197,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     server = DrainingServer(config, drain)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    log.info("server.starting", url=f"http://{host}:{settings.port}/v1", model=source.model_id)
+    served = settings.served_model_names[0] if settings.served_model_names else source.model_id
+    log.info("server.starting", url=f"http://{host}:{settings.port}/v1", model=served)
     warn_if_exposed(settings)
     server.run()
     if failures:

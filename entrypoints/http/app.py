@@ -22,6 +22,7 @@ from entrypoints.http.controllers import ChatController, CompletionsController, 
 from entrypoints.http.errors import handle_error
 from entrypoints.http.lifecycle import Drain, watch_provider
 from entrypoints.http.metrics import Metrics, MetricsMiddleware, metrics_route
+from entrypoints.http.request_id import add_request_id
 from entrypoints.http.security import api_key_middleware, cors_config
 from entrypoints.http.tokenization import TokenizationController
 from entrypoints.settings import ServerSettings
@@ -35,6 +36,12 @@ class ModelSlot:
 
     services: Services | None = None
     failure: str | None = None
+
+
+@get("/openapi.json", include_in_schema=False, sync_to_thread=False)
+def openapi_document(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """The OpenAPI document, also where FastAPI-based servers (vLLM, TGI) publish it."""
+    return request.app.openapi_schema.to_schema()
 
 
 def create_app(
@@ -93,6 +100,7 @@ def create_app(
     return Litestar(
         route_handlers=[
             health,
+            openapi_document,
             metrics_route(metrics),
             ModelsController,
             ChatController,
@@ -108,6 +116,7 @@ def create_app(
         cors_config=cors_config(settings),
         request_max_body_size=settings.max_body_bytes,
         before_request=start_request_context,
+        before_send=[add_request_id],
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(title="hf-openai-server", version="0.1.0", path="/docs"),
         logging_config=None,

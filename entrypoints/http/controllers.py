@@ -20,6 +20,7 @@ from entrypoints.bootstrap import Services
 from entrypoints.http.lifecycle import RequestWatch
 from entrypoints.http.openapi import body_operation
 from entrypoints.http.refusals import ClientDisconnectedError
+from entrypoints.http.request_id import remember_response_id
 from entrypoints.http.streaming import (
     ChunkFactory,
     EventStream,
@@ -71,6 +72,7 @@ async def read_request(request: Request[Any, Any, Any], kind: type[R], prefix: s
     parsed, unknown = structure(body, kind)
     response_id = f"{prefix}-{uuid.uuid4().hex}"
     structlog.contextvars.bind_contextvars(request_id=response_id)
+    remember_response_id(request.scope, response_id)
     parameters = {k: v for k, v in body.items() if k not in {"messages", "prompt"}}
     log.info("request.received", path=request.url.path, parameters=parameters)
     if unknown:
@@ -142,6 +144,13 @@ class ModelsController(Controller):
     async def list_models(self, services: Services) -> ModelList:
         """The one model this server serves."""
         return ModelList([ModelCard(services.model_id, services.created)])
+
+    @get("/{model:path}", operation_id="retrieveModel", summary="Retrieve the served model")
+    async def retrieve_model(self, model: str, services: Services) -> ModelCard:
+        """The model named ``model`` (the served id or one of its ``--served-model-name`` aliases); else a 404."""
+        name = model.lstrip("/")
+        services.check_model(name)
+        return ModelCard(name, services.created)
 
 
 class ChatController(Controller):

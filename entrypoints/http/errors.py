@@ -9,7 +9,14 @@ import structlog
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 
-from domain.errors import DomainError, GenerationError, InvalidRequestError, ModelNotReadyError, QueueFullError
+from domain.errors import (
+    DomainError,
+    GenerationError,
+    InvalidRequestError,
+    ModelNotReadyError,
+    QueueFullError,
+    UnknownModelError,
+)
 from entrypoints.http.refusals import RefusalError
 from entrypoints.http.wire import ErrorBody, ErrorInfo, unstructure
 
@@ -23,6 +30,8 @@ def error_body(error: BaseException) -> tuple[int, ErrorBody]:  # noqa: PLR0911 
     """The HTTP status and OpenAI error body for ``error``."""
     if isinstance(error, InvalidRequestError):
         return 400, ErrorBody(ErrorInfo(error.message, "invalid_request_error", error.param, error.code))
+    if isinstance(error, UnknownModelError):
+        return 404, ErrorBody(ErrorInfo(error.message, "invalid_request_error", error.param, error.code))
     if isinstance(error, QueueFullError):
         return 429, ErrorBody(ErrorInfo(error.message, "rate_limit_exceeded", None, error.code))
     if isinstance(error, ModelNotReadyError):
