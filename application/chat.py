@@ -19,8 +19,13 @@ log = structlog.get_logger(__name__)
 
 
 def choice_params(params: GenerationParams, index: int) -> GenerationParams:
-    """Parameters of choice ``index`` of ``n``: a seeded request gives each choice its own seed, so they differ."""
-    return params if params.seed is None or index == 0 else attrs.evolve(params, seed=params.seed + index)
+    """Parameters of choice ``index`` of ``n``: a seeded request gives each choice its own seed, so they differ.
+
+    The seeds wrap around within signed 64 bits, so every choice's seed is as valid as the one the client sent.
+    """
+    if params.seed is None or index == 0:
+        return params
+    return attrs.evolve(params, seed=(params.seed + index + 2**63) % 2**64 - 2**63)
 
 
 @attrs.define

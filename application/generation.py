@@ -85,7 +85,7 @@ class TextGeneration:
         vocabulary = self.generator.vocab_size
         outside = [token for token in params.logit_bias if not 0 <= token < vocabulary]
         if outside:
-            msg = f"logit_bias names token ids outside the vocabulary [0, {vocabulary}): {outside[:10]}"
+            msg = f"logit_bias names token ids outside the vocabulary [0, {vocabulary}): {outside}"
             raise InvalidRequestError(msg, param="logit_bias")
         requested = params.max_new_tokens if params.max_new_tokens is not None else default_max_tokens
         if room < 0 or (requested is None and room == 0) or (requested is not None and requested > room):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from litestar.testing import TestClient
 
 from entrypoints.http.__main__ import parse_settings
@@ -81,3 +82,100 @@ def test_the_openapi_document_is_also_at_openapi_json(client: TestClient) -> Non
     assert response.status_code == 200, response.text
     assert response.json() == client.get("/docs/openapi.json").json()
     assert "/v1/models/{model}" in response.json()["paths"]
+
+
+# Request validation ----------------------------------------------------------------------------------------------
+
+NULLABLE = {
+    "n": None,
+    "stream": None,
+    "stream_options": None,
+    "logprobs": None,
+    "top_logprobs": None,
+    "stop": None,
+    "seed": None,
+    "temperature": None,
+    "top_p": None,
+    "max_tokens": None,
+    "max_completion_tokens": None,
+    "presence_penalty": None,
+    "frequency_penalty": None,
+    "logit_bias": None,
+    "user": None,
+    "response_format": None,
+    "tools": None,
+    "tool_choice": None,
+    "parallel_tool_calls": None,
+}
+
+
+def test_an_explicit_null_for_a_nullable_chat_field_means_its_default(client: TestClient) -> None:
+    response = client.post("/v1/chat/completions", json={"messages": USER} | NULLABLE)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1
+
+
+def test_an_explicit_null_for_a_nullable_completion_field_means_its_default(client: TestClient) -> None:
+    body = {"prompt": "Hi", "n": None, "stream": None, "echo": None, "logprobs": None, "stop": None, "suffix": None}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"]
+
+
+def test_a_null_inside_stream_options_means_its_default(client: TestClient) -> None:
+    body = {"messages": USER, "stream": True, "stream_options": {"include_usage": None}}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 10**400])
+def test_a_seed_beyond_signed_64_bits_is_a_400(client: TestClient, seed: int) -> None:
+    error = error_of(client.post("/v1/chat/completions", json={"messages": USER, "seed": seed}))
+    assert error["param"] == "seed"
+
+
+def test_the_largest_seed_with_several_choices_gives_each_choice_a_valid_seed(
+    client: TestClient, fake: FakeGenerator
+) -> None:
+    body = {"messages": USER, "seed": 2**63 - 1, "n": 3}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    seeds = [params.seed for _, params in fake.calls]
+    assert sorted(seeds) == sorted([2**63 - 1, -(2**63), -(2**63) + 1])
+
+
+def test_a_logit_bias_error_names_every_bad_key(client: TestClient) -> None:
+    body = {"messages": USER, "logit_bias": {"abc": 1, "12": 101, "x9": 2, "13": -300}}
+    error = error_of(client.post("/v1/chat/completions", json=body))
+    assert error["param"] == "logit_bias"
+    for key in ("abc", "x9", "12", "13"):
+        assert key in error["message"]
+
+
+def test_logit_bias_ids_outside_the_vocabulary_are_all_named(client: TestClient) -> None:
+    outside = [str(1000 + i) for i in range(12)]
+    error = error_of(
+        client.post("/v1/chat/completions", json={"messages": USER, "logit_bias": dict.fromkeys(outside, 1)})
+    )
+    for key in outside:
+        assert key in error["message"]
+
+
+@pytest.mark.parametrize("choice", ["auto", "none", "required", {"type": "function", "function": {"name": "f"}}])
+def test_tool_choice_without_tools_is_a_400(client: TestClient, choice: object) -> None:
+    error = error_of(client.post("/v1/chat/completions", json={"messages": USER, "tool_choice": choice}))
+    assert error["param"] == "tool_choice"
+    assert "tools" in error["message"]
+
+
+# Numbers the peers' tests check ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_legacy_top_logprobs_hold_the_chosen_token_and_up_to_k_alternatives(client: TestClient, k: int) -> None:
+    body = {"prompt": "Hi", "max_tokens": 4, "logprobs": k}
+    logprobs = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    for token, top in zip(logprobs["tokens"], logprobs["top_logprobs"], strict=True):
+        assert token in top
+        assert 1 <= len(top) <= k + 1
+    if k == 0:
+        assert all(len(top) == 1 for top in logprobs["top_logprobs"])

@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 
 def _finite(_instance: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
-    if value is not None and not math.isfinite(value):
+    if value is not None and not isinstance(value, int) and not math.isfinite(value):
         msg = f"'{attribute.name}' must be a finite number"
         raise ValueError(msg, attribute, value)
 
@@ -49,17 +49,26 @@ def _not_yet(_instance: object, attribute: attrs.Attribute[Any], value: object) 
 
 MAX_CHOICES = 64
 MAX_TOP_LOGPROBS = 20
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
+"""OpenAI's ``seed`` is a signed 64-bit integer."""
 
 
 def _token_biases(_instance: object, attribute: attrs.Attribute[Any], value: dict[str, float]) -> None:
-    """``logit_bias`` maps token ids, written as strings, to biases in [-100, 100]."""
-    for token, bias in value.items():
-        if not token.isdigit():
-            msg = f"'{attribute.name}' keys must be token ids, got {token!r}"
-            raise ValueError(msg)
-        if not (math.isfinite(bias) and -100 <= bias <= 100):  # noqa: PLR2004  OpenAI's range
-            msg = f"'{attribute.name}' values must be in [-100, 100], got {bias}"
-            raise ValueError(msg)
+    """``logit_bias`` maps token ids, written as strings, to biases in [-100, 100]; every bad entry is named."""
+    keys = [token for token in value if not token.isdigit()]
+    biases = [
+        f"{token!r}: {bias}"
+        for token, bias in value.items()
+        if not (math.isfinite(bias) and -100 <= bias <= 100)  # noqa: PLR2004  OpenAI's range
+    ]
+    problems = []
+    if keys:
+        problems.append(f"keys must be token ids, got {', '.join(repr(token) for token in keys)}")
+    if biases:
+        problems.append(f"values must be in [-100, 100], got {', '.join(biases)}")
+    if problems:
+        msg = f"'{attribute.name}' {'; '.join(problems)}"
+        raise ValueError(msg)
 
 
 def ranged(low: float | None = None, high: float | None = None, *, default: Any = None) -> Any:  # noqa: ANN401
@@ -129,7 +138,7 @@ class SamplingRequest:
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = ranged(MIN_SEED, MAX_SEED)
     presence_penalty: float | None = ranged(-2, 2)
     frequency_penalty: float | None = ranged(-2, 2)
     logit_bias: dict[str, float] | None = attrs.field(default=None, validator=v.optional(_token_biases))
@@ -240,6 +249,9 @@ class ChatCompletionRequest(SamplingRequest):
     def tool_use(self) -> ToolUse:
         """The offered tools (names and schemas checked), the tool choice and whether calls may be parallel."""
         tools = tuple(tool.to_domain(index) for index, tool in enumerate(self.tools or ()))
+        if self.tool_choice is not None and self.tools is None:
+            msg = "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified."
+            raise InvalidRequestError(msg, param="tool_choice")
         return ToolUse(tools, tool_choice(self.tool_choice, has_tools=bool(tools)), self.parallel_tool_calls)
 
 
@@ -370,11 +382,16 @@ def completion_logprobs(entries: Sequence[LogprobEntry]) -> CompletionLogprobs:
     return CompletionLogprobs(
         tokens=[entry.token for entry in entries],
         token_logprobs=[None if e.logprob is None else _finite_logprob(e.logprob) for e in entries],
-        top_logprobs=[
-            None if e.logprob is None else {token: _finite_logprob(value) for token, value in e.top} for e in entries
-        ],
+        top_logprobs=[None if e.logprob is None else _top_with_chosen(e) for e in entries],
         text_offset=[entry.offset for entry in entries],
     )
+
+
+def _top_with_chosen(entry: LogprobEntry) -> dict[str, float]:
+    """A legacy ``top_logprobs`` entry: the ``k`` alternatives and the chosen token (up to ``k + 1``, as OpenAI)."""
+    top = {token: _finite_logprob(value) for token, value in entry.top}
+    top.setdefault(entry.token, _finite_logprob(entry.logprob if entry.logprob is not None else 0.0))
+    return top
 
 
 @attrs.frozen
@@ -602,9 +619,28 @@ def _literal(value: object, kind: Any) -> object:  # noqa: ANN401  a cattrs hook
     raise ValueError(msg)
 
 
+def _nulls_mean_default(kind: Any, converter: cattrs.Converter) -> Any:  # noqa: ANN401  a cattrs hook factory
+    """Structure an attrs class, reading an explicit ``null`` as "unset" for fields with a default (as OpenAI does)."""
+    structure_fields = cattrs.gen.make_dict_structure_fn(kind, converter)
+    hints = typing.get_type_hints(kind)
+    defaulted = {
+        field.name
+        for field in attrs.fields(kind)
+        if field.default is not attrs.NOTHING and type(None) not in typing.get_args(hints[field.name])
+    }
+
+    def structure(value: Any, _: Any) -> object:  # noqa: ANN401
+        if isinstance(value, dict) and defaulted:
+            value = {key: item for key, item in value.items() if item is not None or key not in defaulted}
+        return structure_fields(value, kind)
+
+    return structure
+
+
 def _converter() -> cattrs.Converter:
-    """The wire converter: strict JSON types (no "1" for 1, no 1 for true), enums by value."""
+    """The wire converter: strict JSON types (no "1" for 1, no 1 for true), enums by value, null as default."""
     converter = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
+    converter.register_structure_hook_factory(attrs.has, _nulls_mean_default)
     converter.register_structure_hook_func(_is_union, _union(converter))
     converter.register_structure_hook_factory(_is_list, _list_factory)
     converter.register_structure_hook_factory(_is_dict, _object_factory)
