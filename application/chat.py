@@ -56,13 +56,13 @@ class ChatService:
                 log.info("chat.message", index=index, role=str(message.role))
         text = self._render(messages, tools)
         prompt = self.generation.tokenize(text, add_special_tokens=False)
-        constraint = tool_constraint(tools)
-        if constraint is not None:
-            params = attrs.evolve(params, constraint=constraint)
+        params = attrs.evolve(params, constraint=tool_constraint(tools, params.constraint))
         params = self.generation.budget(prompt, params, default_max_tokens=None)
         events = self.generation.run([ChoiceJob(prompt, choice_params(params, i), i) for i in range(n)])
         offered = tools.offered
-        return extract_tool_calls(events, [tool.name for tool in offered]) if offered else events
+        if not offered:
+            return events
+        return extract_tool_calls(events, [tool.name for tool in offered], forced=tools.forced)
 
     async def complete(
         self, messages: Sequence[ChatMessage], params: GenerationParams, *, n: int = 1, tools: ToolUse = NO_TOOLS

@@ -110,18 +110,29 @@ def format_tool_call(call: ToolCall) -> str:
     return f"{TOOL_CALL_OPEN}\n{json.dumps(body, ensure_ascii=False)}\n{TOOL_CALL_CLOSE}"
 
 
-def tool_constraint(use: ToolUse) -> OutputConstraint | None:
-    """The grammar of a forced answer: ``<tool_call>`` blocks calling the offered (or the named) function(s)."""
-    if not use.forced:
-        return None
+def tool_constraint(use: ToolUse, answer: OutputConstraint | None = None) -> OutputConstraint | None:
+    """The grammar of the answer, given the request's own constraint on it (``response_format``), if any.
+
+    A forced answer is ``<tool_call>`` blocks calling the offered (or the named) function(s). When the model may
+    choose and the answer is constrained, it is either such calls or an answer that follows ``answer``, as at
+    OpenAI; otherwise ``answer`` stands as it is.
+    """
+    if not use.offered or (answer is None and not use.forced):
+        return answer
     wanted = use.choice.function
     tools = [tool for tool in use.offered if wanted is None or tool.name == wanted]
-    return OutputConstraint(
+    calls = OutputConstraint(
         json_schema=call_schema(tools),
         wrapper=(f"{TOOL_CALL_OPEN}\n", f"\n{TOOL_CALL_CLOSE}"),
         repeat=wanted is None and use.parallel,
         param="tools",
     )
+    if use.forced:
+        return calls
+    if answer is not None and answer.grammar is not None:
+        msg = f"{answer.param}: a grammar cannot be combined with tools the model may call; use tool_choice 'none'"
+        raise InvalidRequestError(msg, param=answer.param)
+    return attrs.evolve(calls, alternative=answer)
 
 
 def call_schema(tools: Sequence[FunctionTool]) -> dict[str, object]:
@@ -176,6 +187,8 @@ class ToolCallParser:
     """
 
     tool_names: frozenset[str]
+    forced: bool = False
+    """The answer may only be calls (a forced ``tool_choice``): any other text, even a cut-off call, is markup."""
     content: str = ""
     calls: list[ToolCall] = attrs.Factory(list)
     _pending: str = ""
@@ -249,6 +262,8 @@ class ToolCallParser:
 
     def _release(self, text: str) -> str:
         """Answer text, less the whitespace at its end, which waits to see what follows."""
+        if self.forced:
+            return ""
         text = self._held + text
         kept = text.rstrip()
         self._held = text[len(kept) :]
@@ -302,18 +317,21 @@ def _bare_calls(text: str, names: frozenset[str]) -> list[ToolCall]:
     return [call for call in calls if call is not None]
 
 
-def parse_tool_calls(text: str, tool_names: Iterable[str]) -> tuple[str, tuple[ToolCall, ...]]:
+def parse_tool_calls(text: str, tool_names: Iterable[str], *, forced: bool = False) -> tuple[str, tuple[ToolCall, ...]]:
     """The answer text and the tool calls in a complete choice text."""
-    parser = ToolCallParser(frozenset(tool_names))
+    parser = ToolCallParser(frozenset(tool_names), forced)
     parser.push(text)
     parser.flush()
     return parser.content, tuple(parser.calls)
 
 
-async def extract_tool_calls(events: CompletionStream, tool_names: Iterable[str]) -> CompletionStream:
+async def extract_tool_calls(
+    events: CompletionStream, tool_names: Iterable[str], *, forced: bool = False
+) -> CompletionStream:
     """``events`` with each choice's tool calls taken out of its text: on the deltas, the choice and the completion.
 
-    A choice that called tools and ended on its own finishes with ``tool_calls``.
+    A choice that called tools and ended on its own finishes with ``tool_calls``. When calls are ``forced``, no
+    text reaches the answer, not even a call cut off by ``max_tokens``.
     """
     names = frozenset(tool_names)
     parsers: dict[int, ToolCallParser] = {}
@@ -321,11 +339,11 @@ async def extract_tool_calls(events: CompletionStream, tool_names: Iterable[str]
     async with contextlib.aclosing(events):
         async for event in events:
             if isinstance(event, TextDelta):
-                parser = parsers.setdefault(event.index, ToolCallParser(names))
+                parser = parsers.setdefault(event.index, ToolCallParser(names, forced))
                 text, calls = parser.push(event.text)
                 yield attrs.evolve(event, text=text, tool_calls=calls)
             elif isinstance(event, Choice):
-                parser = parsers.setdefault(event.index, ToolCallParser(names))
+                parser = parsers.setdefault(event.index, ToolCallParser(names, forced))
                 text, calls = parser.flush()
                 if text or calls:
                     yield TextDelta(text, event.index, tool_calls=calls)

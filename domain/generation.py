@@ -27,6 +27,8 @@ class OutputConstraint:
 
     With ``wrapper`` (an opening and a closing text), the output is instead such JSON values each written between
     the two, one of them or, with ``repeat``, one or more separated by newlines: how tool calls are written.
+    Instead of JSON, the output may have to match ``regex``, be one of ``choices``, or follow ``grammar`` (Lark, or
+    llama.cpp's GBNF). With ``alternative``, the output may follow that constraint instead (an answer beside calls).
     """
 
     json_schema: Mapping[str, object] | None = None
@@ -34,6 +36,15 @@ class OutputConstraint:
     repeat: bool = False
     param: str = "response_format"
     """The request field the constraint comes from, named in the error when it cannot be enforced."""
+    regex: str | None = None
+    choices: tuple[str, ...] | None = None
+    grammar: str | None = None
+    alternative: OutputConstraint | None = None
+
+    @property
+    def is_json(self) -> bool:
+        """The output is JSON (possibly wrapped), not a regex, a choice or a grammar."""
+        return self.regex is None and self.choices is None and self.grammar is None
 
 
 @attrs.frozen(kw_only=True)

@@ -27,12 +27,14 @@ class FunctionTool:
         return {"type": "function", "function": function}
 
     def arguments_schema(self) -> dict[str, object]:
-        """The schema a call's ``arguments`` must match."""
-        return dict(self.parameters) if self.parameters is not None else ARGUMENTLESS
+        """The schema a call's ``arguments`` must match: a function without ``parameters`` takes none (``{}``)."""
+        return dict(self.parameters) if self.parameters is not None else NO_ARGUMENTS
 
 
 ARGUMENTLESS: dict[str, object] = {"type": "object", "properties": {}}
-"""The arguments schema of a function that declares none."""
+"""The arguments schema shown for a function that declares none."""
+NO_ARGUMENTS: dict[str, object] = ARGUMENTLESS | {"additionalProperties": False}
+"""What a call of a function that declares no arguments may pass: the empty object."""
 
 
 class ToolChoiceMode(enum.StrEnum):

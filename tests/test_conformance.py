@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from litestar.testing import TestClient
 
@@ -179,3 +181,50 @@ def test_legacy_top_logprobs_hold_the_chosen_token_and_up_to_k_alternatives(clie
         assert 1 <= len(top) <= k + 1
     if k == 0:
         assert all(len(top) == 1 for top in logprobs["top_logprobs"])
+
+
+# Agents and tools ------------------------------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+ANSWER_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "answer", "schema": {"type": "object", "properties": {"answer": {"type": "string"}}}},
+}
+
+
+def weather_call(city: str) -> str:
+    return '<tool_call>\n{"name": "get_weather", "arguments": {"city": "' + city + '"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5, 20, len(weather_call("Paris")) + 3])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_cut_off_by_max_tokens_leaks_no_markup(
+    client: TestClient, fake: FakeGenerator, max_tokens: int, choice: object
+) -> None:
+    fake.reply = weather_call("Paris") + "\n" + weather_call("Rome")
+    body = {"messages": USER, "tools": [WEATHER], "tool_choice": choice, "max_tokens": max_tokens}
+    message = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert not message["content"]
+    raw = client.post("/v1/chat/completions", json=body | {"stream": True}).text
+    chunks = [json.loads(b.removeprefix("data: ")) for b in raw.split("\n\n") if b.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == ""
+
+
+def test_auto_tools_with_a_response_format_let_the_model_call_or_answer_in_the_schema(
+    client: TestClient, fake: FakeGenerator
+) -> None:
+    fake.reply = weather_call("Paris")
+    body = {"messages": USER, "tools": [WEATHER], "response_format": ANSWER_FORMAT}
+    choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    constraint = fake.calls[-1][1].constraint
+    assert constraint is not None
+    assert constraint.wrapper is not None
+    assert constraint.alternative is not None
+    assert constraint.alternative.json_schema == ANSWER_FORMAT["json_schema"]["schema"]

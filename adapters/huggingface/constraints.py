@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import attrs
+import llguidance
 import llguidance.hf
 import torch
 from llguidance import LLMatcher, LLTokenizer
@@ -37,24 +38,54 @@ def constraint_key(constraint: OutputConstraint) -> str:
 
 
 def grammar_of(constraint: OutputConstraint) -> str:
-    """The llguidance grammar of ``constraint`` (not yet validated); ``ValueError`` when it is not JSON at all.
+    """The llguidance grammar of ``constraint`` (not yet validated); ``ValueError`` when it cannot be written.
 
-    Plain JSON is one schema; wrapped JSON (tool calls) is a Lark grammar around the same schema.
+    Plain JSON is one schema, a regex one regex, a grammar its own (GBNF converted to Lark); wrapped JSON (tool
+    calls), choices and alternatives are Lark grammars around the same pieces.
     """
+    if constraint.alternative is None and constraint.wrapper is None:
+        if constraint.regex is not None:
+            return LLMatcher.grammar_from_regex(constraint.regex)
+        if constraint.grammar is not None:
+            return llguidance.grammar_from("grammar", constraint.grammar)
+        if constraint.choices is None:
+            return LLMatcher.grammar_from_json_schema(_styled(constraint))
+    if constraint.alternative is None:
+        rules = _lark_rules(constraint, "start")
+    else:
+        rules = [
+            "start: main | alternative",
+            *_lark_rules(attrs.evolve(constraint, alternative=None), "main"),
+            *_lark_rules(constraint.alternative, "alternative"),
+        ]
+    return LLMatcher.grammar_from_lark("\n".join(rules))
+
+
+def _styled(constraint: OutputConstraint) -> dict[str, object]:
     schema = dict(constraint.json_schema) if constraint.json_schema is not None else {"type": "object"}
-    styled = schema | {"x-guidance": JSON_STYLE}
+    return schema | {"x-guidance": JSON_STYLE}
+
+
+def _lark_rules(constraint: OutputConstraint, name: str) -> list[str]:
+    """Lark rules defining ``name`` as the output ``constraint`` allows (a grammar of its own cannot be nested)."""
+    if constraint.alternative is not None or constraint.grammar is not None:
+        msg = "a grammar cannot be combined with another constraint"
+        raise ValueError(msg)
+    if constraint.regex is not None:
+        body = "/" + constraint.regex.replace("/", "\\/") + "/"
+    elif constraint.choices is not None:
+        body = " | ".join(json.dumps(choice) for choice in constraint.choices) or '""'
+    else:
+        body = f"%json {json.dumps(_styled(constraint))}"
     if constraint.wrapper is None:
-        return LLMatcher.grammar_from_json_schema(styled)
+        return [f"{name}: {body}"]
     opening, closing = constraint.wrapper
-    more = ' ("\\n" item)*' if constraint.repeat else ""
-    lark = "\n".join(
-        (
-            f"start: item{more}",
-            f"item: {json.dumps(opening)} value {json.dumps(closing)}",
-            f"value: %json {json.dumps(styled)}",
-        )
-    )
-    return LLMatcher.grammar_from_lark(lark)
+    more = f' ("\\n" {name}_item)*' if constraint.repeat else ""
+    return [
+        f"{name}: {name}_item{more}",
+        f"{name}_item: {json.dumps(opening)} {name}_value {json.dumps(closing)}",
+        f"{name}_value: {body}",
+    ]
 
 
 @attrs.define
