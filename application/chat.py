@@ -28,6 +28,42 @@ def choice_params(params: GenerationParams, index: int) -> GenerationParams:
     return attrs.evolve(params, seed=(params.seed + index + 2**63) % 2**64 - 2**63)
 
 
+def render_chat_prompt(
+    renderer: TemplateRenderer,
+    messages: Sequence[ChatMessage],
+    tools: ToolUse = NO_TOOLS,
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> str:
+    """The prompt of a conversation, as chat generates from it and ``/tokenize`` counts it.
+
+    Tools go to a template that shows them, else into the system prompt (Hermes format). With
+    ``continue_final_message`` the prompt ends inside the last message, which the model continues (vLLM's and
+    transformers' option), instead of opening the assistant's turn.
+    """
+    if continue_final_message and add_generation_prompt:
+        msg = "continue_final_message and add_generation_prompt cannot both be true"
+        raise InvalidRequestError(msg, param="continue_final_message")
+    if renderer.supports_tools:
+        shown = list(messages)
+        text = renderer.render(shown, add_generation_prompt=add_generation_prompt, tools=tools.offered)
+    else:
+        shown = describe_tools(messages, tools)
+        text = renderer.render(shown, add_generation_prompt=add_generation_prompt)
+    return _up_to_final_message(text, shown[-1].content) if continue_final_message else text
+
+
+def _up_to_final_message(text: str, final: str) -> str:
+    """``text`` cut right after the final message's content (its end-of-turn markup dropped), as transformers does."""
+    for content in (final, final.strip()):
+        end = text.rfind(content) if content else -1
+        if end >= 0:
+            return text[: end + len(content)]
+    msg = "continue_final_message needs a final message with content the chat template shows"
+    raise InvalidRequestError(msg, param="continue_final_message")
+
+
 @attrs.define
 class ChatService:
     """Renders a conversation with the chat template and generates the assistant's answers."""
@@ -36,7 +72,14 @@ class ChatService:
     generation: TextGeneration
 
     def stream(
-        self, messages: Sequence[ChatMessage], params: GenerationParams, *, n: int = 1, tools: ToolUse = NO_TOOLS
+        self,
+        messages: Sequence[ChatMessage],
+        params: GenerationParams,
+        *,
+        n: int = 1,
+        tools: ToolUse = NO_TOOLS,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> CompletionStream:
         """Check and render the request now, then stream ``n`` answers: deltas, finished choices, the ``Completion``.
 
@@ -54,7 +97,13 @@ class ChatService:
                 log.info("chat.message", index=index, role=str(message.role), content=message.content, **extra)
             else:
                 log.info("chat.message", index=index, role=str(message.role))
-        text = self._render(messages, tools)
+        text = render_chat_prompt(
+            self.renderer,
+            messages,
+            tools,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
         prompt = self.generation.tokenize(text, add_special_tokens=False)
         params = attrs.evolve(params, constraint=tool_constraint(tools, params.constraint))
         params = self.generation.budget(prompt, params, default_max_tokens=None)
@@ -69,9 +118,3 @@ class ChatService:
     ) -> Completion:
         """All answers at once."""
         return await complete(self.stream(messages, params, n=n, tools=tools))
-
-    def _render(self, messages: Sequence[ChatMessage], tools: ToolUse) -> str:
-        """The prompt: tools go to a template that shows them, else into the system prompt (Hermes format)."""
-        if self.renderer.supports_tools:
-            return self.renderer.render(messages, add_generation_prompt=True, tools=tools.offered)
-        return self.renderer.render(describe_tools(messages, tools), add_generation_prompt=True)

@@ -83,10 +83,15 @@ class TextGeneration:
         prompt_tokens = len(prompt.token_ids)
         room = context - prompt_tokens
         vocabulary = self.generator.vocab_size
-        outside = [token for token in params.logit_bias if not 0 <= token < vocabulary]
-        if outside:
-            msg = f"logit_bias names token ids outside the vocabulary [0, {vocabulary}): {outside}"
-            raise InvalidRequestError(msg, param="logit_bias")
+        for param, tokens in (
+            ("logit_bias", params.logit_bias),
+            ("stop_token_ids", params.stop_token_ids),
+            ("allowed_token_ids", params.allowed_token_ids or ()),
+        ):
+            outside = [token for token in tokens if not 0 <= token < vocabulary]
+            if outside:
+                msg = f"{param} names token ids outside the vocabulary [0, {vocabulary}): {outside}"
+                raise InvalidRequestError(msg, param=param)
         requested = params.max_new_tokens if params.max_new_tokens is not None else default_max_tokens
         if room < 0 or (requested is None and room == 0) or (requested is not None and requested > room):
             completion = requested if requested is not None else 1

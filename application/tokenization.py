@@ -6,9 +6,12 @@ from collections.abc import Sequence
 
 import attrs
 
+from application.chat import render_chat_prompt
+from application.tools import check_tool_use
 from domain.errors import InvalidRequestError
 from domain.messages import ChatMessage
 from domain.ports import Generator, TemplateRenderer
+from domain.tools import NO_TOOLS, ToolUse
 
 
 @attrs.define
@@ -23,12 +26,25 @@ class TokenizationService:
         return self.generator.encode(text, add_special_tokens=add_special_tokens)
 
     def tokenize_messages(
-        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True, add_special_tokens: bool = False
+        self,
+        messages: Sequence[ChatMessage],
+        tools: ToolUse = NO_TOOLS,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        add_special_tokens: bool = False,
     ) -> list[int]:
-        """Token ids of a conversation rendered with the chat template, as a chat completion would see it."""
+        """Token ids of a conversation (offering ``tools``) rendered exactly as a chat completion renders it."""
         if not messages:
             raise InvalidRequestError("messages must contain at least one message", param="messages")
-        text = self.renderer.render(messages, add_generation_prompt=add_generation_prompt)
+        check_tool_use(tools)
+        text = render_chat_prompt(
+            self.renderer,
+            messages,
+            tools,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
         return self.generator.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
@@ -41,8 +57,8 @@ class TokenizationService:
         return self.generator.decode(token_ids, skip_special_tokens=False)
 
     def token_strings(self, token_ids: Sequence[int]) -> list[str]:
-        """Each token's own text."""
-        return [self.generator.decode([token], skip_special_tokens=False) for token in token_ids]
+        """Each token's own string in the tokenizer's vocabulary (vLLM's ``token_strs``)."""
+        return self.generator.token_strings(token_ids)
 
     @property
     def max_model_len(self) -> int:

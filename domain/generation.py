@@ -84,6 +84,12 @@ class GenerationParams:
     logprobs: int | None = None
     """Return each generated token's log-probability and this many most likely alternatives (``None``: none)."""
     constraint: OutputConstraint | None = None
+    ignore_eos: bool = False
+    """Keep generating past end-of-sequence tokens, up to ``max_new_tokens`` (vLLM's)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end generation like end-of-sequence (vLLM's)."""
+    allowed_token_ids: tuple[int, ...] | None = None
+    """Only these token ids may be generated (vLLM's); ``None``: any."""
     extra: Mapping[str, object] = attrs.field(factory=dict)
 
     @property

@@ -36,6 +36,10 @@ class Generator(Protocol):
         """Text of ``token_ids``."""
         ...
 
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """The tokenizer's own string for each token (``convert_ids_to_tokens``: byte-level pieces, not text)."""
+        ...
+
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[GeneratedTokens, None]:
         """Stream new tokens after ``prompt_ids``; the last item carries the finish reason.
 

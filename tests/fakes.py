@@ -43,6 +43,10 @@ class FakeGenerator:
         ends = sum(1 for i in token_ids if i == EOS)
         return text if skip_special_tokens else text + "</s>" * ends
 
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """The vocabulary's own strings, as BPE tokenizers write them: ``Ġ`` for a space, ``<0xNN>`` for other bytes."""
+        return [_token_string(token) for token in token_ids]
+
     async def generate(
         self, prompt_ids: Sequence[int], params: GenerationParams
     ) -> AsyncGenerator[GeneratedTokens, None]:
@@ -74,6 +78,15 @@ class FakeGenerator:
     async def score(self, token_ids: Sequence[int], *, top: int) -> list[TokenLogprob]:
         self.scored.append(tuple(token_ids))
         return [fake_logprob(token, top) for token in token_ids[1:]]
+
+
+def _token_string(token: int) -> str:
+    if token == EOS:
+        return "</s>"
+    byte = token - 1
+    if byte == ord(" "):
+        return "\u0120"
+    return chr(byte) if 0x21 <= byte < 0x7F else f"<0x{byte:02X}>"
 
 
 def fake_logprob(token: int, top: int) -> TokenLogprob:

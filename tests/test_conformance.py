@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
+import structlog
 from litestar.testing import TestClient
 
 from entrypoints.http.__main__ import parse_settings
@@ -228,3 +230,157 @@ def test_auto_tools_with_a_response_format_let_the_model_call_or_answer_in_the_s
     assert constraint.wrapper is not None
     assert constraint.alternative is not None
     assert constraint.alternative.json_schema == ANSWER_FORMAT["json_schema"]["schema"]
+
+
+# The peers' extras -----------------------------------------------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+def params_of(client: TestClient, fake: FakeGenerator, path: str = "/v1/chat/completions", **body: object) -> object:
+    base = {"messages": USER} if path.endswith("chat/completions") else {"prompt": "Hi"}
+    response = client.post(path, json=base | body)
+    assert response.status_code == 200, response.text
+    return fake.calls[-1][1]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"structured_outputs": {"choice": ["yes", "no"]}}, {"choices": ("yes", "no")}),
+        ({"structured_outputs": {"regex": "[0-9]+"}}, {"regex": "[0-9]+"}),
+        ({"structured_outputs": {"json": SCHEMA}}, {"json_schema": SCHEMA}),
+        ({"structured_outputs": {"json": json.dumps(SCHEMA)}}, {"json_schema": SCHEMA}),
+        ({"structured_outputs": {"grammar": 'root ::= "a"'}}, {"grammar": 'root ::= "a"'}),
+        ({"guided_choice": ["yes", "no"]}, {"choices": ("yes", "no")}),
+        ({"guided_regex": "[a-z]+"}, {"regex": "[a-z]+"}),
+        ({"guided_json": SCHEMA}, {"json_schema": SCHEMA}),
+        ({"guided_grammar": 'start: "a"'}, {"grammar": 'start: "a"'}),
+        ({"grammar": 'root ::= "yes"'}, {"grammar": 'root ::= "yes"'}),
+        ({"json_schema": SCHEMA}, {"json_schema": SCHEMA}),
+    ],
+)
+def test_the_peers_structured_outputs_constrain_the_output(
+    client: TestClient, fake: FakeGenerator, body: dict, expected: dict
+) -> None:
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        constraint = params_of(client, fake, path, **body).constraint  # type: ignore[attr-defined]
+        assert constraint is not None
+        for name, value in expected.items():
+            assert getattr(constraint, name) == value
+
+
+def test_two_output_constraints_at_once_are_a_400_naming_them(client: TestClient) -> None:
+    body = {"messages": USER, "response_format": {"type": "json_object"}, "guided_regex": "a+"}
+    error = error_of(client.post("/v1/chat/completions", json=body))
+    assert "guided_regex" in error["message"]
+    assert "response_format" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json"),
+        ({"guided_json": {"type": "nonsense"}}, "guided_json"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": [100000]}, "stop_token_ids"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [5, 100000]}, "allowed_token_ids"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"n_predict": -2}, "n_predict"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+    ],
+)
+def test_bad_peer_extras_are_400s_naming_the_field(client: TestClient, body: dict, param: str) -> None:
+    error = error_of(client.post("/v1/chat/completions", json={"messages": USER} | body))
+    assert error["param"] == param
+
+
+def test_the_peers_sampling_extras_reach_the_generator(client: TestClient, fake: FakeGenerator) -> None:
+    params = params_of(
+        client, fake, min_tokens=3, ignore_eos=True, stop_token_ids=[7, 9], allowed_token_ids=[5, 6, 7], n_predict=12
+    )
+    assert params.min_new_tokens == 3  # type: ignore[attr-defined]
+    assert params.ignore_eos is True  # type: ignore[attr-defined]
+    assert params.stop_token_ids == (7, 9)  # type: ignore[attr-defined]
+    assert params.allowed_token_ids == (5, 6, 7)  # type: ignore[attr-defined]
+    assert params.max_new_tokens == 12  # type: ignore[attr-defined]
+    assert params.extra == {}  # type: ignore[attr-defined]
+
+
+def test_n_predict_minus_one_means_no_limit_but_the_context(client: TestClient, fake: FakeGenerator) -> None:
+    assert params_of(client, fake, n_predict=-1).max_new_tokens == fake.context_length - len(fake.calls[-1][0])  # type: ignore[attr-defined]
+    assert params_of(client, fake, "/v1/completions", n_predict=-1).max_new_tokens == 16  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"prediction": {"type": "content", "content": "Hello"}}, "prediction"),
+        ({"web_search_options": {}}, "web_search_options"),
+    ],
+)
+def test_openai_output_options_not_offered_are_refused_by_name(client: TestClient, body: dict, param: str) -> None:
+    error = error_of(client.post("/v1/chat/completions", json={"messages": USER} | body))
+    assert error["param"] == param
+    assert param in error["message"]
+
+
+def test_text_modalities_alone_are_accepted(client: TestClient) -> None:
+    assert client.post("/v1/chat/completions", json={"messages": USER, "modalities": ["text"]}).status_code == 200
+
+
+def test_continue_final_message_continues_the_assistants_text(client: TestClient, fake: FakeGenerator) -> None:
+    messages = [*USER, {"role": "assistant", "content": "The answer is"}]
+    body = {"messages": messages, "continue_final_message": True, "add_generation_prompt": False}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    prompt = fake.decode(fake.calls[-1][0], skip_special_tokens=True)
+    assert prompt.endswith("Assistant: The answer is")
+
+
+def test_without_a_generation_prompt_the_prompt_ends_with_the_conversation(
+    client: TestClient, fake: FakeGenerator
+) -> None:
+    assert (
+        client.post("/v1/chat/completions", json={"messages": USER, "add_generation_prompt": False}).status_code == 200
+    )
+    assert not fake.decode(fake.calls[-1][0], skip_special_tokens=True).rstrip().endswith("Assistant:")
+
+
+def test_continue_final_message_with_a_generation_prompt_is_a_400(client: TestClient) -> None:
+    error = error_of(client.post("/v1/chat/completions", json={"messages": USER, "continue_final_message": True}))
+    assert error["param"] == "continue_final_message"
+
+
+def test_an_unknown_option_is_warned_about_once_by_name() -> None:
+    from transformers import GenerationConfig  # noqa: PLC0415  the adapter's own test of its option table
+
+    from adapters.huggingface.generator import build_generation_config  # noqa: PLC0415
+    from domain.generation import GenerationParams  # noqa: PLC0415
+
+    name = f"frobnicate_{uuid.uuid4().hex}"
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(2):
+            build_generation_config(GenerationConfig(), GenerationParams(extra={name: 1}), vocab_size=10)
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert [(entry["event"], entry["option"]) for entry in warnings] == [("request.unknown_option", name)]
+
+
+# Tokenizing as chat counts ---------------------------------------------------------------------------------------
+
+
+def test_tokenize_counts_messages_and_tools_exactly_as_chat_does(client: TestClient, fake: FakeGenerator) -> None:
+    counted = client.post("/tokenize", json={"messages": USER, "tools": [WEATHER]}).json()
+    answer = client.post("/v1/chat/completions", json={"messages": USER, "tools": [WEATHER]}).json()
+    assert counted["count"] == answer["usage"]["prompt_tokens"]
+    assert counted["tokens"] == list(fake.calls[-1][0])
+    assert counted["count"] > client.post("/tokenize", json={"messages": USER}).json()["count"]
+
+
+def test_tokenize_token_strs_are_the_tokenizers_own_strings(client: TestClient, fake: FakeGenerator) -> None:
+    counted = client.post("/tokenize", json={"prompt": "Hi there é", "return_token_strs": True}).json()
+    assert counted["token_strs"] == fake.token_strings(counted["tokens"])
+    assert counted["token_strs"][2] == "\u0120"  # the tokenizer's string for a space, not the decoded " "

@@ -59,7 +59,7 @@ def streamed_text(client: TestClient, path: str, body: dict) -> str:
 
 
 def test_models_names_the_directory(client: TestClient, tiny_model: Path) -> None:
-    assert client.get("/v1/models").json()["data"][0]["id"] == str(tiny_model)
+    assert client.get("/v1/models").json()["data"][0]["id"] == tiny_model.name  # its name, not a server path
 
 
 def test_greedy_chat_is_deterministic_and_counts_real_tokens(client: TestClient) -> None:
@@ -259,3 +259,42 @@ def test_a_repeated_prompt_is_read_from_the_prefix_cache_and_says_so(client: Tes
     ).text
     usage = json.loads(streamed.split("data: ")[-2])["usage"]
     assert usage["prompt_tokens_details"] == again["usage"]["prompt_tokens_details"]
+
+
+# The peers' extras on a real tokenizer and model ----------------------------------------------------------------
+
+
+def generated_ids(client: TestClient, answer: dict) -> list[int]:
+    text = answer["choices"][0]["message"]["content"]
+    return client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+
+
+def test_allowed_token_ids_are_the_only_tokens_generated_even_when_sampling(client: TestClient) -> None:
+    allowed = client.post("/tokenize", json={"prompt": " sea sky", "add_special_tokens": False}).json()["tokens"]
+    for seed in range(3):
+        answer = chat(client, max_tokens=8, temperature=1.0, top_k=5, seed=seed, allowed_token_ids=allowed)
+        assert set(generated_ids(client, answer)) <= set(allowed)
+
+
+def test_a_stop_token_id_ends_generation_like_end_of_sequence(client: TestClient) -> None:
+    free = chat(client, max_tokens=12)
+    produced = generated_ids(client, free)
+    stopper = produced[2]
+    stopped = chat(client, max_tokens=12, stop_token_ids=[stopper])
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["usage"]["completion_tokens"] == produced.index(stopper) + 1
+
+
+def test_ignore_eos_generates_the_whole_budget(client: TestClient) -> None:
+    answer = chat(client, max_tokens=30, ignore_eos=True, temperature=1.0, seed=1)
+    assert answer["usage"]["completion_tokens"] == 30
+    assert answer["choices"][0]["finish_reason"] == "length"
+
+
+def test_tokenize_token_strs_are_the_tokenizers_own_strings(client: TestClient, tiny_model: Path) -> None:
+    from transformers import AutoTokenizer  # noqa: PLC0415  only this test needs the tokenizer alone
+
+    counted = client.post("/tokenize", json={"messages": USER, "return_token_strs": True}).json()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert counted["token_strs"] == tokenizer.convert_ids_to_tokens(counted["tokens"])
+    assert any(piece.startswith("Ġ") for piece in counted["token_strs"])  # byte-level spaces, not decoded text

@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 
+from adapters.huggingface.generator import stopping_token_ids
 from adapters.huggingface.prefix_cache import PrefixBlock, PrefixCache, prefix_kv
 from adapters.huggingface.processors import LogprobRecorder, OpenAIPenalties
 from adapters.huggingface.threads import ThreadTuner
@@ -295,6 +296,10 @@ class BatchingGenerator:
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool) -> str:
         """Text of ``token_ids``."""
         return self.plain.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """The tokenizer's own string for each token."""
+        return self.plain.token_strings(token_ids)
 
     def generation_config(self, params: GenerationParams, *, prompt_length: int) -> GenerationConfig:
         """The validated ``GenerationConfig`` for a request (see ``HuggingFaceGenerator.generation_config``)."""
@@ -631,7 +636,7 @@ class BatchingGenerator:
     def _finish_reason(self, row: _Row) -> FinishReason:
         """``LENGTH`` when the token budget ran out on something other than an end-of-sequence token."""
         ran_out = row.generated >= (row.config.max_new_tokens or 0)
-        ended = int(row.ids[0, -1]) in self.eos_token_ids
+        ended = int(row.ids[0, -1]) in stopping_token_ids(row.config)
         return FinishReason.LENGTH if ran_out and not ended else FinishReason.STOP
 
     def _release_done(self) -> None:

@@ -178,18 +178,21 @@ def build_generation_config(
     ignored = sorted(set(params.extra) - set(extra))
     if ignored:
         log.info("generation.ignored_options", options=ignored)
+        warn_unknown_options(ignored)
 
     named: dict[str, Any] = {name: getattr(params, name) for name in NAMED_OPTIONS}
     if params.bad_words_ids is not None:
         named["bad_words_ids"] = [list(word) for word in params.bad_words_ids]
     if params.logit_bias:
         named["sequence_bias"] = {(token,): bias for token, bias in params.logit_bias.items()}
+    named |= _token_options(params, extra, vocab_size=vocab_size)
     named |= _sampling(params, beams=(params.num_beams or base.num_beams or 1) > 1)
     updates = extra | {name: value for name, value in named.items() if value is not None}
     if "do_sample" in extra:
         updates["do_sample"] = extra["do_sample"]
 
     config = copy.deepcopy(base)
+    eos_token_ids = tuple(dict.fromkeys((*eos_token_ids, *params.stop_token_ids)))
     if eos_token_ids:
         config.eos_token_id = list(eos_token_ids)
     if config.pad_token_id is None and eos_token_ids:
@@ -209,6 +212,41 @@ def build_generation_config(
             param="num_beam_groups",
         )
     return config
+
+
+def _token_options(params: GenerationParams, extra: Mapping[str, Any], *, vocab_size: int) -> dict[str, Any]:
+    """``ignore_eos`` and ``allowed_token_ids`` as ``GenerationConfig`` options.
+
+    End-of-sequence is masked until the budget is spent; tokens not allowed are suppressed before sampling's
+    filters (top-k, top-p), so those can never leave nothing to choose from.
+    """
+    options: dict[str, Any] = {}
+    if params.ignore_eos and params.max_new_tokens is not None:
+        options["min_new_tokens"] = params.max_new_tokens
+    if params.allowed_token_ids is not None:
+        allowed = set(params.allowed_token_ids)
+        suppressed = {int(i) for i in extra.get("suppress_tokens") or ()} | set(range(vocab_size)) - allowed
+        options["suppress_tokens"] = sorted(suppressed)
+    return options
+
+
+_WARNED_OPTIONS: set[str] = set()
+"""Unknown request options already warned about: each is named once per process."""
+
+
+def warn_unknown_options(names: Sequence[str]) -> None:
+    """Log each request option neither the API nor ``GenerationConfig`` knows, once per process, at WARNING."""
+    for name in names:
+        if name not in _WARNED_OPTIONS:
+            _WARNED_OPTIONS.add(name)
+            log.warning("request.unknown_option", option=name)
+
+
+def stopping_token_ids(config: GenerationConfig) -> tuple[int, ...]:
+    """The token ids that end a generation under ``config``: end-of-sequence and the request's stop tokens."""
+    configured = config.eos_token_id
+    ids = configured if isinstance(configured, list | tuple) else [configured]
+    return tuple(int(i) for i in ids if i is not None)
 
 
 def _sampling(params: GenerationParams, *, beams: bool) -> dict[str, Any]:
@@ -335,6 +373,10 @@ class HuggingFaceGenerator:
         text = self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
         return text if isinstance(text, str) else "".join(text)
 
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """The tokenizer's own string for each token."""
+        return [str(token) for token in self.tokenizer.convert_ids_to_tokens(list(token_ids))]
+
     def generation_config(self, params: GenerationParams, *, prompt_length: int) -> GenerationConfig:
         """The validated ``GenerationConfig`` for a request; by default it may fill the context window."""
         if params.max_new_tokens is None:
@@ -413,7 +455,7 @@ class HuggingFaceGenerator:
     def _finish_reason(self, new_ids: Sequence[int], config: GenerationConfig) -> FinishReason:
         """``LENGTH`` when the token budget ran out on something other than an end-of-sequence token."""
         ran_out = len(new_ids) >= (config.max_new_tokens or 0)
-        ended = bool(new_ids) and new_ids[-1] in self.eos_token_ids
+        ended = bool(new_ids) and new_ids[-1] in stopping_token_ids(config)
         return FinishReason.LENGTH if ran_out and not ended else FinishReason.STOP
 
     def _run(self, job: _Job) -> list[int]:

@@ -172,7 +172,16 @@ class ChatController(Controller):
         body, unknown, response_id = await read_request(request, ChatCompletionRequest, "chatcmpl")
         created = int(time.time())
         params = body.to_params(unknown)
-        events = watch(services.chat.stream(body.chat_messages(), params, n=body.n, tools=body.tool_use()))
+        events = watch(
+            services.chat.stream(
+                body.chat_messages(),
+                params,
+                n=body.n,
+                tools=body.tool_use(),
+                add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message,
+            )
+        )
         if body.stream:
             chunks = chat_chunks(response_id, created, services.model_id, logprobs=params.logprobs is not None)
             return await event_stream(request, events, chunks, body.include_usage, announce=range(body.n))  # type: ignore[return-value]

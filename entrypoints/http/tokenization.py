@@ -8,10 +8,12 @@ import attrs
 from attrs import validators as v
 from litestar import Controller, Request, post
 
+from domain.tools import ToolUse
 from entrypoints.bootstrap import Services
 from entrypoints.http.controllers import read_body
 from entrypoints.http.openapi import body_operation
 from entrypoints.http.wire import Message
+from entrypoints.http.wire_tools import ToolDefinition, tool_choice
 
 
 @attrs.frozen(kw_only=True)
@@ -23,6 +25,8 @@ class TokenizeRequest:
     messages: list[Message] | None = attrs.field(default=None, validator=v.optional(v.min_len(1)))
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[ToolDefinition] | None = None
     return_token_strs: bool = False
 
     def __attrs_post_init__(self) -> None:
@@ -69,14 +73,17 @@ class TokenizationController(Controller):
         operation_class=body_operation(TokenizeRequest),
     )
     async def tokenize(self, request: Request[Any, Any, Any], services: Services) -> TokenizeResponse:
-        """Token ids of a prompt (as completions count it) or of messages rendered with the chat template."""
+        """Token ids of a prompt (as completions count it) or of messages (and tools) as chat renders them."""
         body = await read_body(request, TokenizeRequest)
         tokenizer = services.tokenization
         if body.messages is not None:
             messages = [message.to_domain(index) for index, message in enumerate(body.messages)]
+            tools = tuple(tool.to_domain(index) for index, tool in enumerate(body.tools or ()))
             tokens = tokenizer.tokenize_messages(
                 messages,
+                ToolUse(tools, tool_choice(None, has_tools=bool(tools))),
                 add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message,
                 add_special_tokens=bool(body.add_special_tokens),
             )
         else:

@@ -20,8 +20,8 @@ from domain.errors import InvalidRequestError
 from domain.generation import Choice, GenerationParams, LogprobEntry
 from domain.messages import ChatMessage, Role
 from domain.tools import ToolUse
+from entrypoints.http.peers import ConstraintFields
 from entrypoints.http.wire_tools import (
-    ResponseFormat,
     ToolCallBody,
     ToolCallDeltaBody,
     ToolCallingMessage,
@@ -69,6 +69,20 @@ def _token_biases(_instance: object, attribute: attrs.Attribute[Any], value: dic
     if problems:
         msg = f"'{attribute.name}' {'; '.join(problems)}"
         raise ValueError(msg)
+
+
+def _token_ids(_instance: object, attribute: attrs.Attribute[Any], value: list[int]) -> None:
+    negative = [token for token in value if token < 0]
+    if negative:
+        msg = f"'{attribute.name}' must hold token ids (>= 0), got {negative}"
+        raise ValueError(msg)
+
+
+def _some_token_ids(instance: object, attribute: attrs.Attribute[Any], value: list[int]) -> None:
+    if not value:
+        msg = f"'{attribute.name}' must hold at least one token id"
+        raise ValueError(msg)
+    _token_ids(instance, attribute, value)
 
 
 def ranged(low: float | None = None, high: float | None = None, *, default: Any = None) -> Any:  # noqa: ANN401
@@ -126,8 +140,11 @@ class Message:
 
 
 @attrs.frozen(kw_only=True)
-class SamplingRequest:
-    """The fields chat and text completions share: OpenAI's sampling options and HuggingFace's."""
+class SamplingRequest(ConstraintFields):
+    """The fields chat and text completions share: OpenAI's sampling options, HuggingFace's and the peers'.
+
+    The output constraints (``response_format`` and the peers' structured outputs) come from ``ConstraintFields``.
+    """
 
     model: str | None = None
     max_tokens: int | None = ranged(0)
@@ -161,7 +178,13 @@ class SamplingRequest:
     guidance_scale: float | None = attrs.field(default=None, validator=v.optional([_finite, v.ge(0)]))
     bad_words_ids: list[list[int]] | None = None
     do_sample: bool | None = None
-    response_format: ResponseFormat | None = None
+    # vLLM's and llama.cpp's sampling extras.
+    min_tokens: int | None = ranged(0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = attrs.field(default=None, validator=v.optional(_token_ids))
+    allowed_token_ids: list[int] | None = attrs.field(default=None, validator=v.optional(_some_token_ids))
+    n_predict: int | None = ranged(-1)
+    """llama.cpp's ``max_tokens``; -1 means no limit but the context window."""
 
     def __attrs_post_init__(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -188,8 +211,10 @@ class SamplingRequest:
 
     def to_params(self, extra: dict[str, Any]) -> GenerationParams:
         """The domain's generation parameters; ``extra`` holds the request's unknown fields."""
+        predicted = None if self.n_predict is None or self.n_predict < 0 else self.n_predict
         max_new_tokens = next(
-            (n for n in (self.max_completion_tokens, self.max_tokens, self.max_new_tokens) if n is not None), None
+            (n for n in (self.max_completion_tokens, self.max_tokens, self.max_new_tokens, predicted) if n is not None),
+            None,
         )
         options = {} if self.do_sample is None else {"do_sample": self.do_sample}
         return GenerationParams(
@@ -207,7 +232,7 @@ class SamplingRequest:
             diversity_penalty=self.diversity_penalty,
             length_penalty=self.length_penalty,
             min_length=self.min_length,
-            min_new_tokens=self.min_new_tokens,
+            min_new_tokens=self.min_new_tokens if self.min_new_tokens is not None else self.min_tokens,
             early_stopping=self.early_stopping,
             guidance_scale=self.guidance_scale,
             bad_words_ids=None if self.bad_words_ids is None else tuple(tuple(ids) for ids in self.bad_words_ids),
@@ -217,7 +242,10 @@ class SamplingRequest:
             frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
             logprobs=self.top_logprobs_wanted(),
-            constraint=None if self.response_format is None else self.response_format.constraint(),
+            constraint=self.output_constraint(),
+            ignore_eos=self.ignore_eos,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
             extra=options | extra,
         )
 
@@ -232,11 +260,32 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[ToolDefinition] | None = None
     tool_choice: ToolChoiceBody | None = None
     parallel_tool_calls: bool = True
+    # vLLM's prompt options.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # OpenAI's options that change the output and that this server does not offer: refused, never ignored.
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        refused = [
+            name
+            for name, asked in (
+                ("audio", self.audio is not None),
+                ("modalities", "audio" in (self.modalities or ())),
+                ("prediction", self.prediction is not None),
+                ("web_search_options", self.web_search_options is not None),
+            )
+            if asked
+        ]
+        if refused:
+            msg = f"{', '.join(refused)}: not supported by this server (text output only; no prediction or search)"
+            raise InvalidRequestError(msg, param=refused[0])
 
     def top_logprobs_wanted(self) -> int | None:
         """``logprobs: true`` asks for logprobs, ``top_logprobs`` for alternatives."""
