@@ -384,3 +384,67 @@ def test_tokenize_token_strs_are_the_tokenizers_own_strings(client: TestClient, 
     counted = client.post("/tokenize", json={"prompt": "Hi there é", "return_token_strs": True}).json()
     assert counted["token_strs"] == fake.token_strings(counted["tokens"])
     assert counted["token_strs"][2] == "\u0120"  # the tokenizer's string for a space, not the decoded " "
+
+
+# Legacy functions ------------------------------------------------------------------------------------------------
+
+GET_WEATHER = WEATHER["function"]
+
+
+def test_legacy_functions_are_answered_with_a_function_call(client: TestClient, fake: FakeGenerator) -> None:
+    fake.reply = weather_call("Paris")
+    body = {"messages": USER, "functions": [GET_WEATHER]}
+    choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "function_call"
+    assert choice["message"]["function_call"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert choice["message"]["content"] is None
+    assert "tool_calls" not in choice["message"]
+    assert "get_weather" in fake.decode(fake.calls[-1][0], skip_special_tokens=True)
+
+
+def test_a_legacy_function_call_is_streamed_as_delta_function_call(client: TestClient, fake: FakeGenerator) -> None:
+    fake.reply = weather_call("Rome")
+    raw = client.post("/v1/chat/completions", json={"messages": USER, "functions": [GET_WEATHER], "stream": True}).text
+    chunks = [json.loads(b.removeprefix("data: ")) for b in raw.split("\n\n") if b.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert [d["function_call"] for d in deltas if "function_call" in d] == [
+        {"name": "get_weather", "arguments": '{"city": "Rome"}'}
+    ]
+    assert not any("tool_calls" in d for d in deltas)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "function_call"
+
+
+def test_a_named_legacy_function_call_forces_that_function(client: TestClient, fake: FakeGenerator) -> None:
+    fake.reply = weather_call("Oslo")
+    body = {"messages": USER, "functions": [GET_WEATHER], "function_call": {"name": "get_weather"}}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    constraint = fake.calls[-1][1].constraint
+    assert constraint is not None
+    assert constraint.wrapper is not None
+    assert not constraint.repeat
+
+
+def test_a_legacy_conversation_carries_the_call_and_its_result_back(client: TestClient, fake: FakeGenerator) -> None:
+    messages = [
+        *USER,
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": '{"city": "X"}'}},
+        {"role": "function", "name": "get_weather", "content": "sunny"},
+    ]
+    response = client.post("/v1/chat/completions", json={"messages": messages, "functions": [GET_WEATHER]})
+    assert response.status_code == 200, response.text
+    prompt = fake.decode(fake.calls[-1][0], skip_special_tokens=True)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "X"}}\n</tool_call>' in prompt
+    assert "<tool_response>\nsunny\n</tool_response>" in prompt
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"function_call": "auto"}, "function_call"),
+        ({"functions": [GET_WEATHER], "tools": [WEATHER]}, "functions"),
+        ({"functions": [{"name": "bad name!"}]}, "functions[0].name"),
+    ],
+)
+def test_bad_legacy_function_requests_are_400s(client: TestClient, body: dict, param: str) -> None:
+    error = error_of(client.post("/v1/chat/completions", json={"messages": USER} | body))
+    assert error["param"] == param

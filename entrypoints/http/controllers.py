@@ -42,6 +42,7 @@ from entrypoints.http.wire import (
     assistant_message,
     chat_logprobs,
     completion_logprobs,
+    finish_reason,
     structure,
 )
 
@@ -183,14 +184,21 @@ class ChatController(Controller):
             )
         )
         if body.stream:
-            chunks = chat_chunks(response_id, created, services.model_id, logprobs=params.logprobs is not None)
+            chunks = chat_chunks(
+                response_id,
+                created,
+                services.model_id,
+                logprobs=params.logprobs is not None,
+                legacy_functions=body.legacy_functions,
+            )
             return await event_stream(request, events, chunks, body.include_usage, announce=range(body.n))  # type: ignore[return-value]
         result = await until_disconnected(request, complete(events))
+        legacy = body.legacy_functions
         choices = [
             ChatChoice(
                 c.index,
-                assistant_message(c),
-                str(c.finish_reason),
+                assistant_message(c, legacy_functions=legacy),
+                finish_reason(c, legacy_functions=legacy),
                 None if c.logprobs is None else chat_logprobs(c.logprobs),
             )
             for c in result.choices

@@ -23,9 +23,10 @@ from entrypoints.http.wire import (
     UsageBody,
     chat_logprobs,
     completion_logprobs,
+    finish_reason,
     unstructure,
 )
-from entrypoints.http.wire_tools import tool_call_deltas
+from entrypoints.http.wire_tools import function_call_body, tool_call_deltas
 
 log = structlog.get_logger(__name__)
 
@@ -55,10 +56,13 @@ def event(payload: object) -> ServerSentEventMessage:
     return ServerSentEventMessage(data=data, sep="\n")
 
 
-def chat_chunks(response_id: str, created: int, model: str, *, logprobs: bool) -> ChunkFactory:
+def chat_chunks(
+    response_id: str, created: int, model: str, *, logprobs: bool, legacy_functions: bool = False
+) -> ChunkFactory:
     """Chunk factory for ``chat.completion.chunk``; each choice's first chunk carries the assistant role.
 
-    Tool calls are sent whole as they complete, numbered within their choice.
+    Tool calls are sent whole as they complete, numbered within their choice; to a legacy ``functions`` request,
+    the call is ``delta.function_call``.
     """
     started: set[int] = set()
     called: dict[int, int] = {}
@@ -70,13 +74,19 @@ def chat_chunks(response_id: str, created: int, model: str, *, logprobs: bool) -
         started.add(item.index)
         role = "assistant" if first else None
         if isinstance(item, Choice):
-            choice = ChunkChoice(item.index, Delta(role=role, content="" if first else None), str(item.finish_reason))
+            reason = finish_reason(item, legacy_functions=legacy_functions)
+            choice = ChunkChoice(item.index, Delta(role=role, content="" if first else None), reason)
         else:
             entries = chat_logprobs(item.logprobs) if logprobs else None
             calls = tool_call_deltas(item.tool_calls, called.get(item.index, 0)) if item.tool_calls else None
             called[item.index] = called.get(item.index, 0) + len(item.tool_calls)
             content = item.text if item.text or not calls else None
-            choice = ChunkChoice(item.index, Delta(role=role, content=content, tool_calls=calls), None, entries)
+            delta = Delta(role=role, content=content, tool_calls=calls)
+            if legacy_functions and item.tool_calls:
+                delta = Delta(
+                    role=role, content=item.text or None, function_call=function_call_body(item.tool_calls[0])
+                )
+            choice = ChunkChoice(item.index, delta, None, entries)
         return ChatCompletionChunk(response_id, created, model, [choice])
 
     return chunk

@@ -17,16 +17,23 @@ from attrs import validators as v
 from cattrs.cols import list_structure_factory
 
 from domain.errors import InvalidRequestError
-from domain.generation import Choice, GenerationParams, LogprobEntry
+from domain.generation import Choice, FinishReason, GenerationParams, LogprobEntry
 from domain.messages import ChatMessage, Role
 from domain.tools import ToolUse
 from entrypoints.http.peers import ConstraintFields
 from entrypoints.http.wire_tools import (
+    FunctionCallBody,
+    FunctionCallingMessage,
+    FunctionDefinition,
+    LegacyFunctionCallBody,
     ToolCallBody,
     ToolCallDeltaBody,
     ToolCallingMessage,
     ToolChoiceBody,
     ToolDefinition,
+    function_call_body,
+    legacy_tool_choice,
+    legacy_tools,
     tool_call_bodies,
     tool_choice,
 )
@@ -115,15 +122,31 @@ class ContentPart:
 class Message:
     """A chat message as OpenAI clients send it."""
 
-    role: Role
+    role: Role | Literal["function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallBody] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCallBody | None = None
+    """A legacy assistant message's call (before ``tool_calls``); its result comes back as a ``function`` message."""
 
-    def to_domain(self, index: int) -> ChatMessage:
-        """The domain message, with text parts joined; a tool result must say which call it answers."""
-        if self.role is Role.TOOL and not self.tool_call_id:
+    def to_domain(self, index: int, legacy_call_id: str | None = None) -> ChatMessage:
+        """The domain message, with text parts joined; a tool result must say which call it answers.
+
+        Legacy ``function_call``s become tool calls with the id ``legacy_call_id``, and ``function`` results tool
+        results answering it.
+        """
+        if self.role == "function":
+            if not self.name:
+                msg = f"messages[{index}]: a 'function' message needs the name of the function it answers"
+                raise InvalidRequestError(msg, param=f"messages[{index}].name")
+            call_id = legacy_call_id or f"call_{self.name}"
+            return attrs.evolve(self, role=Role.TOOL, tool_call_id=call_id, name=self.name).to_domain(index)
+        if self.function_call is not None and not self.tool_calls:
+            call = ToolCallBody(id=legacy_call_id or f"call_{index}", function=self.function_call)
+            return attrs.evolve(self, tool_calls=[call], function_call=None).to_domain(index)
+        role = Role(self.role)
+        if role is Role.TOOL and not self.tool_call_id:
             msg = f"messages[{index}]: a 'tool' message needs the tool_call_id of the call it answers"
             raise InvalidRequestError(msg, param=f"messages[{index}].tool_call_id")
         content = self.content
@@ -136,7 +159,7 @@ class Message:
                 parts.append(part.text)
             content = "".join(parts)
         calls = tuple(call.to_domain() for call in self.tool_calls or ())
-        return ChatMessage(self.role, content or "", self.name, tool_calls=calls, tool_call_id=self.tool_call_id)
+        return ChatMessage(role, content or "", self.name, tool_calls=calls, tool_call_id=self.tool_call_id)
 
 
 @attrs.frozen(kw_only=True)
@@ -260,6 +283,10 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[ToolDefinition] | None = None
     tool_choice: ToolChoiceBody | None = None
     parallel_tool_calls: bool = True
+    functions: list[FunctionDefinition] | None = None
+    """The legacy ``tools``: answered with ``message.function_call``, one call at most."""
+    function_call: LegacyFunctionCallBody | None = None
+    """The legacy ``tool_choice``."""
     # vLLM's prompt options.
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -292,16 +319,47 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat_messages(self) -> list[ChatMessage]:
-        """The conversation as domain messages."""
-        return [message.to_domain(index) for index, message in enumerate(self.messages)]
+        """The conversation as domain messages; a legacy ``function`` result answers the call before it."""
+        messages, legacy_call_id = [], None
+        for index, message in enumerate(self.messages):
+            if message.function_call is not None:
+                legacy_call_id = f"call_{index}"
+            messages.append(message.to_domain(index, legacy_call_id))
+        return messages
+
+    @property
+    def legacy_functions(self) -> bool:
+        """The request offers legacy ``functions``, so the answer names its call in ``function_call``."""
+        return self.functions is not None
 
     def tool_use(self) -> ToolUse:
-        """The offered tools (names and schemas checked), the tool choice and whether calls may be parallel."""
+        """The offered tools (names and schemas checked), the tool choice and whether calls may be parallel.
+
+        Legacy ``functions`` and ``function_call`` are tools and a tool choice, with one call at most.
+        """
+        if self.functions is not None or self.function_call is not None:
+            return self._legacy_tool_use()
         tools = tuple(tool.to_domain(index) for index, tool in enumerate(self.tools or ()))
         if self.tool_choice is not None and self.tools is None:
             msg = "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified."
             raise InvalidRequestError(msg, param="tool_choice")
         return ToolUse(tools, tool_choice(self.tool_choice, has_tools=bool(tools)), self.parallel_tool_calls)
+
+    def _legacy_tool_use(self) -> ToolUse:
+        if self.tools is not None or self.tool_choice is not None:
+            msg = "functions and function_call are the legacy tools and tool_choice: send one pair or the other"
+            raise InvalidRequestError(msg, param="functions")
+        if self.functions is None:
+            msg = "Invalid value for 'function_call': 'function_call' is only allowed when 'functions' are specified."
+            raise InvalidRequestError(msg, param="function_call")
+        try:
+            tools = tuple(tool.to_domain(index) for index, tool in enumerate(legacy_tools(self.functions)))
+        except InvalidRequestError as error:  # name the legacy field the client sent
+            param = (error.param or "functions").replace("tools[", "functions[").replace("].function.", "].")
+            message = error.message.replace("tools[", "functions[").replace("].function.", "].")
+            raise InvalidRequestError(message, param=param) from error
+        choice = tool_choice(legacy_tool_choice(self.function_call), has_tools=bool(tools))
+        return ToolUse(tools, choice, parallel=False)
 
 
 @attrs.frozen(kw_only=True)
@@ -359,11 +417,25 @@ class AssistantMessage:
     role: str = "assistant"
 
 
-def assistant_message(choice: Choice) -> AssistantMessage | ToolCallingMessage:
-    """The ``message`` of a finished chat choice: its text, or the tools it called (and any text, else ``null``)."""
+def assistant_message(
+    choice: Choice, *, legacy_functions: bool = False
+) -> AssistantMessage | ToolCallingMessage | FunctionCallingMessage:
+    """The ``message`` of a finished chat choice: its text, or the tools it called (and any text, else ``null``).
+
+    To a legacy ``functions`` request, the call is ``function_call``.
+    """
     if not choice.tool_calls:
         return AssistantMessage(choice.text)
+    if legacy_functions:
+        return FunctionCallingMessage(choice.text or None, function_call_body(choice.tool_calls[0]))
     return ToolCallingMessage(choice.text or None, tool_call_bodies(choice.tool_calls))
+
+
+def finish_reason(choice: Choice, *, legacy_functions: bool = False) -> str:
+    """OpenAI's ``finish_reason``; a legacy ``functions`` request that called one finishes with ``function_call``."""
+    if legacy_functions and choice.finish_reason is FinishReason.TOOL_CALLS:
+        return "function_call"
+    return str(choice.finish_reason)
 
 
 @attrs.frozen
@@ -448,7 +520,7 @@ class ChatChoice:
     """One of ``choices`` in a chat completion."""
 
     index: int
-    message: AssistantMessage | ToolCallingMessage
+    message: AssistantMessage | ToolCallingMessage | FunctionCallingMessage
     finish_reason: str
     logprobs: ChatLogprobs | None = None
 
@@ -473,6 +545,8 @@ class Delta:
     role: str | None = None
     content: str | None = None
     tool_calls: list[ToolCallDeltaBody] | None = None
+    function_call: FunctionCallBody | None = None
+    """To a legacy ``functions`` request: the call, whole."""
 
 
 @attrs.frozen

@@ -152,12 +152,42 @@ class ToolCallDeltaBody:
 
 
 @attrs.frozen
+class FunctionCallingMessage:
+    """The answer's ``message`` to a legacy ``functions`` request that called one: ``function_call``, not tools."""
+
+    content: str | None
+    function_call: FunctionCallBody
+    role: str = "assistant"
+
+
+@attrs.frozen
 class ToolCallingMessage:
     """The answer's ``message`` when it called tools: ``content`` is ``null`` unless the model also wrote text."""
 
     content: str | None
     tool_calls: list[ToolCallBody]
     role: str = "assistant"
+
+
+LegacyFunctionCallBody = Literal["none", "auto"] | NamedFunction
+"""The legacy ``function_call``: ``"none"``, ``"auto"`` or ``{"name": ...}``."""
+
+
+def legacy_tools(functions: Sequence[FunctionDefinition]) -> list[ToolDefinition]:
+    """The legacy ``functions`` as the ``tools`` they became."""
+    return [ToolDefinition(function=function) for function in functions]
+
+
+def legacy_tool_choice(body: LegacyFunctionCallBody | None) -> ToolChoiceBody | None:
+    """The legacy ``function_call`` as the ``tool_choice`` it became."""
+    if isinstance(body, NamedFunction):
+        return NamedToolChoice(function=body)
+    return body
+
+
+def function_call_body(call: ToolCall) -> FunctionCallBody:
+    """A call as the legacy ``function_call`` (no id: legacy clients answer it by name)."""
+    return FunctionCallBody(name=call.name, arguments=call.arguments)
 
 
 def tool_call_bodies(calls: Sequence[ToolCall]) -> list[ToolCallBody]:
