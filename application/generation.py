@@ -119,11 +119,16 @@ class TextGeneration:
         choices: dict[int, Choice] = {}
         echoed = {id(job.prompt): job for job in jobs if job.echo}
         echoes = {key: await self._echo(job) for key, job in echoed.items()}  # each prompt is scored once
+        scored = {id(job.prompt): job for job in jobs if job.params.prompt_logprobs is not None}
+        prompt_logprobs = {key: await self._prompt_logprobs(job) for key, job in scored.items()}
         streams = [self.stream_choice(job, echoes.get(id(job.prompt), ("", ()))) for job in jobs]
         merged = streams[0] if len(streams) == 1 else _merge(streams)
+        by_index = {job.index: id(job.prompt) for job in jobs}
         async with contextlib.aclosing(merged):
             async for event in merged:
                 if isinstance(event, Choice):
+                    if (entries := prompt_logprobs.get(by_index[event.index])) is not None:
+                        event = attrs.evolve(event, prompt_logprobs=entries)  # noqa: PLW2901
                     choices[event.index] = event
                 yield event
         ordered = tuple(choices[index] for index in sorted(choices))
@@ -153,8 +158,9 @@ class TextGeneration:
         params = attrs.evolve(job.params, stop=self.stop_policy.sequences(job.params.stop))
         stops = params.stop
         prefix, prefix_logprobs = echoed
+        prompt_tokens = len(job.prompt.token_ids)
         if prefix:
-            yield TextDelta(prefix, job.index, prefix_logprobs)
+            yield TextDelta(prefix, job.index, prefix_logprobs, prompt_tokens=prompt_tokens)
         decoder = IncrementalDecoder(self.generator)
         entries: list[LogprobEntry] = []
         text = ""
@@ -180,12 +186,13 @@ class TextGeneration:
                     safe = len(text) if step.finish_reason is not None else self.stop_policy.safe_length(text, stops)
                     if safe > released:
                         ready = [e for e in entries[sent:] if e.offset < len(prefix) + safe]
-                        yield TextDelta(text[released:safe], job.index, tuple(ready))
+                        so_far = len(decoder.token_ids)
+                        yield TextDelta(text[released:safe], job.index, tuple(ready), (), prompt_tokens, so_far)
                         released, sent = safe, sent + len(ready)
         final = entries if cut is None else [e for e in entries if e.offset < len(prefix) + len(text)]
         rest = tuple(final[sent:])
         if len(text) > released or rest:
-            yield TextDelta(text[released:], job.index, rest)
+            yield TextDelta(text[released:], job.index, rest, (), prompt_tokens, len(decoder.token_ids))
         generated = decoder.token_ids
         self._log(
             "generation.finished",
@@ -205,16 +212,31 @@ class TextGeneration:
             return "", ()
         if job.params.logprobs is None:
             return job.prompt.text, ()
+        return job.prompt.text, await self._scored_prompt(job, job.params.logprobs)
+
+    async def _prompt_logprobs(self, job: ChoiceJob) -> tuple[LogprobEntry, ...]:
+        """The prompt's own tokens' logprobs with ``prompt_logprobs`` alternatives (vLLM's; the first has none)."""
+        return await self._scored_prompt(job, job.params.prompt_logprobs or 0)
+
+    async def _scored_prompt(self, job: ChoiceJob, top: int) -> tuple[LogprobEntry, ...]:
         ids = job.prompt.token_ids
-        scored = await self.generator.score(ids, top=job.params.logprobs)
+        scored = await self.generator.score(ids, top=top)
         offsets = _offsets(self.generator, ids)
-        first = LogprobEntry(self._token(ids[0]), None, 0) if ids else None
+        first = LogprobEntry(self._token(ids[0]), None, 0, token_id=ids[0]) if ids else None
         rest = [self._entry(lp, offsets[i + 1]) for i, lp in enumerate(scored)]
-        return job.prompt.text, tuple([first, *rest] if first else rest)
+        return tuple([first, *rest] if first else rest)
 
     def _entry(self, logprob: TokenLogprob, offset: int) -> LogprobEntry:
         top = tuple((self._token(token), value) for token, value in logprob.top)
-        return LogprobEntry(self._token(logprob.token_id), logprob.logprob, offset, top)
+        return LogprobEntry(
+            self._token(logprob.token_id),
+            logprob.logprob,
+            offset,
+            top,
+            token_id=logprob.token_id,
+            top_ids=tuple(token for token, _ in logprob.top),
+            rank=logprob.rank,
+        )
 
     def _token(self, token_id: int) -> str:
         return self.generator.decode([token_id], skip_special_tokens=False)

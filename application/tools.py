@@ -336,9 +336,11 @@ async def extract_tool_calls(
     names = frozenset(tool_names)
     parsers: dict[int, ToolCallParser] = {}
     finished: dict[int, Choice] = {}
+    prompts: dict[int, int] = {}
     async with contextlib.aclosing(events):
         async for event in events:
             if isinstance(event, TextDelta):
+                prompts[event.index] = event.prompt_tokens
                 parser = parsers.setdefault(event.index, ToolCallParser(names, forced))
                 text, calls = parser.push(event.text)
                 yield attrs.evolve(event, text=text, tool_calls=calls)
@@ -346,7 +348,13 @@ async def extract_tool_calls(
                 parser = parsers.setdefault(event.index, ToolCallParser(names, forced))
                 text, calls = parser.flush()
                 if text or calls:
-                    yield TextDelta(text, event.index, tool_calls=calls)
+                    yield TextDelta(
+                        text,
+                        event.index,
+                        tool_calls=calls,
+                        prompt_tokens=prompts.get(event.index, 0),
+                        completion_tokens=event.completion_tokens,
+                    )
                 called = bool(parser.calls) and event.finish_reason is FinishReason.STOP
                 choice = attrs.evolve(
                     event,

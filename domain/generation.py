@@ -83,6 +83,8 @@ class GenerationParams:
     """Added to the logits of these token ids at every step."""
     logprobs: int | None = None
     """Return each generated token's log-probability and this many most likely alternatives (``None``: none)."""
+    prompt_logprobs: int | None = None
+    """Return each prompt token's log-probability and this many alternatives (vLLM's; ``None``: none)."""
     constraint: OutputConstraint | None = None
     ignore_eos: bool = False
     """Keep generating past end-of-sequence tokens, up to ``max_new_tokens`` (vLLM's)."""
@@ -110,6 +112,8 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
+    """The token's place among all at its position, 1 for the most likely (``None``: not known)."""
 
 
 @attrs.frozen
@@ -148,6 +152,10 @@ class LogprobEntry:
     offset: int
     """Where the token's text starts in the choice's text."""
     top: tuple[tuple[str, float], ...] = ()
+    token_id: int | None = None
+    top_ids: tuple[int, ...] = ()
+    """The ids of the ``top`` alternatives, in the same order."""
+    rank: int | None = None
 
 
 @attrs.frozen
@@ -161,6 +169,10 @@ class TextDelta:
     index: int = 0
     logprobs: tuple[LogprobEntry, ...] = ()
     tool_calls: tuple[ToolCall, ...] = ()
+    prompt_tokens: int = 0
+    """How many tokens the choice's prompt holds."""
+    completion_tokens: int = 0
+    """How many tokens the choice has generated so far (for usage on every chunk, vLLM's continuous usage)."""
 
 
 @attrs.frozen
@@ -176,6 +188,8 @@ class Choice:
     """Prompt tokens its generation read from a prefix cache."""
     tool_calls: tuple[ToolCall, ...] = ()
     """The tools the model called (chat with tools); ``text`` then holds only the rest of its answer."""
+    prompt_logprobs: tuple[LogprobEntry, ...] | None = None
+    """Its prompt's tokens' logprobs when they were asked for (the first token's is ``None``)."""
 
 
 @attrs.frozen

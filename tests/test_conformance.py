@@ -448,3 +448,71 @@ def test_a_legacy_conversation_carries_the_call_and_its_result_back(client: Test
 def test_bad_legacy_function_requests_are_400s(client: TestClient, body: dict, param: str) -> None:
     error = error_of(client.post("/v1/chat/completions", json={"messages": USER} | body))
     assert error["param"] == param
+
+
+# vLLM's logprob and usage extras ---------------------------------------------------------------------------------
+
+
+def stream_events(client: TestClient, path: str, body: dict) -> list[dict]:
+    raw = client.post(path, json=body | {"stream": True}).text
+    return [json.loads(b.removeprefix("data: ")) for b in raw.split("\n\n") if b.startswith("data: {")]
+
+
+def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(client: TestClient, fake: FakeGenerator) -> None:
+    fake.reply = "ab"
+    body = {"messages": USER, "logprobs": True, "top_logprobs": 2, "return_tokens_as_token_ids": True}
+    content = client.post("/v1/chat/completions", json=body).json()["choices"][0]["logprobs"]["content"]
+    assert [entry["token"] for entry in content][:2] == [f"token_id:{ord('a') + 1}", f"token_id:{ord('b') + 1}"]
+    assert all(entry["token"].startswith("token_id:") for entry in content)
+    assert all(alt["token"].startswith("token_id:") for entry in content for alt in entry["top_logprobs"])
+    legacy = client.post(
+        "/v1/completions", json={"prompt": "x", "logprobs": 1, "return_tokens_as_token_ids": True}
+    ).json()
+    assert legacy["choices"][0]["logprobs"]["tokens"][0] == f"token_id:{ord('a') + 1}"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(
+    client: TestClient, fake: FakeGenerator, path: str
+) -> None:
+    fake.reply = "abc"
+    base = {"messages": USER} if "chat" in path else {"prompt": "Hi"}
+    options = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = stream_events(client, path, base | options)
+    text_chunks = [
+        c
+        for c in chunks
+        if c["choices"] and (c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content"))
+    ]
+    assert [c["usage"]["completion_tokens"] for c in text_chunks] == [1, 2, 3]
+    prompt_tokens = chunks[-1]["usage"]["prompt_tokens"]
+    assert all(c["usage"]["prompt_tokens"] == prompt_tokens for c in text_chunks)
+    assert all(c["usage"]["total_tokens"] == prompt_tokens + c["usage"]["completion_tokens"] for c in text_chunks)
+    plain = stream_events(client, path, base | {"stream_options": {"include_usage": True}})
+    assert all(c["usage"] is None for c in plain if c["choices"])
+
+
+def test_prompt_logprobs_score_every_prompt_token(client: TestClient, fake: FakeGenerator) -> None:
+    answer = client.post("/v1/completions", json={"prompt": "abc", "prompt_logprobs": 2, "max_tokens": 2}).json()
+    prompt_logprobs = answer["choices"][0]["prompt_logprobs"]
+    assert fake.scored[-1] == tuple(fake.encode("abc", add_special_tokens=False))
+    assert prompt_logprobs[0] is None
+    assert len(prompt_logprobs) == 3
+    for token, position in zip("bc", prompt_logprobs[1:], strict=True):
+        chosen = position[str(ord(token) + 1)]
+        assert chosen["decoded_token"] == token
+        assert chosen["logprob"] <= 0
+        assert 1 <= len(position) <= 3
+    chat = client.post("/v1/chat/completions", json={"messages": USER, "prompt_logprobs": 0}).json()
+    assert chat["prompt_logprobs"][0] is None
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    streamed = stream_events(client, "/v1/completions", {"prompt": "abc", "prompt_logprobs": 1, "max_tokens": 2})
+    [ended] = [c["choices"][0] for c in streamed if c["choices"][0]["finish_reason"]]
+    assert ended["prompt_logprobs"][0] is None
+    assert len(ended["prompt_logprobs"]) == 3
+
+
+def test_without_prompt_logprobs_the_field_is_left_out(client: TestClient, fake: FakeGenerator) -> None:
+    assert "prompt_logprobs" not in client.post("/v1/completions", json={"prompt": "abc"}).json()["choices"][0]
+    assert "prompt_logprobs" not in client.post("/v1/chat/completions", json={"messages": USER}).json()
+    assert not fake.scored

@@ -298,3 +298,15 @@ def test_tokenize_token_strs_are_the_tokenizers_own_strings(client: TestClient, 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     assert counted["token_strs"] == tokenizer.convert_ids_to_tokens(counted["tokens"])
     assert any(piece.startswith("Ġ") for piece in counted["token_strs"])  # byte-level spaces, not decoded text
+
+
+def test_prompt_logprobs_rank_each_prompt_token_among_the_models_alternatives(client: TestClient) -> None:
+    body = {"prompt": "The sea is calm tonight", "max_tokens": 1, "prompt_logprobs": 3, "temperature": 0}
+    answer = client.post("/v1/completions", json=body).json()
+    positions = answer["choices"][0]["prompt_logprobs"]
+    assert positions[0] is None
+    for position in positions[1:]:
+        alternatives = sorted(position.values(), key=lambda p: p["rank"])
+        assert [p["rank"] for p in alternatives][:3] == [1, 2, 3] or len(position) == 4
+        best = max(p["logprob"] for p in position.values())
+        assert next(p for p in position.values() if p["rank"] == 1)["logprob"] == pytest.approx(best)

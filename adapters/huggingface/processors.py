@@ -58,4 +58,6 @@ def token_logprob(logprobs: torch.Tensor, token_id: int, top: int) -> TokenLogpr
     if top > 0:
         values, indices = torch.topk(logprobs, min(top, logprobs.shape[-1]))
         alternatives = tuple(zip(indices.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(token_id=token_id, logprob=float(logprobs[token_id]), top=alternatives)
+    chosen = logprobs[token_id]
+    rank = int((logprobs > chosen).sum()) + 1
+    return TokenLogprob(token_id=token_id, logprob=float(chosen), top=alternatives, rank=rank)

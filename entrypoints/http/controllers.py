@@ -33,16 +33,18 @@ from entrypoints.http.wire import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
     SamplingRequest,
+    ScoredChatCompletionResponse,
     assistant_message,
     chat_logprobs,
+    completion_choice,
     completion_logprobs,
     finish_reason,
+    prompt_logprobs_body,
     structure,
 )
 
@@ -190,6 +192,8 @@ class ChatController(Controller):
                 services.model_id,
                 logprobs=params.logprobs is not None,
                 legacy_functions=body.legacy_functions,
+                token_ids=body.return_tokens_as_token_ids,
+                continuous_usage=body.continuous_usage,
             )
             return await event_stream(request, events, chunks, body.include_usage, announce=range(body.n))  # type: ignore[return-value]
         result = await until_disconnected(request, complete(events))
@@ -199,11 +203,18 @@ class ChatController(Controller):
                 c.index,
                 assistant_message(c, legacy_functions=legacy),
                 finish_reason(c, legacy_functions=legacy),
-                None if c.logprobs is None else chat_logprobs(c.logprobs),
+                None if c.logprobs is None else chat_logprobs(c.logprobs, token_ids=body.return_tokens_as_token_ids),
             )
             for c in result.choices
         ]
-        return ChatCompletionResponse(response_id, created, services.model_id, choices, usage_body(result.usage))
+        usage = usage_body(result.usage)
+        scored = result.choices[0].prompt_logprobs
+        if scored is not None:
+            prompt_logprobs = prompt_logprobs_body(scored)
+            return ScoredChatCompletionResponse(
+                response_id, created, services.model_id, choices, usage, prompt_logprobs=prompt_logprobs
+            )
+        return ChatCompletionResponse(response_id, created, services.model_id, choices, usage)
 
 
 class CompletionsController(Controller):
@@ -227,12 +238,24 @@ class CompletionsController(Controller):
         params = body.to_params(unknown)
         events = watch(services.completion.stream(body.prompts(), params, n=body.n, echo=body.echo))
         if body.stream:
-            chunks = completion_chunks(response_id, created, services.model_id, logprobs=params.logprobs is not None)
+            chunks = completion_chunks(
+                response_id,
+                created,
+                services.model_id,
+                logprobs=params.logprobs is not None,
+                token_ids=body.return_tokens_as_token_ids,
+                continuous_usage=body.continuous_usage,
+            )
             return await event_stream(request, events, chunks, body.include_usage)  # type: ignore[return-value]
         result = await until_disconnected(request, complete(events))
+        as_ids = body.return_tokens_as_token_ids
         choices = [
-            CompletionChoice(
-                c.index, c.text, str(c.finish_reason), None if c.logprobs is None else completion_logprobs(c.logprobs)
+            completion_choice(
+                c.index,
+                c.text,
+                str(c.finish_reason),
+                None if c.logprobs is None else completion_logprobs(c.logprobs, token_ids=as_ids),
+                prompt_logprobs=c.prompt_logprobs,
             )
             for c in result.choices
         ]

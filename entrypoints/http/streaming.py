@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import attrs
 import structlog
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
@@ -20,10 +21,13 @@ from entrypoints.http.wire import (
     CompletionResponse,
     Delta,
     PromptTokensDetails,
+    ScoredChatCompletionChunk,
     UsageBody,
     chat_logprobs,
+    completion_choice,
     completion_logprobs,
     finish_reason,
+    prompt_logprobs_body,
     unstructure,
 )
 from entrypoints.http.wire_tools import function_call_body, tool_call_deltas
@@ -57,15 +61,24 @@ def event(payload: object) -> ServerSentEventMessage:
 
 
 def chat_chunks(
-    response_id: str, created: int, model: str, *, logprobs: bool, legacy_functions: bool = False
+    response_id: str,
+    created: int,
+    model: str,
+    *,
+    logprobs: bool,
+    legacy_functions: bool = False,
+    token_ids: bool = False,
+    continuous_usage: bool = False,
 ) -> ChunkFactory:
     """Chunk factory for ``chat.completion.chunk``; each choice's first chunk carries the assistant role.
 
     Tool calls are sent whole as they complete, numbered within their choice; to a legacy ``functions`` request,
-    the call is ``delta.function_call``.
+    the call is ``delta.function_call``. With ``token_ids`` logprobs name tokens by id; with ``continuous_usage``
+    every chunk carries its choice's usage so far.
     """
     started: set[int] = set()
     called: dict[int, int] = {}
+    usage_so_far = _UsageSoFar(enabled=continuous_usage)
 
     def chunk(item: TextDelta | Choice | Completion) -> object:
         if isinstance(item, Completion):
@@ -76,36 +89,67 @@ def chat_chunks(
         if isinstance(item, Choice):
             reason = finish_reason(item, legacy_functions=legacy_functions)
             choice = ChunkChoice(item.index, Delta(role=role, content="" if first else None), reason)
-        else:
-            entries = chat_logprobs(item.logprobs) if logprobs else None
-            calls = tool_call_deltas(item.tool_calls, called.get(item.index, 0)) if item.tool_calls else None
-            called[item.index] = called.get(item.index, 0) + len(item.tool_calls)
-            content = item.text if item.text or not calls else None
-            delta = Delta(role=role, content=content, tool_calls=calls)
-            if legacy_functions and item.tool_calls:
-                delta = Delta(
-                    role=role, content=item.text or None, function_call=function_call_body(item.tool_calls[0])
-                )
-            choice = ChunkChoice(item.index, delta, None, entries)
-        return ChatCompletionChunk(response_id, created, model, [choice])
+            if item.prompt_logprobs is None:
+                return ChatCompletionChunk(response_id, created, model, [choice], usage_so_far(item))
+            scored = prompt_logprobs_body(item.prompt_logprobs)
+            return ScoredChatCompletionChunk(
+                response_id, created, model, [choice], usage_so_far(item), prompt_logprobs=scored
+            )
+        entries = chat_logprobs(item.logprobs, token_ids=token_ids) if logprobs else None
+        calls = tool_call_deltas(item.tool_calls, called.get(item.index, 0)) if item.tool_calls else None
+        called[item.index] = called.get(item.index, 0) + len(item.tool_calls)
+        content = item.text if item.text or not calls else None
+        delta = Delta(role=role, content=content, tool_calls=calls)
+        if legacy_functions and item.tool_calls:
+            call = function_call_body(item.tool_calls[0])
+            delta = Delta(role=role, content=item.text or None, function_call=call)
+        choice = ChunkChoice(item.index, delta, None, entries)
+        return ChatCompletionChunk(response_id, created, model, [choice], usage_so_far(item))
 
     return chunk
 
 
-def completion_chunks(response_id: str, created: int, model: str, *, logprobs: bool) -> ChunkFactory:
-    """Chunk factory for streamed ``text_completion`` objects."""
+def completion_chunks(
+    response_id: str,
+    created: int,
+    model: str,
+    *,
+    logprobs: bool,
+    token_ids: bool = False,
+    continuous_usage: bool = False,
+) -> ChunkFactory:
+    """Chunk factory for streamed ``text_completion`` objects (switches as for ``chat_chunks``)."""
+    usage_so_far = _UsageSoFar(enabled=continuous_usage)
 
     def chunk(item: TextDelta | Choice | Completion) -> object:
         if isinstance(item, Completion):
             return CompletionResponse(response_id, created, model, [], usage_body(item.usage))
         if isinstance(item, Choice):
-            choice = CompletionChoice(item.index, "", str(item.finish_reason))
+            choice = completion_choice(item.index, "", str(item.finish_reason), prompt_logprobs=item.prompt_logprobs)
         else:
-            entries = completion_logprobs(item.logprobs) if logprobs else None
+            entries = completion_logprobs(item.logprobs, token_ids=token_ids) if logprobs else None
             choice = CompletionChoice(item.index, item.text, None, entries)
-        return CompletionResponse(response_id, created, model, [choice])
+        return CompletionResponse(response_id, created, model, [choice], usage_so_far(item))
 
     return chunk
+
+
+@attrs.define
+class _UsageSoFar:
+    """vLLM's continuous usage: a choice's prompt tokens and the tokens it has generated, on each of its chunks."""
+
+    enabled: bool
+    prompts: dict[int, int] = attrs.Factory(dict)
+
+    def __call__(self, item: TextDelta | Choice) -> UsageBody | None:
+        if not self.enabled:
+            return None
+        if isinstance(item, TextDelta) and item.prompt_tokens:
+            self.prompts[item.index] = item.prompt_tokens
+        prompt = self.prompts.get(item.index)
+        if prompt is None:
+            return None
+        return UsageBody(prompt, item.completion_tokens, prompt + item.completion_tokens)
 
 
 async def sse_stream(

@@ -105,9 +105,10 @@ def ranged(low: float | None = None, high: float | None = None, *, default: Any 
 
 @attrs.frozen(kw_only=True)
 class StreamOptions:
-    """``stream_options``: OpenAI's switches for a streamed response."""
+    """``stream_options``: OpenAI's switches for a streamed response, and vLLM's usage on every chunk."""
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -208,6 +209,10 @@ class SamplingRequest(ConstraintFields):
     allowed_token_ids: list[int] | None = attrs.field(default=None, validator=v.optional(_some_token_ids))
     n_predict: int | None = ranged(-1)
     """llama.cpp's ``max_tokens``; -1 means no limit but the context window."""
+    prompt_logprobs: int | None = ranged(0, MAX_TOP_LOGPROBS)
+    """vLLM's: each prompt token's logprob with this many alternatives, in ``prompt_logprobs``."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM's: logprobs name tokens as ``token_id:<id>`` (their text may not be valid UTF-8 alone)."""
 
     def __attrs_post_init__(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -221,6 +226,11 @@ class SamplingRequest(ConstraintFields):
     def include_usage(self) -> bool:
         """Whether a streamed answer ends with a usage chunk (``stream_options.include_usage``)."""
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every chunk carries the usage so far (vLLM's ``continuous_usage_stats``, with ``include_usage``)."""
+        return self.include_usage and self.stream_options is not None and self.stream_options.continuous_usage_stats
 
     def top_logprobs_wanted(self) -> int | None:
         """How many alternatives to return with each token's logprob; ``None`` when logprobs are not wanted."""
@@ -265,6 +275,7 @@ class SamplingRequest(ConstraintFields):
             frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
             logprobs=self.top_logprobs_wanted(),
+            prompt_logprobs=self.prompt_logprobs,
             constraint=self.output_constraint(),
             ignore_eos=self.ignore_eos,
             stop_token_ids=tuple(self.stop_token_ids or ()),
@@ -483,8 +494,21 @@ def _finite_logprob(value: float) -> float:
     return max(value, LOWEST_LOGPROB) if not math.isnan(value) else LOWEST_LOGPROB
 
 
-def chat_logprobs(entries: Sequence[LogprobEntry]) -> ChatLogprobs:
-    """Chat ``logprobs`` for the tokens behind some text."""
+def as_token_ids(entries: Sequence[LogprobEntry]) -> tuple[LogprobEntry, ...]:
+    """``entries`` with every token written ``token_id:<id>`` (vLLM's ``return_tokens_as_token_ids``)."""
+    return tuple(
+        attrs.evolve(
+            entry,
+            token=f"token_id:{entry.token_id}" if entry.token_id is not None else entry.token,
+            top=tuple((f"token_id:{i}", value) for i, (_, value) in zip(entry.top_ids, entry.top, strict=False)),
+        )
+        for entry in entries
+    )
+
+
+def chat_logprobs(entries: Sequence[LogprobEntry], *, token_ids: bool = False) -> ChatLogprobs:
+    """Chat ``logprobs`` for the tokens behind some text (tokens named by id with ``token_ids``)."""
+    entries = as_token_ids(entries) if token_ids else entries
     return ChatLogprobs(
         [
             TokenLogprobBody(
@@ -498,8 +522,9 @@ def chat_logprobs(entries: Sequence[LogprobEntry]) -> ChatLogprobs:
     )
 
 
-def completion_logprobs(entries: Sequence[LogprobEntry]) -> CompletionLogprobs:
+def completion_logprobs(entries: Sequence[LogprobEntry], *, token_ids: bool = False) -> CompletionLogprobs:
     """Legacy completions ``logprobs`` for the tokens behind some text; an echoed prompt's first token has none."""
+    entries = as_token_ids(entries) if token_ids else entries
     return CompletionLogprobs(
         tokens=[entry.token for entry in entries],
         token_logprobs=[None if e.logprob is None else _finite_logprob(e.logprob) for e in entries],
@@ -513,6 +538,35 @@ def _top_with_chosen(entry: LogprobEntry) -> dict[str, float]:
     top = {token: _finite_logprob(value) for token, value in entry.top}
     top.setdefault(entry.token, _finite_logprob(entry.logprob if entry.logprob is not None else 0.0))
     return top
+
+
+@attrs.frozen
+class PromptLogprob:
+    """One token of a position in vLLM's ``prompt_logprobs``."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+"""vLLM's ``prompt_logprobs``: per prompt token, the token and its alternatives by id (the first token: ``null``)."""
+
+
+def prompt_logprobs_body(entries: Sequence[LogprobEntry] | None) -> PromptLogprobs | None:
+    """VLLM's ``prompt_logprobs`` for a prompt's scored tokens."""
+    if entries is None:
+        return None
+    body: PromptLogprobs = []
+    for entry in entries:
+        if entry.logprob is None or entry.token_id is None:
+            body.append(None)
+            continue
+        position = {str(entry.token_id): PromptLogprob(_finite_logprob(entry.logprob), entry.rank, entry.token)}
+        for rank, (token_id, (token, value)) in enumerate(zip(entry.top_ids, entry.top, strict=False), start=1):
+            position.setdefault(str(token_id), PromptLogprob(_finite_logprob(value), rank, token))
+        body.append(position)
+    return body
 
 
 @attrs.frozen
@@ -593,6 +647,41 @@ class CompletionResponse:
     usage: UsageBody | None = None
     object: str = "text_completion"
     system_fingerprint: str | None = None
+
+
+@attrs.frozen
+class ScoredCompletionChoice(CompletionChoice):
+    """A completion choice with vLLM's ``prompt_logprobs`` (only when asked for: OpenAI's shape stays as it is)."""
+
+    prompt_logprobs: PromptLogprobs | None = None
+
+
+@attrs.frozen
+class ScoredChatCompletionResponse(ChatCompletionResponse):
+    """A chat completion with vLLM's ``prompt_logprobs``, when asked for."""
+
+    prompt_logprobs: PromptLogprobs | None = None
+
+
+@attrs.frozen
+class ScoredChatCompletionChunk(ChatCompletionChunk):
+    """The chunk that ends a streamed chat choice, with vLLM's ``prompt_logprobs`` when asked for."""
+
+    prompt_logprobs: PromptLogprobs | None = None
+
+
+def completion_choice(
+    index: int,
+    text: str,
+    finish_reason: str | None,
+    logprobs: CompletionLogprobs | None = None,
+    *,
+    prompt_logprobs: Sequence[LogprobEntry] | None = None,
+) -> CompletionChoice:
+    """A completion choice, carrying ``prompt_logprobs`` when they were asked for."""
+    if prompt_logprobs is None:
+        return CompletionChoice(index, text, finish_reason, logprobs)
+    return ScoredCompletionChoice(index, text, finish_reason, logprobs, prompt_logprobs_body(prompt_logprobs))
 
 
 @attrs.frozen
@@ -770,6 +859,11 @@ def _converter() -> cattrs.Converter:
     converter.register_structure_hook(Role, _enum)
     converter.register_unstructure_hook(
         Delta, cattrs.gen.make_dict_unstructure_fn(Delta, converter, _cattrs_omit_if_default=True)
+    )
+    plain_choice = cattrs.gen.make_dict_unstructure_fn(CompletionChoice, converter)
+    scored_choice = cattrs.gen.make_dict_unstructure_fn(ScoredCompletionChoice, converter)
+    converter.register_unstructure_hook(
+        CompletionChoice, lambda c: scored_choice(c) if isinstance(c, ScoredCompletionChoice) else plain_choice(c)
     )
     converter.register_structure_hook_func(_is_literal, _literal)
     converter.register_structure_hook(int, _strict(int, accepts=(int,)))
