@@ -114,7 +114,23 @@ class ChatService:
         return extract_tool_calls(events, [tool.name for tool in offered], forced=tools.forced)
 
     async def complete(
-        self, messages: Sequence[ChatMessage], params: GenerationParams, *, n: int = 1, tools: ToolUse = NO_TOOLS
+        self,
+        messages: Sequence[ChatMessage],
+        params: GenerationParams,
+        *,
+        n: int = 1,
+        tools: ToolUse = NO_TOOLS,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> Completion:
         """All answers at once."""
-        return await complete(self.stream(messages, params, n=n, tools=tools))
+        return await complete(
+            self.stream(
+                messages,
+                params,
+                n=n,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+            )
+        )
