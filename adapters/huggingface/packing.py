@@ -18,6 +18,8 @@ way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 import torch
 from torch import nn
@@ -66,28 +68,29 @@ def packing_supported(dtype: torch.dtype) -> bool:
             packed = PackedLinear(probe, keep_weight=True)(inputs).float()
             expected = probe(inputs).float()
     except (RuntimeError, AttributeError, NotImplementedError) as error:
-        log.info("model.pack.unavailable", reason=str(error).splitlines()[0] if str(error) else type(error).__name__)
+        log.info("model.pack.probe_failed", reason=str(error).splitlines()[0] if str(error) else type(error).__name__)
         return False
     tolerance = SELF_CHECK_TOLERANCE if dtype == torch.float32 else 5e-2
     difference = float((packed - expected).abs().max() / expected.abs().max().clamp(min=1e-6))
     return packed.shape == expected.shape and difference <= tolerance
 
 
-def pack_linear_layers(model: nn.Module) -> int:
+def pack_linear_layers(model: nn.Module, *, supported: Callable[[torch.dtype], bool] = packing_supported) -> int:
     """Replace each ``nn.Linear`` of a CPU model with a `PackedLinear`; return how many were replaced.
 
-    Nothing changes (0) on another device, in another dtype, where oneDNN is missing or disagrees on a probe.
-    Call it after loading and before serving: the model is for inference from then on.
+    Nothing changes (0) on another device, in another dtype, where oneDNN is missing or disagrees on a probe
+    (``supported``, which tests replace to take the fallback on any CPU); that fallback is logged as
+    ``model.pack.unavailable``. Call it after loading and before serving: the model is for inference from then on.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # oneDNN's first use and every reorder on one thread: see the module's docstring
     try:
-        return _pack(model)
+        return _pack(model, supported)
     finally:
         torch.set_num_threads(threads)
 
 
-def _pack(model: nn.Module) -> int:
+def _pack(model: nn.Module, supported: Callable[[torch.dtype], bool]) -> int:
     linears = [
         (parent, name, child)
         for parent in model.modules()
@@ -95,7 +98,11 @@ def _pack(model: nn.Module) -> int:
         if isinstance(child, nn.Linear) and type(child) is nn.Linear and child.weight.device.type == "cpu"
     ]
     dtypes = {child.weight.dtype for _, _, child in linears}
-    if not linears or len(dtypes) != 1 or not packing_supported(dtypes.pop()):
+    if not linears or len(dtypes) != 1:
+        return 0
+    dtype = dtypes.pop()
+    if not supported(dtype):
+        log.info("model.pack.unavailable", dtype=str(dtype).removeprefix("torch."), using="nn.Linear")
         return 0
     counts: dict[int, int] = {}
     for parameter in _all_parameters(model):
