@@ -137,7 +137,10 @@ def test_a_request_joins_a_running_batch_and_both_decode_as_alone(generator, ref
 
     async def staggered():
         long_run = asyncio.ensure_future(gather(generator, [(prompts[2], long_params)]))
-        await asyncio.sleep(0.1)  # a few steps in
+        deadline = time.monotonic() + 30
+        while len(counter.lengths) < 3:  # a few steps in, however busy the machine
+            assert time.monotonic() < deadline, "the first request never started"
+            await asyncio.sleep(0.01)
         short = await gather(generator, [(prompts[0], short_params)])
         return (await long_run)[0], short[0]
 
