@@ -346,9 +346,9 @@ def test_limits_must_be_positive():
 
 
 def test_the_cache_appends_in_place_and_survives_rows_being_replaced():
-    from adapters.huggingface.batching import _GrowingLayer  # noqa: PLC0415  the engine's own cache layer
+    from adapters.huggingface.transformers_compat import GrowingLayer  # noqa: PLC0415  the engine's cache layer
 
-    layer, keys, values = _GrowingLayer(), torch.empty(2, 3, 0, 4), torch.empty(2, 3, 0, 4)
+    layer, keys, values = GrowingLayer(), torch.empty(2, 3, 0, 4), torch.empty(2, 3, 0, 4)
     for step, width in enumerate([5, *[1] * 70, 3]):  # past the slack, so the buffers grow on the way
         new_keys, new_values = torch.randn(2, 3, width, 4), torch.randn(2, 3, width, 4)
         keys, values = torch.cat([keys, new_keys], dim=2), torch.cat([values, new_values], dim=2)

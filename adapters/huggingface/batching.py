@@ -20,16 +20,25 @@ import attrs
 import structlog
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-from transformers.cache_utils import DynamicLayer
 
 from adapters.huggingface.prefix_cache import PrefixBlock, PrefixCache, prefix_kv
 from adapters.huggingface.processors import LogprobRecorder, OpenAIPenalties
 from adapters.huggingface.threads import ThreadTuner
+from adapters.huggingface.transformers_compat import (
+    cache_layers,
+    growing_cache,
+    has_plain_layers,
+    layer_kv,
+    logits_processors,
+    prepare_generation_config,
+    prepare_special_tokens,
+    stopping_criteria,
+)
 from domain.errors import DomainError, GenerationError, QueueFullError
 from domain.generation import FinishReason, GeneratedTokens, GenerationParams, TokenLogprob
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from adapters.huggingface.generator import HuggingFaceGenerator
 
@@ -111,8 +120,8 @@ class _Batch:
             self.rows, self.cache, self.mask = list(rows), cache, mask
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(_layers(self.cache), _layers(cache), strict=True):
-            (my_keys, my_values), (their_keys, their_values) = _kv(mine), _kv(theirs)
+        for mine, theirs in zip(cache_layers(self.cache), cache_layers(cache), strict=True):
+            (my_keys, my_values), (their_keys, their_values) = layer_kv(mine), layer_kv(theirs)
             mine.keys = torch.cat([_pad_left(my_keys, width, dim=2), _pad_left(their_keys, width, dim=2)])
             mine.values = torch.cat([_pad_left(my_values, width, dim=2), _pad_left(their_values, width, dim=2)])
         self.mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)])
@@ -129,8 +138,8 @@ class _Batch:
         self.mask = self.mask.index_select(0, index)
         first = int(self.mask.any(dim=0).int().argmax())
         self.mask = self.mask[:, first:]
-        for layer in _layers(self.cache):
-            keys, values = _kv(layer)
+        for layer in cache_layers(self.cache):
+            keys, values = layer_kv(layer)
             layer.keys = keys.index_select(0, index)[:, :, first:]
             layer.values = values.index_select(0, index)[:, :, first:]
         self.rows = [self.rows[i] for i in keep]
@@ -139,65 +148,6 @@ class _Batch:
         """One more real column for every row: the step just run appended each row's token to the cache."""
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
-
-
-class _GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformers' untyped __init_subclass__
-    """A ``DynamicLayer`` that appends into spare columns instead of copying its whole cache at every step.
-
-    ``keys``/``values`` stay what ``DynamicLayer`` exposes (``[rows, heads, columns, head_dim]``, here views of the
-    first columns of larger buffers), so the batch can still replace them when rows join or leave; the next update
-    then moves them into fresh buffers with ``SLACK_COLUMNS`` to spare. ``torch.cat`` on every step copies the whole
-    cache of every layer: at batch 16 that was a sixth of a decoding step at 60 tokens, and grows with the context.
-    """
-
-    SLACK_COLUMNS = 64
-
-    _views: tuple[torch.Tensor, torch.Tensor] | None = None
-    _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def update(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        *_args: object,
-        **_kwargs: object,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new columns after the cached ones and return every cached column."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        keys, values = _kv(self)
-        used = self.get_seq_length()
-        new = key_states.shape[-2]
-        views, buffers = self._views, self._buffers
-        if views is None or buffers is None or views[0] is not keys or used + new > buffers[0].shape[-2]:
-            shape = (*key_states.shape[:2], used + new + self.SLACK_COLUMNS, key_states.shape[-1])
-            buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
-            if used:
-                buffers[0][:, :, :used] = keys
-                buffers[1][:, :, :used] = values
-            self._buffers = buffers
-        buffers[0][:, :, used : used + new] = key_states
-        buffers[1][:, :, used : used + new] = value_states
-        self.keys, self.values = buffers[0][:, :, : used + new], buffers[1][:, :, : used + new]
-        self._views = (self.keys, self.values)
-        return self.keys, self.values
-
-
-def _growing_cache(config: PretrainedConfig) -> DynamicCache:
-    """An empty cache for ``config``'s layers, each a `_GrowingLayer`."""
-    cache = DynamicCache(config=config)
-    cache.layers = [_GrowingLayer() for _ in cache.layers]  # type: ignore[no-untyped-call]
-    return cache
-
-
-def _layers(cache: DynamicCache) -> list[DynamicLayer]:
-    """The cache's layers: plain ``DynamicLayer`` ones, as ``BatchingGenerator.batchable_model`` checked."""
-    return cast("list[DynamicLayer]", cache.layers)
-
-
-def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's key and value tensors, ``[rows, heads, columns, head_dim]``."""
-    return cast("torch.Tensor", layer.keys), cast("torch.Tensor", layer.values)
 
 
 def _pad_left(tensor: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
@@ -236,10 +186,10 @@ class BatchingGenerator:
     """Whether the model's cache is one plain ``DynamicLayer`` per layer (else every request goes the plain way)."""
 
     def __attrs_post_init__(self) -> None:
-        cache = DynamicCache(config=self.model.config)
-        self.batchable_model = bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+        self.batchable_model = has_plain_layers(self.model.config)
         if not self.batchable_model:
-            log.warning("batching.unsupported_cache", layers=sorted({type(layer).__name__ for layer in cache.layers}))
+            layers = DynamicCache(config=self.model.config).layers
+            log.warning("batching.unsupported_cache", layers=sorted({type(layer).__name__ for layer in layers}))
 
     # --- the model facts, from the plain generator ------------------------------------------------------------
 
@@ -454,14 +404,14 @@ class BatchingGenerator:
         """Build the row's processors and stopping criteria as ``generate`` would, and its random generator."""
         model: Any = self.model  # generate's private helpers, which nn.Module's typing hides
         prompt_length = len(row.prompt_ids)
-        config, _ = model._prepare_generation_config(row.config)  # noqa: SLF001  generate's defaults (top_k=50...)
+        config = prepare_generation_config(model, row.config)  # generate's defaults (top_k=50...)
         row.config = config
         config.max_length = (config.max_new_tokens or 0) + prompt_length
         if config.min_new_tokens is not None:
             config.min_length = config.min_new_tokens + prompt_length
         config.stop_strings = list(row.params.stop) or None
         ids = torch.tensor([row.prompt_ids], dtype=torch.long, device=model.device)
-        model._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=model.device)  # noqa: SLF001
+        prepare_special_tokens(model, config)
         custom = LogitsProcessorList()
         if row.params.presence_penalty or row.params.frequency_penalty:
             custom.append(
@@ -474,17 +424,8 @@ class BatchingGenerator:
         if row.params.logprobs is not None:
             row.recorder = LogprobRecorder(row.params.logprobs)
             custom.append(row.recorder)
-        row.processors = model._get_logits_processor(  # noqa: SLF001  the same list `generate` builds
-            generation_config=config,
-            input_ids_seq_length=prompt_length,
-            encoder_input_ids=ids,
-            logits_processor=custom,
-            device=model.device,
-            model_kwargs={"attention_mask": torch.ones_like(ids)},
-        )
-        row.stopping = model._get_stopping_criteria(  # noqa: SLF001
-            generation_config=config, stopping_criteria=StoppingCriteriaList(), tokenizer=self.tokenizer
-        )
+        row.processors = logits_processors(model, config, ids, custom)  # the same list `generate` builds
+        row.stopping = stopping_criteria(model, config, self.tokenizer)
         if row.params.seed is not None and config.do_sample:
             row.rng = torch.Generator(device=model.device)
             row.rng.manual_seed(row.params.seed)
@@ -537,10 +478,10 @@ class BatchingGenerator:
             mask[index, prefix_width - reused : prefix_width] = 1
             mask[index, prefix_width + width - rest :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, prefix_width:]
-        cache = _growing_cache(self.model.config)
+        cache = growing_cache(self.model.config)
         if prefix_width:
             cached = prefix_kv([row.reused for row in group], prefix_width).to(device)
-            for layer, (keys, values) in zip(_layers(cache), cached, strict=True):
+            for layer, (keys, values) in zip(cache_layers(cache), cached, strict=True):
                 layer.update(keys, values)
         logits = self._forward(ids, positions, mask, cache)
         return cache, mask, logits
@@ -555,7 +496,7 @@ class BatchingGenerator:
         if prefixes is None:
             return
         try:
-            layers = [_kv(layer) for layer in _layers(cache)]
+            layers = [layer_kv(layer) for layer in cache_layers(cache)]
             for index, row in enumerate(group):
                 if len(row.prompt_ids) // prefixes.block_tokens <= len(row.reused):
                     continue

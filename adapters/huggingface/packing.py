@@ -2,9 +2,10 @@
 
 ``nn.Linear`` on a CPU multiplies with MKL against the weight as stored, row-major. oneDNN can reorder a weight
 once into the blocked layout its kernels read best, and that is what ``torch.compile`` does when it freezes a model
-for the CPU (``torch.ops.mkldnn._linear_pointwise``). Done at load time without compiling, it makes the decoding
-step of a 135M-parameter model 1.2x (one sequence) to 1.6x (sixteen together) faster in float32, and the output
-projection of a large vocabulary over 2x; `bench/throughput.py` shows what it does to a served model.
+for the CPU (oneDNN's pointwise linear op, wrapped in `torch_compat`). Done at load time without compiling, it
+makes the decoding step of a 135M-parameter model 1.2x (one sequence) to 1.6x (sixteen together) faster in
+float32, and the output projection of a large vocabulary over 2x; `bench/throughput.py` shows what it does to a
+served model.
 
 The results are those of a different summation order (relative differences around 1e-6), not of another model.
 The reordered weight replaces the original, so memory does not grow, except where the weight is shared with another
@@ -24,6 +25,8 @@ import structlog
 import torch
 from torch import nn
 
+from adapters.huggingface.torch_compat import linear_pointwise, reorder_linear_weight
+
 log = structlog.get_logger(__name__)
 
 PACKABLE_DTYPES = frozenset({torch.float32, torch.bfloat16})
@@ -41,7 +44,7 @@ class PackedLinear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # noqa: SLF001  inductor's own op
+        self.packed = reorder_linear_weight(weight)
         self.bias = linear.bias
         self.weight: torch.Tensor = linear.weight if keep_weight else torch.empty_like(weight, device="meta")
         """The original weight when another module shares it; else only its shape and dtype (on ``meta``)."""
@@ -49,8 +52,7 @@ class PackedLinear(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inputs @ weight.T + bias``."""
         bias = None if self.bias is None else self.bias.detach()
-        outputs: torch.Tensor = torch.ops.mkldnn._linear_pointwise(inputs, self.packed, bias, "none", [], "")  # noqa: SLF001
-        return outputs
+        return linear_pointwise(inputs, self.packed, bias)
 
     def extra_repr(self) -> str:
         """As ``nn.Linear`` shows itself."""

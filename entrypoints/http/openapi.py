@@ -14,7 +14,6 @@ import typing
 from typing import Any
 
 import attrs
-from litestar._openapi.schema_generation import SchemaCreator
 from litestar.openapi.spec import (
     OpenAPIMediaType,
     OpenAPIResponse,
@@ -26,6 +25,8 @@ from litestar.openapi.spec import (
 )
 from litestar.plugins.attrs import AttrsSchemaPlugin
 from litestar.typing import FieldDefinition
+
+from entrypoints.http.litestar_compat import SchemaCreator
 
 SSE = OpenAPIMediaType(
     schema=Schema(
