@@ -79,7 +79,7 @@ def load_services(settings: ServerSettings) -> Services:
 
     Requests decode together in a continuously batched engine; those that cannot share a batch take the plain path.
     """
-    from adapters.huggingface.batching import BatchingGenerator, BatchLimits  # noqa: PLC0415  torch loads only when serving
+    from adapters.huggingface.engine import BatchingGenerator, BatchLimits  # noqa: PLC0415  torch loads only when serving
     from adapters.huggingface.generator import HuggingFaceGenerator  # noqa: PLC0415
     from adapters.huggingface.loading import load_model  # noqa: PLC0415
     from adapters.huggingface.prefix_cache import PrefixCache  # noqa: PLC0415

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapters.huggingface.batching import BatchingGenerator, BatchLimits
+from adapters.huggingface.engine import BatchingGenerator, BatchLimits
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.prefix_cache import PrefixCache
 from adapters.huggingface.threads import ThreadTuner
@@ -424,10 +424,10 @@ def test_prompts_that_share_a_beginning_prefill_together_each_from_its_own_cache
 
 
 def test_the_cache_stays_within_its_budget(model_dir, prompts):
-    generator = engine(model_dir)
-    block = generator.model.config.num_hidden_layers * 2 * generator.model.config.num_key_value_heads * 2
-    block *= generator.model.config.head_dim * 4  # bytes of one 2-token block in float32
-    generator.prefixes = PrefixCache(3 * block, block_tokens=2)
+    model = plain(model_dir)
+    block = model.model.config.num_hidden_layers * 2 * model.model.config.num_key_value_heads * 2
+    block *= model.model.config.head_dim * 4  # bytes of one 2-token block in float32
+    generator = BatchingGenerator(model, prefixes=PrefixCache(3 * block, block_tokens=2))
     try:
         asyncio.run(gather(generator, [(prompt, greedy(max_new_tokens=2)) for prompt in prompts]))
     finally:
