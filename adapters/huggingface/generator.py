@@ -21,6 +21,7 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from adapters.huggingface.constraints import GrammarCompiler
+from adapters.huggingface.delivery import ThreadToLoop
 from adapters.huggingface.processors import LogprobRecorder, OpenAIPenalties, token_logprob
 from domain.errors import ContextLengthExceededError, DomainError, GenerationError, InvalidRequestError
 from domain.generation import FinishReason, GeneratedTokens, GenerationParams, TokenLogprob
@@ -353,8 +354,7 @@ class HuggingFaceGenerator:
         config = self.generation_config(params, prompt_length=len(prompt_ids))
         config.stop_strings = list(params.stop) or None  # checked on every beam, not only the streamed one
         log.debug("generation.config", config=config.to_diff_dict(), seed=params.seed)
-        loop = asyncio.get_running_loop()
-        steps: asyncio.Queue[GeneratedTokens | None] = asyncio.Queue()
+        steps: ThreadToLoop[GeneratedTokens | None] = ThreadToLoop()
         cancelled = threading.Event()
         beams = (config.num_beams or 1) > 1
         recorder = None if params.logprobs is None else LogprobRecorder(params.logprobs)
@@ -371,11 +371,11 @@ class HuggingFaceGenerator:
             config=config,
             seed=params.seed,
             cancelled=cancelled,
-            streamer=None if beams else _QueueStreamer(loop, steps, cancelled, recorder),
+            streamer=None if beams else _QueueStreamer(steps, cancelled, recorder),
             processors=processors,
         )
         future = self._executor.submit(self._run, job)
-        future.add_done_callback(lambda _: _call_soon(loop, steps.put_nowait, None))
+        future.add_done_callback(lambda _: steps.put(None))
         try:
             while (step := await steps.get()) is not None:
                 yield step
@@ -467,12 +467,10 @@ class _QueueStreamer(BaseStreamer):
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
-        steps: asyncio.Queue[GeneratedTokens | None],
+        steps: ThreadToLoop[GeneratedTokens | None],
         cancelled: threading.Event,
         recorder: LogprobRecorder | None,
     ) -> None:
-        self._loop = loop
         self._steps = steps
         self._cancelled = cancelled
         self._recorder = recorder
@@ -485,7 +483,7 @@ class _QueueStreamer(BaseStreamer):
             return
         token_ids = [int(t) for t in value.reshape(-1).tolist()]
         logprobs = () if self._recorder is None else self._recorder.logprobs_of(token_ids)
-        if not _call_soon(self._loop, self._steps.put_nowait, GeneratedTokens(tuple(token_ids), logprobs=logprobs)):
+        if not self._steps.put(GeneratedTokens(tuple(token_ids), logprobs=logprobs)):
             self._cancelled.set()
 
     def end(self) -> None:
@@ -500,15 +498,6 @@ class _Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, _scores: torch.Tensor | None, **_: object) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self._cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object) -> bool:
-    """Schedule ``callback`` on ``loop`` from any thread; ``False`` when the loop is gone."""
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:
-        return False
-    return True
 
 
 def _result(future: Future[list[int]]) -> list[int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING
@@ -11,9 +10,10 @@ import attrs
 import structlog
 from transformers import DynamicCache, GenerationConfig
 
+from adapters.huggingface.delivery import ThreadToLoop
 from adapters.huggingface.engine.forward import Forward
 from adapters.huggingface.engine.loop import EngineLoop
-from adapters.huggingface.engine.rows import Delivery, Row
+from adapters.huggingface.engine.rows import Row
 from adapters.huggingface.engine.scheduler import BatchLimits, Scheduler
 from adapters.huggingface.transformers_compat import has_plain_layers
 from domain.errors import QueueFullError
@@ -170,9 +170,8 @@ class BatchingGenerator:
             return
         config = self.generation_config(params, prompt_length=len(prompt_ids))
         log.debug("generation.config", config=config.to_diff_dict(), seed=params.seed)
-        loop = asyncio.get_running_loop()
-        steps: asyncio.Queue[GeneratedTokens | BaseException | None] = asyncio.Queue()
-        row = Row(prompt_ids=tuple(prompt_ids), params=params, config=config, deliver=_deliverer(loop, steps))
+        steps: ThreadToLoop[GeneratedTokens | BaseException | None] = ThreadToLoop()
+        row = Row(prompt_ids=tuple(prompt_ids), params=params, config=config, deliver=steps.put)
         self._scheduler.submit(row, running=self._engine.running, start_worker=self._engine.start)
         released = False
         try:
@@ -208,21 +207,6 @@ class BatchingGenerator:
             yield
         finally:
             self._unbatched -= 1
-
-
-def _deliverer(
-    loop: asyncio.AbstractEventLoop, steps: asyncio.Queue[GeneratedTokens | BaseException | None]
-) -> Delivery:
-    """A thread-safe ``put`` onto ``steps``; it returns ``False`` once the event loop is gone."""
-
-    def deliver(item: GeneratedTokens | BaseException | None) -> bool:
-        try:
-            loop.call_soon_threadsafe(steps.put_nowait, item)
-        except RuntimeError:
-            return False
-        return True
-
-    return deliver
 
 
 __all__ = ["BatchingGenerator"]
