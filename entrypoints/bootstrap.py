@@ -100,5 +100,6 @@ def load_services(settings: ServerSettings) -> Services:
         threads=None if threads is None else ThreadTuner.for_cpu(settings.threads),
         prefixes=PrefixCache(settings.prefix_cache_mib * 2**20) if settings.prefix_cache_mib else None,
     )
-    template = TokenizerTemplate(generator.chat_template, generator.bos_token, generator.eos_token)
+    facts = generator.facts
+    template = TokenizerTemplate(facts.chat_template, facts.bos_token, facts.eos_token)
     return build_services(settings, generator, template, close=generator.close, constraints=plain.grammars)

@@ -99,10 +99,10 @@ class ForwardCounter:
 def test_exposes_model_facts_for_the_composition_root(generator):
     assert generator.model_id == "tiny"
     assert generator.context_length == 256
-    assert generator.eos_token == EOS_TOKEN
-    assert generator.bos_token == "<|begin_of_text|>"
-    assert "<|im_start|>" in generator.chat_template
-    assert generator.tokenizer.eos_token_id in generator.eos_token_ids
+    assert generator.facts.eos_token == EOS_TOKEN
+    assert generator.facts.bos_token == "<|begin_of_text|>"
+    assert "<|im_start|>" in generator.facts.chat_template
+    assert generator.facts.tokenizer.eos_token_id in generator.facts.eos_token_ids
 
 
 def test_encode_and_decode_round_trip_unicode(generator):

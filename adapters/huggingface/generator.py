@@ -22,6 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from adapters.huggingface.constraints import GrammarCompiler
 from adapters.huggingface.delivery import ThreadToLoop
+from adapters.huggingface.model_facts import ModelFacts
 from adapters.huggingface.processors import LogprobRecorder, OpenAIPenalties, token_logprob
 from domain.errors import ContextLengthExceededError, DomainError, GenerationError, InvalidRequestError
 from domain.generation import FinishReason, GeneratedTokens, GenerationParams, TokenLogprob
@@ -101,7 +102,6 @@ FORBIDDEN_EXTRA_PREFIXES = ("_", "output_", "assistant_")
 
 _MIN_SEED = -(2**63)
 _MAX_SEED = 2**64 - 1
-_SANE_MAX_LENGTH = 10_000_000
 """Tokenizers without a known limit report ``model_max_length`` as a huge sentinel (1e30)."""
 _MINOR_ISSUE = re.compile(r"^- `(\w+)`:", re.MULTILINE)
 _BACKTICKED = re.compile(r"`(\w+)`")
@@ -256,6 +256,11 @@ class HuggingFaceGenerator:
     tokenizer: PreTrainedTokenizerBase
     _model_id: str = attrs.field(kw_only=True, alias="model_id")
     threads: int | None = attrs.field(kw_only=True, default=None)
+    facts: ModelFacts = attrs.field(
+        init=False,
+        default=attrs.Factory(lambda self: ModelFacts(self.model, self.tokenizer, self._model_id), takes_self=True),
+    )
+    """The model's name, limits and tokenizer facts, shared with the batching engine."""
     """Torch's CPU threads on the worker thread; ``None`` leaves torch's setting alone."""
     _executor: ThreadPoolExecutor = attrs.field(
         init=False,
@@ -277,64 +282,30 @@ class HuggingFaceGenerator:
     @property
     def model_id(self) -> str:
         """The name clients use for the model."""
-        return self._model_id
+        return self.facts.model_id
 
     @property
     def context_length(self) -> int:
-        """The model's position limit, else the tokenizer's when it states a real one."""
-        config = self.model.config.get_text_config()
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(config, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        limit = self.tokenizer.model_max_length
-        if isinstance(limit, int) and 0 < limit < _SANE_MAX_LENGTH:
-            return limit
-        msg = f"cannot tell the context length of {self.model_id}"
-        raise ValueError(msg)
+        """How many tokens (prompt and completion) fit in one sequence."""
+        return self.facts.context_length
 
     @property
     def vocab_size(self) -> int:
         """How many token ids the model scores."""
-        value = getattr(self.model.config.get_text_config(), "vocab_size", None)
-        return value if isinstance(value, int) else len(self.tokenizer)
-
-    @property
-    def chat_template(self) -> str | None:
-        """The tokenizer's Jinja chat template, if it has one."""
-        template = self.tokenizer.chat_template
-        if isinstance(template, Mapping):
-            template = template.get("default")
-        return template if isinstance(template, str) else None
-
-    @property
-    def bos_token(self) -> str | None:
-        """The beginning-of-sequence token text, for chat templates."""
-        token = self.tokenizer.bos_token
-        return token if isinstance(token, str) else None
-
-    @property
-    def eos_token(self) -> str | None:
-        """The end-of-sequence token text, for chat templates."""
-        token = self.tokenizer.eos_token
-        return token if isinstance(token, str) else None
+        return self.facts.vocab_size
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        """Every token id that ends generation: the generation config's and the tokenizer's."""
-        configured = self.model.generation_config.eos_token_id
-        ids = list(configured) if isinstance(configured, list | tuple) else [configured]
-        ids.append(self.tokenizer.eos_token_id)
-        return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+        """Every token id that ends generation."""
+        return self.facts.eos_token_ids
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         """Token ids of ``text``."""
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return self.facts.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool) -> str:
         """Text of ``token_ids``."""
-        text = self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
-        return text if isinstance(text, str) else "".join(text)
+        return self.facts.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def generation_config(self, params: GenerationParams, *, prompt_length: int) -> GenerationConfig:
         """The validated ``GenerationConfig`` for a request; by default it may fill the context window."""

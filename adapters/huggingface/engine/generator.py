@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from adapters.huggingface.generator import HuggingFaceGenerator
+    from adapters.huggingface.model_facts import ModelFacts
     from adapters.huggingface.prefix_cache import PrefixCache
     from adapters.huggingface.threads import ThreadTuner
 
@@ -66,7 +67,7 @@ class BatchingGenerator:
             Forward(self.model, self.threads),
             self.tokenizer,
             self._scheduler,
-            self.plain.eos_token_ids,
+            self.facts.eos_token_ids,
             prefixes=self._prefixes,
         )
 
@@ -75,60 +76,45 @@ class BatchingGenerator:
         """Keys and values of prompt blocks seen before, reused by later prompts that begin with them."""
         return self._engine.prefixes
 
-    # --- the model facts, from the plain generator ------------------------------------------------------------
+    # --- the model facts, shared with the plain generator -------------------------------------------------------
+
+    @property
+    def facts(self) -> ModelFacts:
+        """The model's name, limits and tokenizer facts."""
+        return self.plain.facts
 
     @property
     def model(self) -> PreTrainedModel:
         """The transformers model."""
-        return self.plain.model
+        return self.facts.model
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The model's tokenizer."""
-        return self.plain.tokenizer
+        return self.facts.tokenizer
 
     @property
     def model_id(self) -> str:
         """The name clients use for the model."""
-        return self.plain.model_id
+        return self.facts.model_id
 
     @property
     def context_length(self) -> int:
         """How many tokens (prompt and completion) fit in one sequence."""
-        return self.plain.context_length
+        return self.facts.context_length
 
     @property
     def vocab_size(self) -> int:
         """How many token ids the model scores."""
-        return self.plain.vocab_size
-
-    @property
-    def chat_template(self) -> str | None:
-        """The tokenizer's Jinja chat template, if it has one."""
-        return self.plain.chat_template
-
-    @property
-    def bos_token(self) -> str | None:
-        """The beginning-of-sequence token text, for chat templates."""
-        return self.plain.bos_token
-
-    @property
-    def eos_token(self) -> str | None:
-        """The end-of-sequence token text, for chat templates."""
-        return self.plain.eos_token
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        """Every token id that ends generation."""
-        return self.plain.eos_token_ids
+        return self.facts.vocab_size
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         """Token ids of ``text``."""
-        return self.plain.encode(text, add_special_tokens=add_special_tokens)
+        return self.facts.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool) -> str:
         """Text of ``token_ids``."""
-        return self.plain.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        return self.facts.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def generation_config(self, params: GenerationParams, *, prompt_length: int) -> GenerationConfig:
         """The validated ``GenerationConfig`` for a request (see ``HuggingFaceGenerator.generation_config``)."""
