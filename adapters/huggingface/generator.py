@@ -23,7 +23,7 @@ from transformers.generation.streamers import BaseStreamer
 from adapters.huggingface.constraints import GrammarCompiler
 from adapters.huggingface.delivery import ThreadToLoop
 from adapters.huggingface.model_facts import ModelFacts
-from adapters.huggingface.processors import LogprobRecorder, OpenAIPenalties, token_logprob
+from adapters.huggingface.processors import LogprobRecorder, request_processors, token_logprob
 from domain.errors import ContextLengthExceededError, DomainError, GenerationError, InvalidRequestError
 from domain.generation import FinishReason, GeneratedTokens, GenerationParams, TokenLogprob
 
@@ -328,15 +328,8 @@ class HuggingFaceGenerator:
         steps: ThreadToLoop[GeneratedTokens | None] = ThreadToLoop()
         cancelled = threading.Event()
         beams = (config.num_beams or 1) > 1
-        recorder = None if params.logprobs is None else LogprobRecorder(params.logprobs)
-        processors = LogitsProcessorList([] if recorder is None else [recorder])
-        if params.constraint is not None:
-            processors.insert(0, self.grammars.processor(params.constraint))
-        if params.presence_penalty or params.frequency_penalty:
-            penalties = OpenAIPenalties(
-                prompt_length=len(prompt_ids), presence=params.presence_penalty, frequency=params.frequency_penalty
-            )
-            processors.insert(0, penalties)
+        constraint = None if params.constraint is None else self.grammars.processor(params.constraint)
+        processors, recorder = request_processors(params, prompt_length=len(prompt_ids), constraint=constraint)
         job = _Job(
             prompt_ids=tuple(prompt_ids),
             config=config,

@@ -11,7 +11,7 @@ import structlog
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-from adapters.huggingface.processors import LogprobRecorder, OpenAIPenalties
+from adapters.huggingface.processors import LogprobRecorder, request_processors
 from adapters.huggingface.transformers_compat import (
     logits_processors,
     prepare_generation_config,
@@ -83,18 +83,7 @@ def prepare(row: Row, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     config.stop_strings = list(row.params.stop) or None
     ids = torch.tensor([row.prompt_ids], dtype=torch.long, device=model.device)
     prepare_special_tokens(hidden, config)
-    custom = LogitsProcessorList()
-    if row.params.presence_penalty or row.params.frequency_penalty:
-        custom.append(
-            OpenAIPenalties(
-                prompt_length=prompt_length,
-                presence=row.params.presence_penalty,
-                frequency=row.params.frequency_penalty,
-            )
-        )
-    if row.params.logprobs is not None:
-        row.recorder = LogprobRecorder(row.params.logprobs)
-        custom.append(row.recorder)
+    custom, row.recorder = request_processors(row.params, prompt_length=prompt_length)
     row.processors = logits_processors(hidden, config, ids, custom)  # the same list `generate` builds
     row.stopping = stopping_criteria(hidden, config, tokenizer)
     if row.params.seed is not None and config.do_sample:
