@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import structlog
@@ -18,6 +19,7 @@ from entrypoints.http.wire import (
     ChunkChoice,
     CompletionChoice,
     CompletionResponse,
+    CompletionTokensDetails,
     Delta,
     PromptTokensDetails,
     UsageBody,
@@ -45,7 +47,11 @@ class EventStream(ServerSentEvent):
 def usage_body(usage: Usage) -> UsageBody:
     """The wire form of ``usage``."""
     return UsageBody(
-        usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, PromptTokensDetails(usage.cached_tokens)
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.total_tokens,
+        PromptTokensDetails(usage.cached_tokens),
+        CompletionTokensDetails(usage.reasoning_tokens),
     )
 
 
@@ -75,8 +81,10 @@ def chat_chunks(response_id: str, created: int, model: str, *, logprobs: bool) -
             entries = chat_logprobs(item.logprobs) if logprobs else None
             calls = tool_call_deltas(item.tool_calls, called.get(item.index, 0)) if item.tool_calls else None
             called[item.index] = called.get(item.index, 0) + len(item.tool_calls)
-            content = item.text if item.text or not calls else None
-            choice = ChunkChoice(item.index, Delta(role=role, content=content, tool_calls=calls), None, entries)
+            content = item.text if item.text or not (calls or item.reasoning) else None
+            thought = item.reasoning or None
+            delta = Delta(role=role, content=content, tool_calls=calls, reasoning_content=thought, reasoning=thought)
+            choice = ChunkChoice(item.index, delta, None, entries)
         return ChatCompletionChunk(response_id, created, model, [choice])
 
     return chunk
@@ -109,7 +117,7 @@ async def sse_stream(
         for index in announce:
             yield event(chunk(TextDelta("", index)))
         async for item in events:
-            if isinstance(item, TextDelta) and not (item.text or item.logprobs or item.tool_calls):
+            if isinstance(item, TextDelta) and not (item.text or item.logprobs or item.tool_calls or item.reasoning):
                 continue
             if isinstance(item, Completion) and not include_usage:
                 continue
@@ -126,3 +134,37 @@ async def sse_stream(
     finally:
         await events.aclose()
     yield event("[DONE]")
+
+
+PING = ServerSentEventMessage(data=None, comment="ping", sep="\n")
+"""An SSE comment: clients ignore it, proxies see the connection is alive."""
+
+
+async def keepalive(
+    messages: AsyncIterator[ServerSentEventMessage], interval: float | None
+) -> AsyncIterator[ServerSentEventMessage]:
+    """``messages``, with a ``: ping`` comment whenever none has been sent for ``interval`` seconds.
+
+    A long prefill on a CPU can outlast a proxy's idle timeout; the comment keeps the connection open.
+    """
+    pending: asyncio.Future[ServerSentEventMessage] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(messages))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield PING
+                continue
+            try:
+                message = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield message
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            await asyncio.wait({pending})
+        if isinstance(messages, AsyncGenerator):
+            await messages.aclose()
