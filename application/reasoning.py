@@ -95,7 +95,7 @@ async def split_reasoning(
     """``events`` with each choice's thinking moved from its text to ``reasoning``, on deltas, choices and usage.
 
     ``thinking`` says the prompt opened a thinking block. The completion's ``reasoning_tokens`` counts the tokens
-    of all thinking text.
+    of all thinking text (re-encoded, so at most each choice's completion tokens).
     """
     splitters: dict[int, ReasoningSplitter] = {}
     finished: dict[int, Choice] = {}
@@ -116,5 +116,5 @@ async def split_reasoning(
                 yield choice
             else:
                 choices = tuple(finished.get(c.index, c) for c in event.choices)
-                spent = sum(count_tokens(c.reasoning) for c in choices if c.reasoning)
+                spent = sum(min(count_tokens(c.reasoning), c.completion_tokens) for c in choices if c.reasoning)
                 yield attrs.evolve(event, choices=choices, usage=attrs.evolve(event.usage, reasoning_tokens=spent))

@@ -125,7 +125,7 @@ def test_the_stream_follows_openais_event_sequence(sdk: openai.OpenAI, fake: Fak
 def test_a_streamed_response_equals_the_whole_one(sdk: openai.OpenAI, fake: FakeGenerator) -> None:
     fake.reply = "Ünïcödé 你好 😀"
     whole = sdk.responses.create(model="m", input="Hello")
-    streamed = [event for event in sdk.responses.create(model="m", input="Hello", stream=True)]
+    streamed = list(sdk.responses.create(model="m", input="Hello", stream=True))
     done = streamed[-1]
     assert done.type == "response.completed"
     assert done.response.output_text == whole.output_text == fake.reply

@@ -173,7 +173,7 @@ class ConversationRequest:
 class MessagesRequest(ConversationRequest):
     """Body of ``POST /v1/messages``."""
 
-    max_tokens: int = ranged(1)
+    max_tokens: int = attrs.field(validator=v.ge(1), metadata={"schema": {"minimum": 1}})
     stop_sequences: list[str] | None = None
     stream: bool = False
     temperature: float | None = ranged(0, 1)

@@ -287,7 +287,7 @@ class OutputText:
     """``output_text`` content of a message item."""
 
     text: str
-    type: str = "output_text"
+    type: Literal["output_text"] = "output_text"
     annotations: list[Any] = attrs.field(factory=list)
     logprobs: list[Any] = attrs.field(factory=list)
 
@@ -299,7 +299,7 @@ class MessageItem:
     id: str
     content: list[OutputText]
     status: str = "completed"
-    type: str = "message"
+    type: Literal["message"] = "message"
     role: str = "assistant"
 
 
@@ -312,7 +312,7 @@ class FunctionCallItem:
     name: str
     arguments: str
     status: str = "completed"
-    type: str = "function_call"
+    type: Literal["function_call"] = "function_call"
 
 
 @attrs.frozen
@@ -320,7 +320,7 @@ class ReasoningText:
     """A reasoning item's ``content`` part."""
 
     text: str
-    type: str = "reasoning_text"
+    type: Literal["reasoning_text"] = "reasoning_text"
 
 
 @attrs.frozen
@@ -331,7 +331,7 @@ class ReasoningItem:
     content: list[ReasoningText]
     summary: list[Any] = attrs.field(factory=list)
     status: str = "completed"
-    type: str = "reasoning"
+    type: Literal["reasoning"] = "reasoning"
     encrypted_content: str | None = None
 
 
