@@ -33,7 +33,7 @@ from entrypoints.http.anthropic_wire import (
 from entrypoints.http.controllers import read_json, started, until_disconnected
 from entrypoints.http.errors import error_body
 from entrypoints.http.lifecycle import RequestWatch
-from entrypoints.http.openapi import body_operation
+from entrypoints.http.openapi import NAMED_EVENTS, body_operation
 from entrypoints.http.refusals import RefusalError
 from entrypoints.http.streaming import EventStream, keepalive
 from entrypoints.http.wire import structure, unstructure
@@ -182,7 +182,7 @@ class MessagesController(Controller):
         operation_id="createMessage",
         summary="Create a message (Anthropic)",
         status_code=200,
-        operation_class=body_operation(MessagesRequest, streams=True),
+        operation_class=body_operation(MessagesRequest, streams=True, events=NAMED_EVENTS),
     )
     async def create(self, request: Request[Any, Any, Any], services: Services, watch: RequestWatch) -> MessageBody:
         """Answer a conversation, whole or streamed as Anthropic's events."""

@@ -26,7 +26,7 @@ from entrypoints.bootstrap import Services
 from entrypoints.http.controllers import read_json, started, until_disconnected
 from entrypoints.http.errors import error_body
 from entrypoints.http.lifecycle import RequestWatch
-from entrypoints.http.openapi import body_operation
+from entrypoints.http.openapi import NAMED_EVENTS, body_operation
 from entrypoints.http.refusals import RefusalError
 from entrypoints.http.responses_wire import (
     DeletedResponse,
@@ -310,7 +310,7 @@ class ResponsesController(Controller):
         operation_id="createResponse",
         summary="Create a response",
         status_code=200,
-        operation_class=body_operation(ResponsesRequest, streams=True),
+        operation_class=body_operation(ResponsesRequest, streams=True, events=NAMED_EVENTS),
     )
     async def create(
         self,
@@ -324,7 +324,11 @@ class ResponsesController(Controller):
         body, unknown = structure(raw, ResponsesRequest)
         response_id = new_id("resp")
         structlog.contextvars.bind_contextvars(request_id=response_id)
-        log.info("request.received", path=request.url.path, parameters={k: v for k, v in raw.items() if k != "input"})
+        log.info(
+            "request.received",
+            path=request.url.path,
+            parameters={k: v for k, v in raw.items() if k not in {"input", "instructions"}},
+        )
         if unknown:
             log.info("request.unknown_fields", fields=sorted(unknown))
         history: tuple[ChatMessage, ...] = ()
