@@ -16,6 +16,7 @@ import attrs
 import structlog
 from litestar import Controller, Request, delete, get, post
 from litestar.exceptions import NotFoundException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import ServerSentEventMessage
 
@@ -48,7 +49,7 @@ from entrypoints.http.responses_wire import (
     response_usage,
 )
 from entrypoints.http.streaming import EventStream, keepalive
-from entrypoints.http.wire import structure, unstructure
+from entrypoints.http.wire import ErrorBody, structure, unstructure
 
 log = structlog.get_logger(__name__)
 
@@ -387,7 +388,12 @@ class ResponsesController(Controller):
         responses.delete(response_id)
         return DeletedResponse(response_id)
 
-    @get("/{response_id:str}/input_items", operation_id="listInputItems", summary="List a response's input items")
+    @get(
+        "/{response_id:str}/input_items",
+        operation_id="listInputItems",
+        summary="List a response's input items",
+        responses={400: ResponseSpec(ErrorBody, description="A query parameter is out of range")},
+    )
     async def input_items(
         self,
         response_id: str,
