@@ -16,7 +16,6 @@ import structlog
 from litestar import Controller, Request, post
 from litestar.response import ServerSentEventMessage
 
-from domain.errors import DomainError
 from domain.generation import Completion, CompletionEvent, CompletionStream, TextDelta
 from entrypoints.bootstrap import Services
 from entrypoints.http.anthropic_wire import (
@@ -31,11 +30,9 @@ from entrypoints.http.anthropic_wire import (
     tool_input,
 )
 from entrypoints.http.controllers import read_json, started, until_disconnected
-from entrypoints.http.errors import error_body
 from entrypoints.http.lifecycle import RequestWatch
 from entrypoints.http.openapi import NAMED_EVENTS, body_operation
-from entrypoints.http.refusals import RefusalError
-from entrypoints.http.streaming import EventStream, keepalive
+from entrypoints.http.streaming import EventStream, keepalive, named_event, stream_error
 from entrypoints.http.wire import structure, unstructure
 
 log = structlog.get_logger(__name__)
@@ -138,28 +135,17 @@ class MessageWriter:
         return [*events, {"type": "content_block_stop", "index": index}]
 
 
-def sse(event: StreamEvent) -> ServerSentEventMessage:
-    """One Messages stream event: its type as the SSE ``event`` and its JSON as ``data``."""
-    return ServerSentEventMessage(data=json.dumps(event, ensure_ascii=False), event=event["type"], sep="\n")
-
-
 async def message_events(events: CompletionStream, writer: MessageWriter) -> AsyncIterator[ServerSentEventMessage]:
     """The stream of a message; an error after it started ends it with an ``error`` event."""
     try:
         for event in writer.start():
-            yield sse(event)
+            yield named_event(event)
         async for item in events:
             for event in writer.feed(item):
-                yield sse(event)
-    except Exception as error:
-        status, body = error_body(error)
-        if isinstance(error, DomainError) and status < 500:  # noqa: PLR2004
-            log.info("stream.rejected", error=body.error.message)
-        elif isinstance(error, RefusalError):
-            log.warning("stream.refused", status=status, code=body.error.code)
-        else:
-            log.exception("stream.failed")
-        yield sse(anthropic_error(status, body.error.message))
+                yield named_event(event)
+    except Exception as error:  # noqa: BLE001  every failure ends the stream with an error event
+        status, body = stream_error(error)
+        yield named_event(anthropic_error(status, body.error.message))
     finally:
         await events.aclose()
 

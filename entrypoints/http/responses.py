@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
@@ -20,15 +19,13 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import ServerSentEventMessage
 
-from domain.errors import DomainError, InvalidRequestError
+from domain.errors import InvalidRequestError
 from domain.generation import Choice, Completion, CompletionEvent, CompletionStream, FinishReason, TextDelta
 from domain.messages import ChatMessage, Role
 from entrypoints.bootstrap import Services
 from entrypoints.http.controllers import read_json, started, until_disconnected
-from entrypoints.http.errors import error_body
 from entrypoints.http.lifecycle import RequestWatch
 from entrypoints.http.openapi import NAMED_EVENTS, body_operation
-from entrypoints.http.refusals import RefusalError
 from entrypoints.http.responses_wire import (
     DeletedResponse,
     FunctionCallItem,
@@ -48,7 +45,7 @@ from entrypoints.http.responses_wire import (
     response_shell,
     response_usage,
 )
-from entrypoints.http.streaming import EventStream, keepalive
+from entrypoints.http.streaming import EventStream, keepalive, named_event, stream_error
 from entrypoints.http.wire import ErrorBody, structure, unstructure
 
 log = structlog.get_logger(__name__)
@@ -123,9 +120,9 @@ class ResponseWriter:
         events: list[StreamEvent] = []
         if isinstance(item, TextDelta):
             if item.reasoning:
-                events += self._write(ReasoningItem(new_id("rs"), []), item.reasoning)
+                events += self._write(ReasoningItem, item.reasoning)
             if item.text:
-                events += self._write(MessageItem(new_id("msg"), []), item.text)
+                events += self._write(MessageItem, item.text)
             for call in item.tool_calls:
                 events += self._close()
                 called = FunctionCallItem(new_id("fc"), call.id, call.name, call.arguments)
@@ -175,38 +172,31 @@ class ResponseWriter:
         )
         return [*events, self._event("response.failed", response=unstructure(self.response))]
 
-    def _write(self, opened: ReasoningItem | MessageItem, text: str) -> list[StreamEvent]:
-        """Text for the open item of ``opened``'s kind, opening one (and closing another) first when needed."""
+    def _write(self, kind: type[ReasoningItem | MessageItem], text: str) -> list[StreamEvent]:
+        """Text for the open item of ``kind``, opening one (and closing another) first when needed."""
         events: list[StreamEvent] = []
-        if type(self._open) is not type(opened):
+        thinking = kind is ReasoningItem
+        if not isinstance(self._open, kind):
             events += self._close()
+            opened = ReasoningItem(new_id("rs"), []) if thinking else MessageItem(new_id("msg"), [])
             self._open = opened
             index = len(self.items)
             self.items.append(opened)
-            pending = attrs.evolve(opened, status="in_progress")
-            events.append(self._event("response.output_item.added", output_index=index, item=unstructure(pending)))
-            part = {"type": "output_text", "text": "", "annotations": []}
-            if isinstance(opened, ReasoningItem):
-                part = {"type": "reasoning_text", "text": ""}
-            events.append(
+            pending = unstructure(attrs.evolve(opened, status="in_progress"))
+            part = {"type": "reasoning_text", "text": ""} if thinking else unstructure(OutputText(""))
+            events += [
+                self._event("response.output_item.added", output_index=index, item=pending),
                 self._event(
                     "response.content_part.added", item_id=opened.id, output_index=index, content_index=0, part=part
-                )
-            )
+                ),
+            ]
         assert self._open is not None  # noqa: S101  opened just above
         self._text += text
-        kind = "response.reasoning_text.delta" if isinstance(opened, ReasoningItem) else "response.output_text.delta"
-        extra: dict[str, Any] = {} if isinstance(opened, ReasoningItem) else {"logprobs": []}
-        events.append(
-            self._event(
-                kind,
-                item_id=self._open.id,
-                output_index=len(self.items) - 1,
-                content_index=0,
-                delta=text,
-                **extra,
-            )
-        )
+        where = {"item_id": self._open.id, "output_index": len(self.items) - 1, "content_index": 0}
+        if thinking:
+            events.append(self._event("response.reasoning_text.delta", **where, delta=text))
+        else:
+            events.append(self._event("response.output_text.delta", **where, delta=text, logprobs=[]))
         return events
 
     def _close(self) -> list[StreamEvent]:
@@ -239,32 +229,21 @@ class ResponseWriter:
         return event
 
 
-def sse(event: StreamEvent) -> ServerSentEventMessage:
-    """One Responses stream event: its type as the SSE ``event`` and its JSON as ``data``."""
-    return ServerSentEventMessage(data=json.dumps(event, ensure_ascii=False), event=event["type"], sep="\n")
-
-
 async def response_events(
     events: CompletionStream, writer: ResponseWriter, on_finished: Callable[[ResponseBody], None]
 ) -> AsyncIterator[ServerSentEventMessage]:
     """The stream of a response; an error after it started ends it with ``response.failed``."""
     try:
         for event in writer.start():
-            yield sse(event)
+            yield named_event(event)
         async for item in events:
             for event in writer.feed(item):
-                yield sse(event)
+                yield named_event(event)
         on_finished(writer.response)
-    except Exception as error:
-        status, body = error_body(error)
-        if isinstance(error, DomainError) and status < 500:  # noqa: PLR2004
-            log.info("stream.rejected", error=body.error.message)
-        elif isinstance(error, RefusalError):
-            log.warning("stream.refused", status=status, code=body.error.code)
-        else:
-            log.exception("stream.failed")
+    except Exception as error:  # noqa: BLE001  every failure ends the stream with an error event
+        _, body = stream_error(error)
         for event in writer.fail(body.error.code or body.error.type, body.error.message):
-            yield sse(event)
+            yield named_event(event)
     finally:
         await events.aclose()
 

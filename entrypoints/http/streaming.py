@@ -21,6 +21,7 @@ from entrypoints.http.wire import (
     CompletionResponse,
     CompletionTokensDetails,
     Delta,
+    ErrorBody,
     PromptTokensDetails,
     UsageBody,
     chat_logprobs,
@@ -59,6 +60,23 @@ def event(payload: object) -> ServerSentEventMessage:
     """One event: ``data:`` and the JSON, then a blank line."""
     data = payload if isinstance(payload, str) else json.dumps(unstructure(payload), ensure_ascii=False)
     return ServerSentEventMessage(data=data, sep="\n")
+
+
+def named_event(payload: dict[str, Any]) -> ServerSentEventMessage:
+    """One event of a stream whose events are named (Responses, Anthropic): ``event: {type}`` and its JSON."""
+    return ServerSentEventMessage(data=json.dumps(payload, ensure_ascii=False), event=payload["type"], sep="\n")
+
+
+def stream_error(error: Exception) -> tuple[int, ErrorBody]:
+    """The status and error body of a failure after a stream started, logged as the request's end."""
+    status, body = error_body(error)
+    if isinstance(error, DomainError) and status < 500:  # noqa: PLR2004
+        log.info("stream.rejected", error=body.error.message)
+    elif isinstance(error, RefusalError):
+        log.warning("stream.refused", status=status, code=body.error.code)
+    else:
+        log.error("stream.failed", exc_info=error)
+    return status, body
 
 
 def chat_chunks(response_id: str, created: int, model: str, *, logprobs: bool) -> ChunkFactory:
@@ -122,14 +140,8 @@ async def sse_stream(
             if isinstance(item, Completion) and not include_usage:
                 continue
             yield event(chunk(item))
-    except Exception as error:
-        status, body = error_body(error)
-        if isinstance(error, DomainError) and status < 500:  # noqa: PLR2004
-            log.info("stream.rejected", error=body.error.message)
-        elif isinstance(error, RefusalError):
-            log.warning("stream.refused", status=status, code=body.error.code)
-        else:
-            log.exception("stream.failed")
+    except Exception as error:  # noqa: BLE001  every failure ends the stream with an error event
+        _, body = stream_error(error)
         yield event(body)
     finally:
         await events.aclose()
