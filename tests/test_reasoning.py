@@ -124,6 +124,8 @@ def test_responses_return_a_reasoning_item(fake: FakeGenerator, thinking_setting
         sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         response = sdk.responses.create(model="m", input="What is 2 + 2?", reasoning={"effort": "high"})
         events = list(sdk.responses.create(model="m", input="What is 2 + 2?", stream=True))
+        with sdk.responses.stream(model="m", input="What is 2 + 2?") as stream:
+            final = stream.get_final_response()
     reasoning, _message = response.output
     assert reasoning.type == "reasoning"
     assert reasoning.content is not None
@@ -135,6 +137,8 @@ def test_responses_return_a_reasoning_item(fake: FakeGenerator, thinking_setting
     thought = "".join(event.delta for event in events if event.type == "response.reasoning_text.delta")
     assert thought == "Two and two."
     assert [item.type for item in events[-1].response.output] == ["reasoning", "message"]
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    assert final.output_text == "It is 4."
 
 
 def test_messages_return_a_thinking_block(fake: FakeGenerator, thinking_settings: ServerSettings) -> None:
