@@ -189,6 +189,22 @@ def test_a_streamed_message_equals_the_whole_one(claude: anthropic.Anthropic, fa
         streamed = stream.get_final_message()
     assert streamed.content[0].text == whole.content[0].text == fake.reply  # type: ignore[union-attr]
     assert streamed.usage.output_tokens == whole.usage.output_tokens
+    assert streamed.usage.input_tokens == whole.usage.input_tokens
+
+
+def test_output_config_format_constrains_the_answer(claude: anthropic.Anthropic, fake: FakeGenerator) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    fake.reply = '{"city": "Oslo"}'
+    message = claude.messages.create(
+        model="m",
+        max_tokens=50,
+        messages=USER,
+        output_config={"format": {"type": "json_schema", "schema": schema}, "effort": "low"},
+    )
+    constraint = fake.calls[-1][1].constraint
+    assert constraint is not None
+    assert constraint.json_schema == schema
+    assert json.loads(message.content[0].text) == {"city": "Oslo"}  # type: ignore[union-attr]
 
 
 def test_count_tokens_counts_the_rendered_prompt(claude: anthropic.Anthropic, fake: FakeGenerator) -> None:

@@ -281,6 +281,8 @@ def test_the_store_evicts_the_least_recently_used(fake: FakeGenerator) -> None:
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]}, "input[0].content"),
         ({"input": "x", "temperature": 3}, "temperature"),
         ({"input": 5}, "input"),
+        ({"input": "x", "conversation": "conv_1"}, "conversation"),
+        ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
     ],
 )
 def test_what_is_not_offered_is_a_clear_400(live_url: str, body: dict, param: str) -> None:

@@ -13,12 +13,12 @@ import attrs
 from attrs import validators as v
 
 from domain.errors import InvalidRequestError
-from domain.generation import Choice, FinishReason, GenerationParams, Usage
+from domain.generation import Choice, FinishReason, GenerationParams, OutputConstraint, Usage
 from domain.messages import ChatMessage, Role
 from domain.tools import FunctionTool, ToolChoice, ToolChoiceMode, ToolUse
 from domain.tools import ToolCall as DomainToolCall
 from entrypoints.http.wire import ranged
-from entrypoints.http.wire_tools import FunctionDefinition, ToolDefinition
+from entrypoints.http.wire_tools import FunctionDefinition, ToolDefinition, check_json_schema
 
 ANTHROPIC_PATH = "/v1/messages"
 
@@ -125,6 +125,22 @@ class Metadata:
 
 
 @attrs.frozen(kw_only=True)
+class OutputFormat:
+    """``output_config.format``: the answer is JSON matching ``schema`` (Anthropic's structured outputs)."""
+
+    type: Literal["json_schema"]
+    schema: dict[str, Any]
+
+
+@attrs.frozen(kw_only=True)
+class OutputConfig:
+    """``output_config``: the answer's format, and how hard to think (passed to templates as ``reasoning_effort``)."""
+
+    effort: str | None = None
+    format: OutputFormat | None = None
+
+
+@attrs.frozen(kw_only=True)
 class ConversationRequest:
     """What ``/v1/messages`` and ``/v1/messages/count_tokens`` share: the conversation, tools and thinking."""
 
@@ -134,6 +150,7 @@ class ConversationRequest:
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
     thinking: ThinkingConfig | None = None
+    output_config: OutputConfig | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
     def chat_messages(self) -> list[ChatMessage]:
@@ -166,7 +183,17 @@ class ConversationRequest:
         options: dict[str, Any] = {}
         if self.thinking is not None and self.thinking.type != "adaptive":
             options["enable_thinking"] = self.thinking.type == "enabled"
+        if self.output_config is not None and self.output_config.effort is not None:
+            options["reasoning_effort"] = self.output_config.effort
         return options | (self.chat_template_kwargs or {})
+
+    def constraint(self) -> OutputConstraint | None:
+        """The output constraint ``output_config.format`` asks for, enforced as chat's ``response_format`` is."""
+        wanted = None if self.output_config is None else self.output_config.format
+        if wanted is None:
+            return None
+        check_json_schema(wanted.schema, "output_config.format.schema")
+        return OutputConstraint(json_schema=wanted.schema, param="output_config.format")
 
 
 @attrs.frozen(kw_only=True)
@@ -191,6 +218,7 @@ class MessagesRequest(ConversationRequest):
             top_k=self.top_k,
             seed=self.seed,
             stop=tuple(self.stop_sequences or ()),
+            constraint=self.constraint(),
         )
 
 

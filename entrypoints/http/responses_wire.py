@@ -153,9 +153,15 @@ class ResponsesRequest(SamplingRequest):
     include: list[str] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     top_logprobs: int | None = ranged(0, 20)
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        for name in ("conversation", "prompt"):
+            if getattr(self, name) is not None:
+                msg = f"'{name}' (stored {name}s) is not offered by this server; send the input itself"
+                raise InvalidRequestError(msg, param=name)
         if self.background:
             msg = "background responses are not offered by this server; leave background unset or false"
             raise InvalidRequestError(msg, param="background")
