@@ -318,3 +318,11 @@ def test_required_tools_on_a_real_model_give_valid_calls(tiny_sdk: openai.OpenAI
     for call in calls:
         assert call.name == "get_weather"
         jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+
+
+def test_nullable_fields_may_be_null(live_url: str) -> None:
+    body = {"input": "x", "store": None, "parallel_tool_calls": None, "background": None, "tool_choice": None}
+    response = httpx.post(f"{live_url}/v1/responses", json=body)
+    assert response.status_code == 200
+    assert response.json()["store"] is True
+    assert httpx.get(f"{live_url}/v1/responses/{response.json()['id']}").status_code == 200

@@ -333,7 +333,7 @@ class ResponsesController(Controller):
         kept_items = stored_items(items)
 
         def keep(final: ResponseBody, completion: Completion | None = None) -> None:
-            if not body.store:
+            if not body.keeps:
                 return
             answer = () if completion is None else (answer_turn(completion.choices[0]),)
             responses.put(StoredResponse(final, kept_items, (*turns, *answer)))

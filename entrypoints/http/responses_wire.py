@@ -141,13 +141,13 @@ class ResponsesRequest(SamplingRequest):
     instructions: str | None = None
     tools: list[ResponsesTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     max_output_tokens: int | None = ranged(1)
-    store: bool = True
+    store: bool | None = None
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
-    background: bool = False
+    background: bool | None = None
     reasoning: ReasoningConfig | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     include: list[str] | None = None
@@ -170,6 +170,11 @@ class ResponsesRequest(SamplingRequest):
         if self.top_logprobs:
             raise InvalidRequestError("top_logprobs is not supported yet on /v1/responses", param="top_logprobs")
 
+    @property
+    def keeps(self) -> bool:
+        """Whether the response is stored (``store`` defaults to true)."""
+        return self.store is not False
+
     def params(self, extra: dict[str, Any]) -> GenerationParams:
         """The generation parameters: chat's, with ``max_output_tokens`` and ``text.format``."""
         params = self.to_params(extra)
@@ -187,7 +192,9 @@ class ResponsesRequest(SamplingRequest):
     def tool_use(self) -> ToolUse:
         """The offered function tools, the tool choice and whether calls may be parallel; hosted tools are refused."""
         tools = tuple(_function_tool(tool, index) for index, tool in enumerate(self.tools or ()))
-        return ToolUse(tools, _tool_choice(self.tool_choice, has_tools=bool(tools)), self.parallel_tool_calls)
+        return ToolUse(
+            tools, _tool_choice(self.tool_choice, has_tools=bool(tools)), self.parallel_tool_calls is not False
+        )
 
     def input_items(self) -> list[InputItem]:
         """``input`` as items: a string is one user message."""
@@ -488,7 +495,7 @@ def response_shell(
         output=[],
         tools=[OutputTool(t.name or "", t.parameters, t.strict, t.description) for t in request.tools or ()],
         tool_choice=echoed_choice,
-        parallel_tool_calls=request.parallel_tool_calls,
+        parallel_tool_calls=request.parallel_tool_calls is not False,
         text=OutputTextConfig(
             OutputTextFormat(
                 text_format.type, text_format.name, text_format.schema, text_format.description, text_format.strict
@@ -501,7 +508,7 @@ def response_shell(
         top_p=request.top_p,
         max_output_tokens=request.max_output_tokens,
         previous_response_id=request.previous_response_id,
-        store=request.store,
+        store=request.keeps,
         user=request.user,
     )
 
