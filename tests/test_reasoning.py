@@ -9,6 +9,7 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
+import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 from litestar.testing import TestClient
@@ -187,3 +188,24 @@ def test_a_real_model_thinks_where_the_template_opens_thinking(tiny_thinking: op
     )
     assert "reasoning_content" not in plain.choices[0].message.model_dump()
     assert plain.choices[0].message.content
+
+
+def test_thinking_sent_back_reaches_templates_that_read_it(fake: FakeGenerator, tmp_path: Path) -> None:
+    template = tmp_path / "reads.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m.get('reasoning_content', '') }}|{{ m['content'] }}\n{% endfor %}"
+    )
+    with TestClient(create_app(ServerSettings(chat_template=template), generator=fake)) as client:
+        messages = [*USER, {"role": "assistant", "content": "4", "reasoning_content": "2 + 2"}, *USER]
+        assert client.post("/v1/chat/completions", json={"messages": messages}).status_code == 200
+    assert "assistant: 2 + 2|4" in fake.prompt_text()
+
+
+def test_content_logging_off_keeps_instructions_and_input_out(fake: FakeGenerator) -> None:
+    with (
+        TestClient(create_app(ServerSettings(log_content=False), generator=fake)) as client,
+        structlog.testing.capture_logs() as logs,
+    ):
+        client.post("/v1/responses", json={"input": "secret one", "instructions": "secret two"})
+        client.post("/v1/messages", json={"messages": USER, "system": "secret three", "max_tokens": 5})
+    assert "secret" not in repr(logs)

@@ -97,6 +97,8 @@ class Message:
     name: str | None = None
     tool_calls: list[ToolCallBody] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    """An earlier answer's thinking, sent back (templates of reasoning models read it)."""
 
     def to_domain(self, index: int) -> ChatMessage:
         """The domain message, with text parts joined; a tool result must say which call it answers."""
@@ -113,7 +115,14 @@ class Message:
                 parts.append(part.text)
             content = "".join(parts)
         calls = tuple(call.to_domain() for call in self.tool_calls or ())
-        return ChatMessage(self.role, content or "", self.name, tool_calls=calls, tool_call_id=self.tool_call_id)
+        return ChatMessage(
+            self.role,
+            content or "",
+            self.name,
+            tool_calls=calls,
+            tool_call_id=self.tool_call_id,
+            reasoning=self.reasoning_content or "",
+        )
 
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
