@@ -104,6 +104,8 @@ class ResponseWriter:
 
     response: ResponseBody
     items: list[OutputItem] = attrs.Factory(list)
+    completion: Completion | None = None
+    """The use case's result, once the stream has ended."""
     _sequence: int = 0
     _open: ReasoningItem | MessageItem | None = None
     _text: str = ""
@@ -148,6 +150,7 @@ class ResponseWriter:
                 ]
         elif isinstance(item, Completion):
             events += self._close()
+            self.completion = item
             self.response = self.finished(item)
             kind = "response.completed" if self.response.status == "completed" else "response.incomplete"
             events.append(self._event(kind, response=unstructure(self.response)))
@@ -230,7 +233,7 @@ class ResponseWriter:
 
 
 async def response_events(
-    events: CompletionStream, writer: ResponseWriter, on_finished: Callable[[ResponseBody], None]
+    events: CompletionStream, writer: ResponseWriter, on_finished: Callable[[ResponseWriter], None]
 ) -> AsyncIterator[ServerSentEventMessage]:
     """The stream of a response; an error after it started ends it with ``response.failed``."""
     try:
@@ -239,7 +242,7 @@ async def response_events(
         async for item in events:
             for event in writer.feed(item):
                 yield named_event(event)
-        on_finished(writer.response)
+        on_finished(writer)
     except Exception as error:  # noqa: BLE001  every failure ends the stream with an error event
         _, body = stream_error(error)
         for event in writer.fail(body.error.code or body.error.type, body.error.message):
@@ -332,28 +335,17 @@ class ResponsesController(Controller):
         writer = ResponseWriter(response_shell(body, response_id, int(time.time()), services.model_id))
         kept_items = stored_items(items)
 
-        def keep(final: ResponseBody, completion: Completion | None = None) -> None:
-            if not body.keeps:
-                return
-            answer = () if completion is None else (answer_turn(completion.choices[0]),)
-            responses.put(StoredResponse(final, kept_items, (*turns, *answer)))
-
-        completions: list[Completion] = []
-
-        async def recorded(stream: CompletionStream) -> CompletionStream:
-            async with contextlib.aclosing(stream):
-                async for item in stream:
-                    if isinstance(item, Completion):
-                        completions.append(item)
-                    yield item
+        def keep(finished: ResponseWriter) -> None:
+            if body.keeps and finished.completion is not None:
+                answer = answer_turn(finished.completion.choices[0])
+                responses.put(StoredResponse(finished.response, kept_items, (*turns, answer)))
 
         if body.stream:
-            first = await started(request, recorded(events), patience=watch.keepalive)
-            messages = response_events(first, writer, lambda final: keep(final, completions[-1]))
-            return EventStream(keepalive(messages, watch.keepalive))  # type: ignore[return-value]
-        final = await until_disconnected(request, written(recorded(events), writer))
-        keep(final, completions[-1])
-        return final
+            first = await started(request, events, patience=watch.keepalive)
+            return EventStream(keepalive(response_events(first, writer, keep), watch.keepalive))  # type: ignore[return-value]
+        await until_disconnected(request, written(events, writer))
+        keep(writer)
+        return writer.response
 
     @get("/{response_id:str}", operation_id="getResponse", summary="Retrieve a stored response")
     async def retrieve(self, response_id: str, responses: ResponseStore) -> ResponseBody:
