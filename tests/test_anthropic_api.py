@@ -277,10 +277,13 @@ def test_a_failure_after_the_stream_started_is_an_error_event(live_url: str, fak
 
 def test_forced_tool_use_on_a_real_model_gives_valid_input(tiny_claude: anthropic.Anthropic) -> None:
     message = tiny_claude.messages.create(
-        model="m", max_tokens=300, tools=[TOOL], tool_choice={"type": "any"}, messages=USER
+        model="m",
+        max_tokens=300,
+        tools=[TOOL],
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+        messages=USER,
+        extra_body={"temperature": 0},
     )
-    uses = [block for block in message.content if block.type == "tool_use"]
-    assert uses
+    [use] = [block for block in message.content if block.type == "tool_use"]
     assert message.stop_reason == "tool_use"
-    for use in uses:
-        jsonschema.validate(use.input, TOOL["input_schema"])
+    jsonschema.validate(use.input, TOOL["input_schema"])

@@ -202,6 +202,7 @@ class MessagesController(Controller):
     async def count_tokens(self, request: Request[Any, Any, Any], services: Services) -> TokenCount:
         """The prompt tokens a conversation (with its system prompt and tools) takes, without generating."""
         body, _ = structure(await read_json(request), CountTokensRequest)
+        structlog.contextvars.bind_contextvars(request_id=f"msg_{uuid.uuid4().hex}")
         prompt = services.chat.prompt(
             body.chat_messages(), tools=body.tool_use(), template_options=body.template_options()
         )
