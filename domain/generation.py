@@ -114,6 +114,8 @@ class Usage:
     completion_tokens: int
     cached_tokens: int = 0
     """Prompt tokens read from a prefix cache (OpenAI's ``prompt_tokens_details.cached_tokens``)."""
+    reasoning_tokens: int = 0
+    """Completion tokens the model spent thinking (OpenAI's ``completion_tokens_details.reasoning_tokens``)."""
 
     @property
     def total_tokens(self) -> int:
@@ -138,12 +140,14 @@ class TextDelta:
     """A piece of clean text of one choice, produced while the use case streams, with its tokens' logprobs.
 
     ``tool_calls`` holds the calls completed since the previous delta (chat with tools); their markup is not text.
+    ``reasoning`` holds thinking the model wrote since the previous delta (``<think>...</think>``); it is not text.
     """
 
     text: str
     index: int = 0
     logprobs: tuple[LogprobEntry, ...] = ()
     tool_calls: tuple[ToolCall, ...] = ()
+    reasoning: str = ""
 
 
 @attrs.frozen
@@ -159,6 +163,10 @@ class Choice:
     """Prompt tokens its generation read from a prefix cache."""
     tool_calls: tuple[ToolCall, ...] = ()
     """The tools the model called (chat with tools); ``text`` then holds only the rest of its answer."""
+    stop_sequence: str | None = None
+    """The stop sequence that ended the text, when one did (it is not part of ``text``)."""
+    reasoning: str = ""
+    """What the model thought before answering (chat with a thinking model); never part of ``text``."""
 
 
 @attrs.frozen
