@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -83,16 +83,28 @@ class JinjaTemplateRenderer:
         return cls(source, bos_token or "", eos_token or "")
 
     def render(
-        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool, tools: Sequence[FunctionTool] = ()
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool,
+        tools: Sequence[FunctionTool] = (),
+        options: Mapping[str, object] | None = None,
     ) -> str:
-        """The prompt text for ``messages``; ``tools`` (HF's shape, ``None`` when there are none) for templates."""
+        """The prompt text for ``messages``; ``tools`` (HF's shape, ``None`` when there are none) for templates.
+
+        ``options`` become template variables, as ``apply_chat_template``'s extra keyword arguments do; they never
+        replace the variables the renderer sets itself.
+        """
         try:
             return self._template.render(
-                messages=[_message(m) for m in messages],
-                tools=[tool.to_json() for tool in tools] or None,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
+                dict(options or {})
+                | {
+                    "messages": [_message(m) for m in messages],
+                    "tools": [tool.to_json() for tool in tools] or None,
+                    "add_generation_prompt": add_generation_prompt,
+                    "bos_token": self.bos_token,
+                    "eos_token": self.eos_token,
+                }
             )
         except InvalidRequestError:
             raise
@@ -117,4 +129,6 @@ def _message(message: ChatMessage) -> dict[str, Any]:
         ]
     if message.tool_call_id is not None:
         payload["tool_call_id"] = message.tool_call_id
+    if message.reasoning:
+        payload["reasoning_content"] = message.reasoning
     return payload

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 import structlog
 
-from application.generation import ChoiceJob, TextGeneration, complete
+from application.generation import ChoiceJob, Prompt, TextGeneration, complete
+from application.reasoning import opens_thinking, split_reasoning
 from application.tools import check_tool_use, describe_tools, extract_tool_calls, tool_constraint
 from domain.errors import InvalidRequestError
 from domain.generation import Completion, CompletionStream, GenerationParams
@@ -35,22 +36,26 @@ def render_chat_prompt(
     *,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
+    template_options: Mapping[str, object] | None = None,
 ) -> str:
     """The prompt of a conversation, as chat generates from it and ``/tokenize`` counts it.
 
     Tools go to a template that shows them, else into the system prompt (Hermes format). With
     ``continue_final_message`` the prompt ends inside the last message, which the model continues (vLLM's and
-    transformers' option), instead of opening the assistant's turn.
+    transformers' option), instead of opening the assistant's turn. ``template_options`` reach the template as
+    variables.
     """
     if continue_final_message and add_generation_prompt:
         msg = "continue_final_message and add_generation_prompt cannot both be true"
         raise InvalidRequestError(msg, param="continue_final_message")
     if renderer.supports_tools:
         shown = list(messages)
-        text = renderer.render(shown, add_generation_prompt=add_generation_prompt, tools=tools.offered)
+        text = renderer.render(
+            shown, add_generation_prompt=add_generation_prompt, tools=tools.offered, options=template_options
+        )
     else:
         shown = describe_tools(messages, tools)
-        text = renderer.render(shown, add_generation_prompt=add_generation_prompt)
+        text = renderer.render(shown, add_generation_prompt=add_generation_prompt, options=template_options)
     return _up_to_final_message(text, shown[-1].content) if continue_final_message else text
 
 
@@ -78,15 +83,46 @@ class ChatService:
         *,
         n: int = 1,
         tools: ToolUse = NO_TOOLS,
+        template_options: Mapping[str, object] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
     ) -> CompletionStream:
         """Check and render the request now, then stream ``n`` answers: deltas, finished choices, the ``Completion``.
 
         With tools offered, their calls are taken out of the answers' text (and a forced choice constrains the
-        output to calls). Errors in the request (template, context length, tool choice) are raised by this call,
-        before anything is generated.
+        output to calls; with a constrained answer, the output is calls or that answer). Thinking
+        (``<think>...</think>``) is taken out of the text too, into ``reasoning``. ``template_options`` reach the
+        chat template as variables (``enable_thinking``, ``reasoning_effort``). Errors in the request (template,
+        context length, tool choice) are raised by this call, before anything is generated.
         """
+        prompt = self.prompt(
+            messages,
+            tools=tools,
+            template_options=template_options,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+        params = attrs.evolve(params, constraint=tool_constraint(tools, params.constraint))
+        params = self.generation.budget(prompt, params, default_max_tokens=None)
+        events = self.generation.run([ChoiceJob(prompt, choice_params(params, i), i) for i in range(n)])
+        events = split_reasoning(
+            events, thinking=opens_thinking(prompt.text), count_tokens=self.generation.count_tokens
+        )
+        offered = tools.offered
+        if not offered:
+            return events
+        return extract_tool_calls(events, [tool.name for tool in offered], forced=tools.forced)
+
+    def prompt(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        tools: ToolUse = NO_TOOLS,
+        template_options: Mapping[str, object] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> Prompt:
+        """The rendered and tokenized prompt of a conversation (``count_tokens`` APIs ask for just this)."""
         if not messages:
             raise InvalidRequestError("messages must contain at least one message", param="messages")
         check_tool_use(tools)
@@ -103,15 +139,9 @@ class ChatService:
             tools,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            template_options=template_options,
         )
-        prompt = self.generation.tokenize(text, add_special_tokens=False)
-        params = attrs.evolve(params, constraint=tool_constraint(tools, params.constraint))
-        params = self.generation.budget(prompt, params, default_max_tokens=None)
-        events = self.generation.run([ChoiceJob(prompt, choice_params(params, i), i) for i in range(n)])
-        offered = tools.offered
-        if not offered:
-            return events
-        return extract_tool_calls(events, [tool.name for tool in offered], forced=tools.forced)
+        return self.generation.tokenize(text, add_special_tokens=False)
 
     async def complete(
         self,
@@ -120,6 +150,7 @@ class ChatService:
         *,
         n: int = 1,
         tools: ToolUse = NO_TOOLS,
+        template_options: Mapping[str, object] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
     ) -> Completion:
@@ -130,6 +161,7 @@ class ChatService:
                 params,
                 n=n,
                 tools=tools,
+                template_options=template_options,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
             )

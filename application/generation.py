@@ -66,6 +66,10 @@ class TextGeneration:
         self._log("prompt.tokenized", prompt=text, input_ids=list(token_ids), prompt_tokens=len(token_ids))
         return Prompt(text=text, token_ids=token_ids)
 
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` takes (without special tokens)."""
+        return len(self.generator.encode(text, add_special_tokens=False))
+
     def from_token_ids(self, token_ids: Sequence[int]) -> Prompt:
         """A prompt given as token ids (the completions API allows it)."""
         vocabulary = self.generator.vocab_size
@@ -167,6 +171,7 @@ class TextGeneration:
         released = sent = 0
         finish_reason = FinishReason.LENGTH
         cut = None
+        matched: str | None = None
         cached = 0
         if params.max_new_tokens != 0:
             async with contextlib.aclosing(self.generator.generate(job.prompt.token_ids, params)) as steps:
@@ -181,6 +186,7 @@ class TextGeneration:
                         text += decoder.flush()
                     cut = self.stop_policy.find(text, stops)
                     if cut is not None:
+                        matched = max((s for s in stops if text.startswith(s, cut)), key=len, default=None)
                         text, finish_reason = text[:cut], FinishReason.STOP
                         break
                     safe = len(text) if step.finish_reason is not None else self.stop_policy.safe_length(text, stops)
@@ -203,7 +209,13 @@ class TextGeneration:
         )
         logprobs = None if params.logprobs is None else (*prefix_logprobs, *final)
         yield Choice(
-            prefix + text, finish_reason, job.index, logprobs, completion_tokens=len(generated), cached_tokens=cached
+            prefix + text,
+            finish_reason,
+            job.index,
+            logprobs,
+            completion_tokens=len(generated),
+            cached_tokens=cached,
+            stop_sequence=matched,
         )
 
     async def _echo(self, job: ChoiceJob) -> tuple[str, tuple[LogprobEntry, ...]]:

@@ -332,16 +332,14 @@ def bench(selected: Sequence[Server], args: argparse.Namespace) -> list[Cell]:
 
 
 def machine() -> str:
-    """CPU model, cores, torch and transformers versions."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = match.group(1).strip() if match else cpu
+    """CPU model and its kernel-deciding features, cores, torch and transformers versions."""
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
+    from adapters.huggingface.cpu_features import describe_cpu  # noqa: PLC0415
+
     return (
-        f"{cpu}, {os.cpu_count()} cores, {platform.system()}; Python {platform.python_version()}, "
+        f"{describe_cpu()}, {os.cpu_count()} cores, {platform.system()}; Python {platform.python_version()}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}"
     )
 

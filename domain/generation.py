@@ -135,6 +135,8 @@ class Usage:
     completion_tokens: int
     cached_tokens: int = 0
     """Prompt tokens read from a prefix cache (OpenAI's ``prompt_tokens_details.cached_tokens``)."""
+    reasoning_tokens: int = 0
+    """Completion tokens the model spent thinking (OpenAI's ``completion_tokens_details.reasoning_tokens``)."""
 
     @property
     def total_tokens(self) -> int:
@@ -163,6 +165,7 @@ class TextDelta:
     """A piece of clean text of one choice, produced while the use case streams, with its tokens' logprobs.
 
     ``tool_calls`` holds the calls completed since the previous delta (chat with tools); their markup is not text.
+    ``reasoning`` holds thinking the model wrote since the previous delta (``<think>...</think>``); it is not text.
     """
 
     text: str
@@ -173,6 +176,7 @@ class TextDelta:
     """How many tokens the choice's prompt holds."""
     completion_tokens: int = 0
     """How many tokens the choice has generated so far (for usage on every chunk, vLLM's continuous usage)."""
+    reasoning: str = ""
 
 
 @attrs.frozen
@@ -190,6 +194,10 @@ class Choice:
     """The tools the model called (chat with tools); ``text`` then holds only the rest of its answer."""
     prompt_logprobs: tuple[LogprobEntry, ...] | None = None
     """Its prompt's tokens' logprobs when they were asked for (the first token's is ``None``)."""
+    stop_sequence: str | None = None
+    """The stop sequence that ended the text, when one did (it is not part of ``text``)."""
+    reasoning: str = ""
+    """What the model thought before answering (chat with a thinking model); never part of ``text``."""
 
 
 @attrs.frozen

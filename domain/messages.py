@@ -23,7 +23,8 @@ class Role(enum.StrEnum):
 class ChatMessage:
     """One turn of a conversation; ``content`` is plain text (parts are joined by the wire layer).
 
-    An assistant turn may carry the ``tool_calls`` it made; a tool turn answers the call ``tool_call_id`` names.
+    An assistant turn may carry the ``tool_calls`` it made and the ``reasoning`` that led to it; a tool turn answers
+    the call ``tool_call_id`` names.
     """
 
     role: Role
@@ -31,3 +32,4 @@ class ChatMessage:
     name: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
+    reasoning: str = ""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Protocol
 
 from domain.generation import GeneratedTokens, GenerationParams, OutputConstraint, TokenLogprob
@@ -61,9 +61,17 @@ class TemplateRenderer(Protocol):
         ...
 
     def render(
-        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool, tools: Sequence[FunctionTool] = ()
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool,
+        tools: Sequence[FunctionTool] = (),
+        options: Mapping[str, object] | None = None,
     ) -> str:
-        """The prompt for ``messages`` (offering ``tools``), ending with the assistant's turn when asked."""
+        """The prompt for ``messages`` (offering ``tools``), ending with the assistant's turn when asked.
+
+        ``options`` are further variables the template may read (``enable_thinking``, ``reasoning_effort``...).
+        """
         ...
 
 

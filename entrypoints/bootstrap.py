@@ -91,7 +91,7 @@ def load_services(settings: ServerSettings) -> Services:
 
     Requests decode together in a continuously batched engine; those that cannot share a batch take the plain path.
     """
-    from adapters.huggingface.batching import BatchingGenerator, BatchLimits  # noqa: PLC0415  torch loads only when serving
+    from adapters.huggingface.engine import BatchingGenerator, BatchLimits  # noqa: PLC0415  torch loads only when serving
     from adapters.huggingface.generator import HuggingFaceGenerator  # noqa: PLC0415
     from adapters.huggingface.loading import load_model  # noqa: PLC0415
     from adapters.huggingface.prefix_cache import PrefixCache  # noqa: PLC0415
@@ -112,5 +112,6 @@ def load_services(settings: ServerSettings) -> Services:
         threads=None if threads is None else ThreadTuner.for_cpu(settings.threads),
         prefixes=PrefixCache(settings.prefix_cache_mib * 2**20) if settings.prefix_cache_mib else None,
     )
-    template = TokenizerTemplate(generator.chat_template, generator.bos_token, generator.eos_token)
+    facts = generator.facts
+    template = TokenizerTemplate(facts.chat_template, facts.bos_token, facts.eos_token)
     return build_services(settings, generator, template, close=generator.close, constraints=plain.grammars)

@@ -44,3 +44,7 @@ class ServerSettings:
     """Seconds a request may run before its generation is stopped; ``None`` for no limit."""
     shutdown_timeout: float = 30.0
     """Seconds in-flight requests get to finish after SIGTERM/SIGINT."""
+    sse_keepalive: float | None = 10.0
+    """Seconds a stream may stay silent (a long prefill) before it sends an SSE comment; ``None``: never."""
+    responses_store_size: int = 1000
+    """Responses kept for ``previous_response_id`` and ``GET /v1/responses/{id}``; the least recently used go first."""

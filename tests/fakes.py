@@ -33,6 +33,12 @@ class FakeGenerator:
     scored: list[tuple[int, ...]] = attrs.Factory(list)
     cached_tokens: int = 0
     """What the first step says a prefix cache held of the prompt (at most the prompt but its last token)."""
+    replies: list[str] = attrs.Factory(list)
+    """Answers for the next calls, one each, in order; ``reply`` once they are used up (a scripted conversation)."""
+
+    def prompt_text(self, call: int = -1) -> str:
+        """The prompt of a recorded call, as text."""
+        return self.decode(self.calls[call][0], skip_special_tokens=True)
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         del add_special_tokens
@@ -51,6 +57,8 @@ class FakeGenerator:
         self, prompt_ids: Sequence[int], params: GenerationParams
     ) -> AsyncGenerator[GeneratedTokens, None]:
         self.calls.append((tuple(prompt_ids), params))
+        if self.replies:
+            self.reply = self.replies.pop(0)
         budget = params.max_new_tokens if params.max_new_tokens is not None else self.context_length
         tokens = [*self.encode(self.reply, add_special_tokens=False), EOS]
         finished = False

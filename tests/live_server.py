@@ -14,18 +14,32 @@ from litestar import Litestar
 
 
 def free_port() -> int:
+    """A port nobody listens on now (for a server in another process; one in this process takes `listening_socket`)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
+def listening_socket() -> tuple[socket.socket, int]:
+    """A loopback socket already bound to a free port, and the port: no other process can take it in between."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock, int(sock.getsockname()[1])
+
+
+def start_in_thread(server: uvicorn.Server, sock: socket.socket) -> threading.Thread:
+    """Run ``server`` on ``sock`` in a daemon thread."""
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    return thread
+
+
 @contextlib.contextmanager
 def serve(app: Litestar, *, ready_timeout: float = 60.0) -> Iterator[str]:
     """Run ``app`` until the block ends; yields the base URL (``http://127.0.0.1:PORT``) once it listens."""
-    port = free_port()
+    sock, port = listening_socket()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    thread = start_in_thread(server, sock)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_timeout
     while not server.started:

@@ -292,7 +292,7 @@ def repl(url: str) -> Iterator[pexpect.spawn]:
     child = pexpect.spawn(
         sys.executable, ["-m", "entrypoints.cli", "--url", url, "chat"], cwd=str(REPO), env=env, encoding="utf-8"
     )
-    child.timeout = 20
+    child.timeout = 60  # generous: on a busy machine the child and the in-process server share two cores
     child.expect_exact(f"at {url}")
     child.expect_exact("you> ")
     yield child

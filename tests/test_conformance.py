@@ -516,3 +516,10 @@ def test_without_prompt_logprobs_the_field_is_left_out(client: TestClient, fake:
     assert "prompt_logprobs" not in client.post("/v1/completions", json={"prompt": "abc"}).json()["choices"][0]
     assert "prompt_logprobs" not in client.post("/v1/chat/completions", json={"messages": USER}).json()
     assert not fake.scored
+
+
+def test_the_other_dialects_carry_their_own_ids_as_x_request_id(client: TestClient) -> None:
+    message = client.post("/v1/messages", json={"model": "m", "max_tokens": 5, "messages": USER})
+    assert message.headers["x-request-id"] == message.json()["id"]
+    response = client.post("/v1/responses", json={"model": "m", "input": "Hi"})
+    assert response.headers["x-request-id"] == response.json()["id"]

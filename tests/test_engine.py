@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapters.huggingface.batching import BatchingGenerator, BatchLimits
+from adapters.huggingface.engine import BatchingGenerator, BatchLimits
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.prefix_cache import PrefixCache
 from adapters.huggingface.threads import ThreadTuner
@@ -137,7 +137,10 @@ def test_a_request_joins_a_running_batch_and_both_decode_as_alone(generator, ref
 
     async def staggered():
         long_run = asyncio.ensure_future(gather(generator, [(prompts[2], long_params)]))
-        await asyncio.sleep(0.1)  # a few steps in
+        deadline = time.monotonic() + 30
+        while len(counter.lengths) < 3:  # a few steps in, however busy the machine
+            assert time.monotonic() < deadline, "the first request never started"
+            await asyncio.sleep(0.01)
         short = await gather(generator, [(prompts[0], short_params)])
         return (await long_run)[0], short[0]
 
@@ -343,9 +346,9 @@ def test_limits_must_be_positive():
 
 
 def test_the_cache_appends_in_place_and_survives_rows_being_replaced():
-    from adapters.huggingface.batching import _GrowingLayer  # noqa: PLC0415  the engine's own cache layer
+    from adapters.huggingface.transformers_compat import GrowingLayer  # noqa: PLC0415  the engine's cache layer
 
-    layer, keys, values = _GrowingLayer(), torch.empty(2, 3, 0, 4), torch.empty(2, 3, 0, 4)
+    layer, keys, values = GrowingLayer(), torch.empty(2, 3, 0, 4), torch.empty(2, 3, 0, 4)
     for step, width in enumerate([5, *[1] * 70, 3]):  # past the slack, so the buffers grow on the way
         new_keys, new_values = torch.randn(2, 3, width, 4), torch.randn(2, 3, width, 4)
         keys, values = torch.cat([keys, new_keys], dim=2), torch.cat([values, new_values], dim=2)
@@ -421,10 +424,10 @@ def test_prompts_that_share_a_beginning_prefill_together_each_from_its_own_cache
 
 
 def test_the_cache_stays_within_its_budget(model_dir, prompts):
-    generator = engine(model_dir)
-    block = generator.model.config.num_hidden_layers * 2 * generator.model.config.num_key_value_heads * 2
-    block *= generator.model.config.head_dim * 4  # bytes of one 2-token block in float32
-    generator.prefixes = PrefixCache(3 * block, block_tokens=2)
+    model = plain(model_dir)
+    block = model.model.config.num_hidden_layers * 2 * model.model.config.num_key_value_heads * 2
+    block *= model.model.config.head_dim * 4  # bytes of one 2-token block in float32
+    generator = BatchingGenerator(model, prefixes=PrefixCache(3 * block, block_tokens=2))
     try:
         asyncio.run(gather(generator, [(prompt, greedy(max_new_tokens=2)) for prompt in prompts]))
     finally:

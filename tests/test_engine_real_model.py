@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from adapters.huggingface.batching import BatchingGenerator, BatchLimits
+from adapters.huggingface.engine import BatchingGenerator, BatchLimits
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.loading import load_model
 from domain.generation import GenerationParams

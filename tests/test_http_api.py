@@ -41,6 +41,7 @@ def test_chat_completion_has_openai_shape(client: TestClient, fake: FakeGenerato
         "completion_tokens": len(b"Hi there") + 1,
         "total_tokens": prompt_tokens + len(b"Hi there") + 1,
         "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
     }
 
 

@@ -99,10 +99,10 @@ class ForwardCounter:
 def test_exposes_model_facts_for_the_composition_root(generator):
     assert generator.model_id == "tiny"
     assert generator.context_length == 256
-    assert generator.eos_token == EOS_TOKEN
-    assert generator.bos_token == "<|begin_of_text|>"
-    assert "<|im_start|>" in generator.chat_template
-    assert generator.tokenizer.eos_token_id in generator.eos_token_ids
+    assert generator.facts.eos_token == EOS_TOKEN
+    assert generator.facts.bos_token == "<|begin_of_text|>"
+    assert "<|im_start|>" in generator.facts.chat_template
+    assert generator.facts.tokenizer.eos_token_id in generator.facts.eos_token_ids
 
 
 def test_encode_and_decode_round_trip_unicode(generator):
@@ -290,7 +290,7 @@ def test_closing_the_stream_stops_the_worker_within_a_step(own_generator, prompt
         first, closing = asyncio.run(first_token_then_close())
     assert len(first.token_ids) == 1
     assert len(counter.lengths) <= 4  # prefill, the first step, at most one in flight when the event was set
-    assert closing < 1.0
+    assert closing < 10  # a step is 0.02 s; generous for a busy machine, far below the 200 steps left
     # the worker is free again at once
     assert len(tokens_of(collect(own_generator, prompt, greedy(max_new_tokens=3)))) == 3
 
@@ -302,7 +302,10 @@ def test_cancelling_a_beam_search_stops_the_worker(own_generator, prompt, groups
 
     async def cancel_while_searching():
         consumer = asyncio.create_task(anext(own_generator.generate(prompt, params)))
-        await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 30
+        while not counter.lengths:  # the search has begun (however busy the machine)
+            assert time.monotonic() < deadline, "the beam search never started"
+            await asyncio.sleep(0.01)
         steps_before = len(counter.lengths)
         consumer.cancel()
         with contextlib.suppress(asyncio.CancelledError):

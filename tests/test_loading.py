@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
+from adapters.huggingface.cpu_features import cpu_flags, describe_cpu, missing_native_support
 from adapters.huggingface.devices import DTYPE_ALIASES, parse_dtype, resolve_device, resolve_dtype
 from adapters.huggingface.loading import (
     COMPLETE_MARKER,
@@ -174,6 +175,51 @@ def test_default_dtype_on_cpu_is_float32():
 @pytest.mark.parametrize(("spelling", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_cpu_runs_a_requested_half_precision_dtype(spelling, dtype):
     assert resolve_dtype(spelling, torch.device("cpu")) == dtype
+
+
+AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
+SAPPHIRE_RAPIDS = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"}
+
+
+@pytest.mark.parametrize(("spelling", "lacks"), [("bf16", "avx512_bf16, amx_bf16"), ("fp16", "avx512_fp16, amx_fp16")])
+def test_a_half_precision_dtype_the_cpu_only_emulates_is_used_with_one_warning(spelling, lacks):
+    with capture_logs() as logs:
+        dtype = resolve_dtype(spelling, torch.device("cpu"), flags=lambda: AVX2_ONLY)
+    assert dtype == getattr(torch, parse_dtype(spelling))
+    assert [(e["event"], e["log_level"], e["lacks"]) for e in logs] == [("dtype.slow_on_cpu", "warning", lacks)]
+
+
+@pytest.mark.parametrize("spelling", ["bf16", "fp16", "fp32", "fp64"])
+def test_no_warning_where_the_cpu_computes_the_dtype_natively(spelling):
+    with capture_logs() as logs:
+        resolve_dtype(spelling, torch.device("cpu"), flags=lambda: SAPPHIRE_RAPIDS)
+    assert logs == []
+
+
+def test_float32_and_unknown_cpus_never_warn():
+    with capture_logs() as logs:
+        resolve_dtype("fp32", torch.device("cpu"), flags=lambda: AVX2_ONLY)
+        resolve_dtype("bf16", torch.device("cpu"), flags=lambda: None)
+        resolve_dtype(None, torch.device("cpu"), flags=lambda: AVX2_ONLY)
+    assert logs == []
+
+
+def test_this_cpus_flags_decide_the_warning():
+    flags = cpu_flags()
+    expected = missing_native_support(torch.bfloat16, flags)
+    with capture_logs() as logs:
+        resolve_dtype("bf16", torch.device("cpu"))
+    assert [e["event"] for e in logs] == (["dtype.slow_on_cpu"] if expected else [])
+
+
+def test_cpu_description_names_the_kernel_deciding_features(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Some CPU\nflags\t\t: fpu sse avx2 fma avx512f avx512bw\n\n")
+    if cpu_flags(cpuinfo) is None:
+        pytest.skip("flags are read on x86-64 only")
+    assert describe_cpu(cpuinfo) == "Some CPU (avx2, avx512f, avx512bw)"
+    assert cpu_flags(cpuinfo) == frozenset({"fpu", "sse", "avx2", "fma", "avx512f", "avx512bw"})
+    assert cpu_flags(tmp_path / "missing") is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -128,13 +128,16 @@ def test_running_and_waiting_follow_a_generation(live_url: str, fake: FakeGenera
 
 
 def test_a_request_waits_until_its_first_text(live_url: str, fake: FakeGenerator) -> None:
-    fake.reply = "x" * 50
+    fake.reply = "x" * 300
     fake.step_delay = 0.01
-    body = CHAT | {"stream": True, "stop": "x" * 40}  # text that may start a stop sequence is held back
-    with httpx.Client(timeout=10) as http:
+    body = CHAT | {"stream": True, "stop": "x" * 290}  # text that may start a stop sequence is held back
+    with httpx.Client(timeout=30) as http:
         streaming = threading.Thread(target=lambda: http.post(f"{live_url}/v1/chat/completions", json=body))
         streaming.start()
-        time.sleep(0.15)
+        deadline = time.monotonic() + 10
+        while fake.produced < 5:  # the request is generating: its text is held back, so it has none yet
+            assert time.monotonic() < deadline, "the request never reached the model"
+            time.sleep(0.01)
         during = scrape(http, live_url)
         streaming.join()
         after = scrape(http, live_url)

@@ -34,6 +34,7 @@ def test_n_choices_each_have_an_index_and_usage_sums_them(client: TestClient, fa
         "completion_tokens": 3 * 4,
         "total_tokens": prompt_tokens + 12,
         "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -76,11 +77,32 @@ def test_unshared_weights_are_released_and_a_tied_one_is_kept():
         assert torch.allclose(model(ids).logits, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_bfloat16_layers_are_packed_too(model_dir):
+def test_bfloat16_layers_are_packed_where_onednn_runs_them_and_left_alone_elsewhere(model_dir):
+    # oneDNN packs bfloat16 only on CPUs with avx512bw/vl/dq or avx_ne_convert: test what this CPU does.
     model = load(model_dir, dtype=torch.bfloat16)
-    assert pack_linear_layers(model) == len(linears(model))
+    supported = packing_supported(torch.bfloat16)
+    with capture_logs() as logs:
+        count = pack_linear_layers(model)
+    assert count == (len(linears(model)) if supported else 0)
+    if not supported:
+        assert {type(m) for m in linears(model)} == {nn.Linear}
+        assert "model.pack.unavailable" in [e["event"] for e in logs]
     with torch.inference_mode():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_where_the_probe_says_no_the_model_keeps_its_layers_and_the_fallback_is_logged(model_dir, dtype):
+    model = load(model_dir, dtype=dtype)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        expected = model(ids).logits
+    with capture_logs() as logs:
+        assert pack_linear_layers(model, supported=lambda _: False) == 0
+    assert {type(m) for m in linears(model)} == {nn.Linear}
+    assert [(e["event"], e["log_level"]) for e in logs] == [("model.pack.unavailable", "info")]
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, expected)
 
 
 def test_float16_and_meta_models_are_left_alone(model_dir):

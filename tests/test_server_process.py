@@ -73,7 +73,7 @@ def test_sigterm_ends_a_long_stream_cleanly_and_exits_0(tiny_model: Path, tmp_pa
         next(line for line in lines if line.startswith('data: {"id"'))
         process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        assert refused(base, within=1.0), "new connections were still accepted after SIGTERM"
+        assert refused(base, within=10.0), "new connections were still accepted after SIGTERM"
         events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
         ended = time.monotonic() - signalled
         assert process.wait(timeout=15) == 0
@@ -81,7 +81,7 @@ def test_sigterm_ends_a_long_stream_cleanly_and_exits_0(tiny_model: Path, tmp_pa
     last = json.loads(events[-2])
     if "error" in last:
         assert last["error"]["code"] == "server_shutting_down"
-        assert ended < 5
+        assert ended < 30  # the grace is 0.1 s; generous for a busy machine, far below the 230 tokens' own time
     else:
         assert last["choices"][0]["finish_reason"] == "length"
     names = [record["event"] for record in records(log_path)]

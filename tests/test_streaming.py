@@ -137,9 +137,9 @@ def test_client_disconnect_stops_a_non_streamed_generation(live_url: str, fake: 
 
 
 def test_health_answers_while_a_long_generation_runs(live_url: str, fake: FakeGenerator) -> None:
-    fake.reply = "y" * 100
+    fake.reply = "y" * 1000
     fake.step_delay = 0.02
-    body = {"messages": USER, "stream": True, "max_tokens": 100}
+    body = {"messages": USER, "stream": True, "max_tokens": 1000}
     with (
         httpx.Client(timeout=10) as http,
         http.stream("POST", f"{live_url}/v1/chat/completions", json=body) as response,
@@ -147,8 +147,8 @@ def test_health_answers_while_a_long_generation_runs(live_url: str, fake: FakeGe
         next(response.iter_lines())
         started = time.monotonic()
         assert http.get(f"{live_url}/health").status_code == 200
-        assert time.monotonic() - started < 1.0
-        assert fake.produced < 100
+        assert time.monotonic() - started < 5  # the generation takes 20 s and more
+        assert fake.produced < 1000
 
 
 async def _collect(fake: FakeGenerator, stop: list[str]) -> tuple[str, Completion, Completion]:

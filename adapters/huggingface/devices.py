@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import structlog
 import torch
+
+from adapters.huggingface.cpu_features import cpu_flags, missing_native_support
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -64,14 +67,25 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """Return bfloat16 on a GPU that supports it, else float16 on a GPU; float32 on the CPU."""
+    """Return bfloat16 on a GPU that supports it, else float16 on a GPU; float32 on the CPU.
+
+    Never a half-precision dtype on the CPU: most CPUs only emulate it, many times slower than float32.
+    """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
 
-def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(
+    requested: str | None,
+    device: torch.device,
+    *,
+    flags: Callable[[], frozenset[str] | None] = cpu_flags,
+) -> torch.dtype:
     """Return the requested dtype when ``device`` can run it, else the device's default (with a warning).
+
+    A half-precision dtype asked for on a CPU that only emulates it (``flags`` lacks its instructions) is used, with
+    a WARNING (``dtype.slow_on_cpu``) naming what the CPU lacks.
 
     Raises:
         ValueError: ``requested`` is not a known dtype spelling.
@@ -82,6 +96,13 @@ def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
         return fallback
     dtype: torch.dtype = getattr(torch, parse_dtype(requested))
     if _runs_on(device, dtype):
+        if device.type == "cpu" and (missing := missing_native_support(dtype, flags())):
+            log.warning(
+                "dtype.slow_on_cpu",
+                dtype=str(dtype).removeprefix("torch."),
+                lacks=", ".join(missing),
+                advice="this CPU emulates the dtype through float32 and may run many times slower: prefer fp32",
+            )
         return dtype
     log.warning("dtype.fallback", requested=requested, device=str(device), using=str(fallback).removeprefix("torch."))
     return fallback

@@ -21,7 +21,9 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from adapters.huggingface.constraints import GrammarCompiler
-from adapters.huggingface.processors import LogprobRecorder, OpenAIPenalties, token_logprob
+from adapters.huggingface.delivery import ThreadToLoop
+from adapters.huggingface.model_facts import ModelFacts
+from adapters.huggingface.processors import LogprobRecorder, request_processors, token_logprob
 from domain.errors import ContextLengthExceededError, DomainError, GenerationError, InvalidRequestError
 from domain.generation import FinishReason, GeneratedTokens, GenerationParams, TokenLogprob
 
@@ -100,7 +102,6 @@ FORBIDDEN_EXTRA_PREFIXES = ("_", "output_", "assistant_")
 
 _MIN_SEED = -(2**63)
 _MAX_SEED = 2**64 - 1
-_SANE_MAX_LENGTH = 10_000_000
 """Tokenizers without a known limit report ``model_max_length`` as a huge sentinel (1e30)."""
 _MINOR_ISSUE = re.compile(r"^- `(\w+)`:", re.MULTILINE)
 _BACKTICKED = re.compile(r"`(\w+)`")
@@ -293,6 +294,11 @@ class HuggingFaceGenerator:
     tokenizer: PreTrainedTokenizerBase
     _model_id: str = attrs.field(kw_only=True, alias="model_id")
     threads: int | None = attrs.field(kw_only=True, default=None)
+    facts: ModelFacts = attrs.field(
+        init=False,
+        default=attrs.Factory(lambda self: ModelFacts(self.model, self.tokenizer, self._model_id), takes_self=True),
+    )
+    """The model's name, limits and tokenizer facts, shared with the batching engine."""
     """Torch's CPU threads on the worker thread; ``None`` leaves torch's setting alone."""
     _executor: ThreadPoolExecutor = attrs.field(
         init=False,
@@ -314,68 +320,34 @@ class HuggingFaceGenerator:
     @property
     def model_id(self) -> str:
         """The name clients use for the model."""
-        return self._model_id
+        return self.facts.model_id
 
     @property
     def context_length(self) -> int:
-        """The model's position limit, else the tokenizer's when it states a real one."""
-        config = self.model.config.get_text_config()
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(config, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        limit = self.tokenizer.model_max_length
-        if isinstance(limit, int) and 0 < limit < _SANE_MAX_LENGTH:
-            return limit
-        msg = f"cannot tell the context length of {self.model_id}"
-        raise ValueError(msg)
+        """How many tokens (prompt and completion) fit in one sequence."""
+        return self.facts.context_length
 
     @property
     def vocab_size(self) -> int:
         """How many token ids the model scores."""
-        value = getattr(self.model.config.get_text_config(), "vocab_size", None)
-        return value if isinstance(value, int) else len(self.tokenizer)
-
-    @property
-    def chat_template(self) -> str | None:
-        """The tokenizer's Jinja chat template, if it has one."""
-        template = self.tokenizer.chat_template
-        if isinstance(template, Mapping):
-            template = template.get("default")
-        return template if isinstance(template, str) else None
-
-    @property
-    def bos_token(self) -> str | None:
-        """The beginning-of-sequence token text, for chat templates."""
-        token = self.tokenizer.bos_token
-        return token if isinstance(token, str) else None
-
-    @property
-    def eos_token(self) -> str | None:
-        """The end-of-sequence token text, for chat templates."""
-        token = self.tokenizer.eos_token
-        return token if isinstance(token, str) else None
+        return self.facts.vocab_size
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        """Every token id that ends generation: the generation config's and the tokenizer's."""
-        configured = self.model.generation_config.eos_token_id
-        ids = list(configured) if isinstance(configured, list | tuple) else [configured]
-        ids.append(self.tokenizer.eos_token_id)
-        return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+        """Every token id that ends generation."""
+        return self.facts.eos_token_ids
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         """Token ids of ``text``."""
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return self.facts.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool) -> str:
         """Text of ``token_ids``."""
-        text = self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
-        return text if isinstance(text, str) else "".join(text)
+        return self.facts.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def token_strings(self, token_ids: Sequence[int]) -> list[str]:
         """The tokenizer's own string for each token."""
-        return [str(token) for token in self.tokenizer.convert_ids_to_tokens(list(token_ids))]
+        return self.facts.token_strings(token_ids)
 
     def generation_config(self, params: GenerationParams, *, prompt_length: int) -> GenerationConfig:
         """The validated ``GenerationConfig`` for a request; by default it may fill the context window."""
@@ -395,29 +367,21 @@ class HuggingFaceGenerator:
         config = self.generation_config(params, prompt_length=len(prompt_ids))
         config.stop_strings = list(params.stop) or None  # checked on every beam, not only the streamed one
         log.debug("generation.config", config=config.to_diff_dict(), seed=params.seed)
-        loop = asyncio.get_running_loop()
-        steps: asyncio.Queue[GeneratedTokens | None] = asyncio.Queue()
+        steps: ThreadToLoop[GeneratedTokens | None] = ThreadToLoop()
         cancelled = threading.Event()
         beams = (config.num_beams or 1) > 1
-        recorder = None if params.logprobs is None else LogprobRecorder(params.logprobs)
-        processors = LogitsProcessorList([] if recorder is None else [recorder])
-        if params.constraint is not None:
-            processors.insert(0, self.grammars.processor(params.constraint))
-        if params.presence_penalty or params.frequency_penalty:
-            penalties = OpenAIPenalties(
-                prompt_length=len(prompt_ids), presence=params.presence_penalty, frequency=params.frequency_penalty
-            )
-            processors.insert(0, penalties)
+        constraint = None if params.constraint is None else self.grammars.processor(params.constraint)
+        processors, recorder = request_processors(params, prompt_length=len(prompt_ids), constraint=constraint)
         job = _Job(
             prompt_ids=tuple(prompt_ids),
             config=config,
             seed=params.seed,
             cancelled=cancelled,
-            streamer=None if beams else _QueueStreamer(loop, steps, cancelled, recorder),
+            streamer=None if beams else _QueueStreamer(steps, cancelled, recorder),
             processors=processors,
         )
         future = self._executor.submit(self._run, job)
-        future.add_done_callback(lambda _: _call_soon(loop, steps.put_nowait, None))
+        future.add_done_callback(lambda _: steps.put(None))
         try:
             while (step := await steps.get()) is not None:
                 yield step
@@ -509,12 +473,10 @@ class _QueueStreamer(BaseStreamer):
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
-        steps: asyncio.Queue[GeneratedTokens | None],
+        steps: ThreadToLoop[GeneratedTokens | None],
         cancelled: threading.Event,
         recorder: LogprobRecorder | None,
     ) -> None:
-        self._loop = loop
         self._steps = steps
         self._cancelled = cancelled
         self._recorder = recorder
@@ -527,7 +489,7 @@ class _QueueStreamer(BaseStreamer):
             return
         token_ids = [int(t) for t in value.reshape(-1).tolist()]
         logprobs = () if self._recorder is None else self._recorder.logprobs_of(token_ids)
-        if not _call_soon(self._loop, self._steps.put_nowait, GeneratedTokens(tuple(token_ids), logprobs=logprobs)):
+        if not self._steps.put(GeneratedTokens(tuple(token_ids), logprobs=logprobs)):
             self._cancelled.set()
 
     def end(self) -> None:
@@ -542,15 +504,6 @@ class _Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, _scores: torch.Tensor | None, **_: object) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self._cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object) -> bool:
-    """Schedule ``callback`` on ``loop`` from any thread; ``False`` when the loop is gone."""
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:
-        return False
-    return True
 
 
 def _result(future: Future[list[int]]) -> list[int]:

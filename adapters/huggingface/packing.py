@@ -2,9 +2,10 @@
 
 ``nn.Linear`` on a CPU multiplies with MKL against the weight as stored, row-major. oneDNN can reorder a weight
 once into the blocked layout its kernels read best, and that is what ``torch.compile`` does when it freezes a model
-for the CPU (``torch.ops.mkldnn._linear_pointwise``). Done at load time without compiling, it makes the decoding
-step of a 135M-parameter model 1.2x (one sequence) to 1.6x (sixteen together) faster in float32, and the output
-projection of a large vocabulary over 2x; `bench/throughput.py` shows what it does to a served model.
+for the CPU (oneDNN's pointwise linear op, wrapped in `torch_compat`). Done at load time without compiling, it
+makes the decoding step of a 135M-parameter model 1.2x (one sequence) to 1.6x (sixteen together) faster in
+float32, and the output projection of a large vocabulary over 2x; `bench/throughput.py` shows what it does to a
+served model.
 
 The results are those of a different summation order (relative differences around 1e-6), not of another model.
 The reordered weight replaces the original, so memory does not grow, except where the weight is shared with another
@@ -18,9 +19,13 @@ way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 import torch
 from torch import nn
+
+from adapters.huggingface.torch_compat import linear_pointwise, reorder_linear_weight
 
 log = structlog.get_logger(__name__)
 
@@ -39,7 +44,7 @@ class PackedLinear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # noqa: SLF001  inductor's own op
+        self.packed = reorder_linear_weight(weight)
         self.bias = linear.bias
         self.weight: torch.Tensor = linear.weight if keep_weight else torch.empty_like(weight, device="meta")
         """The original weight when another module shares it; else only its shape and dtype (on ``meta``)."""
@@ -47,8 +52,7 @@ class PackedLinear(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inputs @ weight.T + bias``."""
         bias = None if self.bias is None else self.bias.detach()
-        outputs: torch.Tensor = torch.ops.mkldnn._linear_pointwise(inputs, self.packed, bias, "none", [], "")  # noqa: SLF001
-        return outputs
+        return linear_pointwise(inputs, self.packed, bias)
 
     def extra_repr(self) -> str:
         """As ``nn.Linear`` shows itself."""
@@ -66,28 +70,29 @@ def packing_supported(dtype: torch.dtype) -> bool:
             packed = PackedLinear(probe, keep_weight=True)(inputs).float()
             expected = probe(inputs).float()
     except (RuntimeError, AttributeError, NotImplementedError) as error:
-        log.info("model.pack.unavailable", reason=str(error).splitlines()[0] if str(error) else type(error).__name__)
+        log.info("model.pack.probe_failed", reason=str(error).splitlines()[0] if str(error) else type(error).__name__)
         return False
     tolerance = SELF_CHECK_TOLERANCE if dtype == torch.float32 else 5e-2
     difference = float((packed - expected).abs().max() / expected.abs().max().clamp(min=1e-6))
     return packed.shape == expected.shape and difference <= tolerance
 
 
-def pack_linear_layers(model: nn.Module) -> int:
+def pack_linear_layers(model: nn.Module, *, supported: Callable[[torch.dtype], bool] = packing_supported) -> int:
     """Replace each ``nn.Linear`` of a CPU model with a `PackedLinear`; return how many were replaced.
 
-    Nothing changes (0) on another device, in another dtype, where oneDNN is missing or disagrees on a probe.
-    Call it after loading and before serving: the model is for inference from then on.
+    Nothing changes (0) on another device, in another dtype, where oneDNN is missing or disagrees on a probe
+    (``supported``, which tests replace to take the fallback on any CPU); that fallback is logged as
+    ``model.pack.unavailable``. Call it after loading and before serving: the model is for inference from then on.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # oneDNN's first use and every reorder on one thread: see the module's docstring
     try:
-        return _pack(model)
+        return _pack(model, supported)
     finally:
         torch.set_num_threads(threads)
 
 
-def _pack(model: nn.Module) -> int:
+def _pack(model: nn.Module, supported: Callable[[torch.dtype], bool]) -> int:
     linears = [
         (parent, name, child)
         for parent in model.modules()
@@ -95,7 +100,11 @@ def _pack(model: nn.Module) -> int:
         if isinstance(child, nn.Linear) and type(child) is nn.Linear and child.weight.device.type == "cpu"
     ]
     dtypes = {child.weight.dtype for _, _, child in linears}
-    if not linears or len(dtypes) != 1 or not packing_supported(dtypes.pop()):
+    if not linears or len(dtypes) != 1:
+        return 0
+    dtype = dtypes.pop()
+    if not supported(dtype):
+        log.info("model.pack.unavailable", dtype=str(dtype).removeprefix("torch."), using="nn.Linear")
         return 0
     counts: dict[int, int] = {}
     for parameter in _all_parameters(model):

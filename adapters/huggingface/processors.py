@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from domain.generation import TokenLogprob
+from domain.generation import GenerationParams, TokenLogprob
 
 
 class OpenAIPenalties(LogitsProcessor):
@@ -61,3 +61,26 @@ def token_logprob(logprobs: torch.Tensor, token_id: int, top: int) -> TokenLogpr
     chosen = logprobs[token_id]
     rank = int((logprobs > chosen).sum()) + 1
     return TokenLogprob(token_id=token_id, logprob=float(chosen), top=alternatives, rank=rank)
+
+
+def request_processors(
+    params: GenerationParams, *, prompt_length: int, constraint: LogitsProcessor | None = None
+) -> tuple[LogitsProcessorList, LogprobRecorder | None]:
+    """A request's own processors, and its logprob recorder if it asked for logprobs.
+
+    They run after the ones ``generate`` builds from the config: OpenAI's penalties, then the output ``constraint``,
+    then the recorder, which must see the final distribution.
+    """
+    processors = LogitsProcessorList()
+    if params.presence_penalty or params.frequency_penalty:
+        processors.append(
+            OpenAIPenalties(
+                prompt_length=prompt_length, presence=params.presence_penalty, frequency=params.frequency_penalty
+            )
+        )
+    if constraint is not None:
+        processors.append(constraint)
+    recorder = None if params.logprobs is None else LogprobRecorder(params.logprobs)
+    if recorder is not None:
+        processors.append(recorder)
+    return processors, recorder

@@ -140,6 +140,21 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         metavar="SECONDS",
         help="how long requests may finish after SIGTERM/SIGINT (default: %(default)s)",
     )
+    parser.add_argument(
+        "--sse-keepalive",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="send an SSE ': ping' comment when a stream has been silent this long; 0: never (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--responses-store-size",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="responses kept for previous_response_id and GET /v1/responses/{id}, least recently used evicted; "
+        "0 keeps none (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.max_batch_size < 1 or args.max_queue < 0:
         parser.error("--max-batch-size must be at least 1 and --max-queue at least 0")
@@ -147,6 +162,10 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         parser.error("--served-model-name must not be empty")
     if args.prefix_cache_mib < 0:
         parser.error("--prefix-cache-mib must be at least 0")
+    if not (math.isfinite(args.sse_keepalive) and args.sse_keepalive >= 0):
+        parser.error("--sse-keepalive must be a finite number of seconds, at least 0")
+    if args.responses_store_size < 0:
+        parser.error("--responses-store-size must be at least 0")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
     environ = os.environ if environ is None else environ
@@ -176,6 +195,8 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout,
+        sse_keepalive=args.sse_keepalive or None,
+        responses_store_size=args.responses_store_size,
     )
 
 

@@ -18,11 +18,13 @@ from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 from domain.errors import ModelNotReadyError
 from domain.ports import Generator
 from entrypoints.bootstrap import Services, build_services, load_services
+from entrypoints.http.anthropic import MessagesController
 from entrypoints.http.controllers import ChatController, CompletionsController, ModelsController
 from entrypoints.http.errors import handle_error
 from entrypoints.http.lifecycle import Drain, watch_provider
 from entrypoints.http.metrics import Metrics, MetricsMiddleware, metrics_route
 from entrypoints.http.request_id import add_request_id
+from entrypoints.http.responses import ResponsesController, ResponseStore
 from entrypoints.http.security import api_key_middleware, cors_config
 from entrypoints.http.tokenization import TokenizationController
 from entrypoints.settings import ServerSettings
@@ -62,6 +64,7 @@ def create_app(
         slot.services = build_services(settings, generator)
     metrics = Metrics.create()
     drain = drain or Drain(grace=settings.shutdown_timeout)
+    responses = ResponseStore(settings.responses_store_size)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
@@ -106,10 +109,13 @@ def create_app(
             ChatController,
             CompletionsController,
             TokenizationController,
+            ResponsesController,
+            MessagesController,
         ],
         dependencies={
             "services": Provide(provide_services, sync_to_thread=False),
             "watch": Provide(watch_provider(settings, metrics, drain), sync_to_thread=False),
+            "responses": Provide(lambda: responses, sync_to_thread=False),
         },
         exception_handlers={Exception: handle_error},
         middleware=[MetricsMiddleware(metrics), *api_key_middleware(settings)],

@@ -26,6 +26,7 @@ from entrypoints.http.streaming import (
     EventStream,
     chat_chunks,
     completion_chunks,
+    keepalive,
     sse_stream,
     usage_body,
 )
@@ -106,13 +107,26 @@ async def until_disconnected(request: Request[Any, Any, Any], work: Awaitable[T]
     return task.result()
 
 
-async def started(request: Request[Any, Any, Any], events: CompletionStream) -> CompletionStream:
-    """``events`` once its first event has come.
+async def started(
+    request: Request[Any, Any, Any], events: CompletionStream, *, patience: float | None = None
+) -> CompletionStream:
+    """``events`` once its first event has come, or ``patience`` seconds have passed without it.
 
     What fails before any output (a full queue, a generator error) is then a plain HTTP error with its status, not
-    an error event in a 200 stream.
+    an error event in a 200 stream. A prefill that takes longer than ``patience`` starts the stream anyway, so it can
+    send keep-alive comments while the first event is on its way.
     """
-    first = await until_disconnected(request, anext(events))
+    first = asyncio.ensure_future(anext(events))
+    try:
+        await until_disconnected(request, asyncio.wait({first}, timeout=patience))
+    except BaseException:
+        first.cancel()
+        await asyncio.wait({first})
+        await events.aclose()
+        raise
+    if first.done() and first.exception() is not None:
+        await events.aclose()
+        first.result()  # raises what failed before any output
     return _after(first, events)
 
 
@@ -123,15 +137,21 @@ async def event_stream(
     include_usage: bool,
     *,
     announce: range = range(0),
+    keepalive_seconds: float | None = None,
 ) -> EventStream:
     """The server-sent events of ``events``, answered once the first event has come (see ``started``)."""
-    return EventStream(
-        sse_stream(await started(request, events), chunks, include_usage=include_usage, announce=announce)
-    )
+    first = await started(request, events, patience=keepalive_seconds)
+    messages = sse_stream(first, chunks, include_usage=include_usage, announce=announce)
+    return EventStream(keepalive(messages, keepalive_seconds))
 
 
-async def _after(first: CompletionEvent, events: CompletionStream) -> CompletionStream:
-    yield first
+async def _after(first: asyncio.Future[CompletionEvent], events: CompletionStream) -> CompletionStream:
+    try:
+        yield await first
+    finally:
+        if not first.done():
+            first.cancel()
+            await asyncio.wait({first})
     async with contextlib.aclosing(events):
         async for event in events:
             yield event
@@ -181,6 +201,7 @@ class ChatController(Controller):
                 params,
                 n=body.n,
                 tools=body.tool_use(),
+                template_options=body.template_options(),
                 add_generation_prompt=body.add_generation_prompt,
                 continue_final_message=body.continue_final_message,
             )
@@ -195,7 +216,9 @@ class ChatController(Controller):
                 token_ids=body.return_tokens_as_token_ids,
                 continuous_usage=body.continuous_usage,
             )
-            return await event_stream(request, events, chunks, body.include_usage, announce=range(body.n))  # type: ignore[return-value]
+            return await event_stream(  # type: ignore[return-value]
+                request, events, chunks, body.include_usage, announce=range(body.n), keepalive_seconds=watch.keepalive
+            )
         result = await until_disconnected(request, complete(events))
         legacy = body.legacy_functions
         choices = [
@@ -246,7 +269,9 @@ class CompletionsController(Controller):
                 token_ids=body.return_tokens_as_token_ids,
                 continuous_usage=body.continuous_usage,
             )
-            return await event_stream(request, events, chunks, body.include_usage)  # type: ignore[return-value]
+            return await event_stream(  # type: ignore[return-value]
+                request, events, chunks, body.include_usage, keepalive_seconds=watch.keepalive
+            )
         result = await until_disconnected(request, complete(events))
         as_ids = body.return_tokens_as_token_ids
         choices = [

@@ -17,6 +17,7 @@ from domain.errors import (
     QueueFullError,
     UnknownModelError,
 )
+from entrypoints.http.anthropic_wire import anthropic_error, speaks_anthropic
 from entrypoints.http.refusals import RefusalError
 from entrypoints.http.wire import ErrorBody, ErrorInfo, unstructure
 
@@ -48,8 +49,8 @@ def error_body(error: BaseException) -> tuple[int, ErrorBody]:  # noqa: PLR0911 
     return 500, ErrorBody(ErrorInfo("The server had an error while processing your request.", "server_error"))
 
 
-def handle_error(_request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
-    """Exception handler for the whole app: OpenAI's body, and a log line (with traceback when it is ours)."""
+def handle_error(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """Exception handler for the whole app: OpenAI's body (Anthropic's on its routes), and a log line."""
     status, body = error_body(error)
     if isinstance(error, RefusalError):
         log.warning("request.refused", status=status, code=body.error.code)
@@ -58,4 +59,5 @@ def handle_error(_request: Request[Any, Any, Any], error: Exception) -> Response
     else:
         log.info("request.rejected", status=status, error=body.error.message, param=body.error.param)
     headers = {"Retry-After": RETRY_AFTER[status]} if status in RETRY_AFTER else None
-    return Response(unstructure(body), status_code=status, media_type=MediaType.JSON, headers=headers)
+    content = anthropic_error(status, body.error.message) if speaks_anthropic(request.url.path) else unstructure(body)
+    return Response(content, status_code=status, media_type=MediaType.JSON, headers=headers)

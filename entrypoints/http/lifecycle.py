@@ -89,6 +89,8 @@ class RequestWatch:
     timeout: float | None
     metrics: Metrics
     drain: Drain
+    keepalive: float | None = None
+    """Seconds a stream may stay silent before it sends an SSE comment (``None``: never)."""
 
     def __call__(self, events: CompletionStream) -> CompletionStream:
         """``events`` measured and bounded; refused at once while the server drains."""
@@ -106,7 +108,9 @@ def watch_provider(
 
     def provide_watch(request: Request[Any, Any, Any]) -> RequestWatch:
         endpoint = request.scope.get("path_template") or request.url.path
-        return RequestWatch(endpoint, time.monotonic(), settings.request_timeout, metrics, drain)
+        return RequestWatch(
+            endpoint, time.monotonic(), settings.request_timeout, metrics, drain, settings.sse_keepalive
+        )
 
     return provide_watch
 

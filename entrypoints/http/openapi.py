@@ -14,7 +14,6 @@ import typing
 from typing import Any
 
 import attrs
-from litestar._openapi.schema_generation import SchemaCreator
 from litestar.openapi.spec import (
     OpenAPIMediaType,
     OpenAPIResponse,
@@ -26,6 +25,8 @@ from litestar.openapi.spec import (
 )
 from litestar.plugins.attrs import AttrsSchemaPlugin
 from litestar.typing import FieldDefinition
+
+from entrypoints.http.litestar_compat import SchemaCreator
 
 SSE = OpenAPIMediaType(
     schema=Schema(
@@ -40,8 +41,21 @@ SSE = OpenAPIMediaType(
 )
 
 
-def body_operation(kind: type[Any], *, streams: bool = False) -> type[Operation]:
-    """An ``operation_class`` whose request body is ``kind``'s JSON schema (and which may answer a stream)."""
+NAMED_EVENTS = OpenAPIMediaType(
+    schema=Schema(
+        type=OpenAPIType.OBJECT,
+        description=(
+            "With `stream: true`, one event of the stream: `event: {type}` and `data: {json}` whose `type` field is "
+            "the event's name (the Responses API's and Anthropic's stream events), and `: ping` comments while idle."
+        ),
+        properties={"event": Schema(type=OpenAPIType.STRING), "data": Schema(type=OpenAPIType.STRING)},
+        required=["event", "data"],
+    )
+)
+
+
+def body_operation(kind: type[Any], *, streams: bool = False, events: OpenAPIMediaType = SSE) -> type[Operation]:
+    """An ``operation_class`` whose request body is ``kind``'s JSON schema (and which may answer ``events``)."""
 
     @dataclasses.dataclass
     class WithRequestBody(Operation):
@@ -52,7 +66,7 @@ def body_operation(kind: type[Any], *, streams: bool = False) -> type[Operation]
             )
             ok = (self.responses or {}).get("200")
             if streams and isinstance(ok, OpenAPIResponse):
-                ok.content = (ok.content or {}) | {"text/event-stream": SSE}
+                ok.content = (ok.content or {}) | {"text/event-stream": events}
 
     return WithRequestBody
 

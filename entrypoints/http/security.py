@@ -58,7 +58,7 @@ class APIKeys:
 
 
 class APIKeyMiddleware(ASGIMiddleware):
-    """Refuses protected paths without a valid ``Authorization: Bearer`` key; CORS preflights pass."""
+    """Refuses protected paths without a valid ``Authorization: Bearer`` or ``x-api-key`` key; preflights pass."""
 
     scopes = (ScopeType.HTTP,)
 
@@ -69,7 +69,9 @@ class APIKeyMiddleware(ASGIMiddleware):
         """Check the key of a protected request, then pass it on."""
         path = scope.get("path_template") or scope["path"]  # the matched route, however the path was spelled
         if scope.get("method") != "OPTIONS" and is_protected(path):
-            self.keys.check(Headers.from_scope(scope).get("authorization"))
+            headers = Headers.from_scope(scope)
+            key = headers.get("x-api-key")  # Anthropic's clients send the key so
+            self.keys.check(headers.get("authorization") or (f"Bearer {key}" if key else None))
         await next_app(scope, receive, send)
 
 

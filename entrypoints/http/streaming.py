@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import attrs
@@ -19,7 +20,9 @@ from entrypoints.http.wire import (
     ChunkChoice,
     CompletionChoice,
     CompletionResponse,
+    CompletionTokensDetails,
     Delta,
+    ErrorBody,
     PromptTokensDetails,
     ScoredChatCompletionChunk,
     UsageBody,
@@ -50,7 +53,11 @@ class EventStream(ServerSentEvent):
 def usage_body(usage: Usage) -> UsageBody:
     """The wire form of ``usage``."""
     return UsageBody(
-        usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, PromptTokensDetails(usage.cached_tokens)
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.total_tokens,
+        PromptTokensDetails(usage.cached_tokens),
+        CompletionTokensDetails(usage.reasoning_tokens),
     )
 
 
@@ -58,6 +65,23 @@ def event(payload: object) -> ServerSentEventMessage:
     """One event: ``data:`` and the JSON, then a blank line."""
     data = payload if isinstance(payload, str) else json.dumps(unstructure(payload), ensure_ascii=False)
     return ServerSentEventMessage(data=data, sep="\n")
+
+
+def named_event(payload: dict[str, Any]) -> ServerSentEventMessage:
+    """One event of a stream whose events are named (Responses, Anthropic): ``event: {type}`` and its JSON."""
+    return ServerSentEventMessage(data=json.dumps(payload, ensure_ascii=False), event=payload["type"], sep="\n")
+
+
+def stream_error(error: Exception) -> tuple[int, ErrorBody]:
+    """The status and error body of a failure after a stream started, logged as the request's end."""
+    status, body = error_body(error)
+    if isinstance(error, DomainError) and status < 500:  # noqa: PLR2004
+        log.info("stream.rejected", error=body.error.message)
+    elif isinstance(error, RefusalError):
+        log.warning("stream.refused", status=status, code=body.error.code)
+    else:
+        log.error("stream.failed", exc_info=error)
+    return status, body
 
 
 def chat_chunks(
@@ -98,11 +122,12 @@ def chat_chunks(
         entries = chat_logprobs(item.logprobs, token_ids=token_ids) if logprobs else None
         calls = tool_call_deltas(item.tool_calls, called.get(item.index, 0)) if item.tool_calls else None
         called[item.index] = called.get(item.index, 0) + len(item.tool_calls)
-        content = item.text if item.text or not calls else None
-        delta = Delta(role=role, content=content, tool_calls=calls)
+        content = item.text if item.text or not (calls or item.reasoning) else None
+        thought = item.reasoning or None
+        delta = Delta(role=role, content=content, tool_calls=calls, reasoning_content=thought, reasoning=thought)
         if legacy_functions and item.tool_calls:
             call = function_call_body(item.tool_calls[0])
-            delta = Delta(role=role, content=item.text or None, function_call=call)
+            delta = attrs.evolve(delta, content=item.text or None, tool_calls=None, function_call=call)
         choice = ChunkChoice(item.index, delta, None, entries)
         return ChatCompletionChunk(response_id, created, model, [choice], usage_so_far(item))
 
@@ -163,20 +188,48 @@ async def sse_stream(
         for index in announce:
             yield event(chunk(TextDelta("", index)))
         async for item in events:
-            if isinstance(item, TextDelta) and not (item.text or item.logprobs or item.tool_calls):
+            if isinstance(item, TextDelta) and not (item.text or item.logprobs or item.tool_calls or item.reasoning):
                 continue
             if isinstance(item, Completion) and not include_usage:
                 continue
             yield event(chunk(item))
-    except Exception as error:
-        status, body = error_body(error)
-        if isinstance(error, DomainError) and status < 500:  # noqa: PLR2004
-            log.info("stream.rejected", error=body.error.message)
-        elif isinstance(error, RefusalError):
-            log.warning("stream.refused", status=status, code=body.error.code)
-        else:
-            log.exception("stream.failed")
+    except Exception as error:  # noqa: BLE001  every failure ends the stream with an error event
+        _, body = stream_error(error)
         yield event(body)
     finally:
         await events.aclose()
     yield event("[DONE]")
+
+
+PING = ServerSentEventMessage(data=None, comment="ping", sep="\n")
+"""An SSE comment: clients ignore it, proxies see the connection is alive."""
+
+
+async def keepalive(
+    messages: AsyncIterator[ServerSentEventMessage], interval: float | None
+) -> AsyncIterator[ServerSentEventMessage]:
+    """``messages``, with a ``: ping`` comment whenever none has been sent for ``interval`` seconds.
+
+    A long prefill on a CPU can outlast a proxy's idle timeout; the comment keeps the connection open.
+    """
+    pending: asyncio.Future[ServerSentEventMessage] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(messages))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield PING
+                continue
+            try:
+                message = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield message
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            await asyncio.wait({pending})
+        if isinstance(messages, AsyncGenerator):
+            await messages.aclose()

@@ -130,6 +130,8 @@ class Message:
     tool_call_id: str | None = None
     function_call: FunctionCallBody | None = None
     """A legacy assistant message's call (before ``tool_calls``); its result comes back as a ``function`` message."""
+    reasoning_content: str | None = None
+    """An earlier answer's thinking, sent back (templates of reasoning models read it)."""
 
     def to_domain(self, index: int, legacy_call_id: str | None = None) -> ChatMessage:
         """The domain message, with text parts joined; a tool result must say which call it answers.
@@ -160,7 +162,23 @@ class Message:
                 parts.append(part.text)
             content = "".join(parts)
         calls = tuple(call.to_domain() for call in self.tool_calls or ())
-        return ChatMessage(role, content or "", self.name, tool_calls=calls, tool_call_id=self.tool_call_id)
+        return ChatMessage(
+            role,
+            content or "",
+            self.name,
+            tool_calls=calls,
+            tool_call_id=self.tool_call_id,
+            reasoning=self.reasoning_content or "",
+        )
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+"""How hard a reasoning model should think; templates that read ``reasoning_effort`` get it."""
+
+
+def template_options(kwargs: dict[str, Any] | None, effort: str | None) -> dict[str, Any]:
+    """The chat template's extra variables: ``chat_template_kwargs``, and ``reasoning_effort`` when set."""
+    return (kwargs or {}) | ({} if effort is None else {"reasoning_effort": effort})
 
 
 @attrs.frozen(kw_only=True)
@@ -294,6 +312,8 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[ToolDefinition] | None = None
     tool_choice: ToolChoiceBody | None = None
     parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: ReasoningEffort | None = None
     functions: list[FunctionDefinition] | None = None
     """The legacy ``tools``: answered with ``message.function_call``, one call at most."""
     function_call: LegacyFunctionCallBody | None = None
@@ -328,6 +348,10 @@ class ChatCompletionRequest(SamplingRequest):
     def top_logprobs_wanted(self) -> int | None:
         """``logprobs: true`` asks for logprobs, ``top_logprobs`` for alternatives."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_options(self) -> dict[str, Any]:
+        """Variables for the chat template: ``chat_template_kwargs`` and ``reasoning_effort``."""
+        return template_options(self.chat_template_kwargs, self.reasoning_effort)
 
     def chat_messages(self) -> list[ChatMessage]:
         """The conversation as domain messages; a legacy ``function`` result answers the call before it."""
@@ -411,6 +435,13 @@ class PromptTokensDetails:
 
 
 @attrs.frozen
+class CompletionTokensDetails:
+    """``usage.completion_tokens_details``."""
+
+    reasoning_tokens: int = 0
+
+
+@attrs.frozen
 class UsageBody:
     """``usage``."""
 
@@ -418,6 +449,7 @@ class UsageBody:
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails = attrs.field(factory=PromptTokensDetails)
+    completion_tokens_details: CompletionTokensDetails = attrs.field(factory=CompletionTokensDetails)
 
 
 @attrs.frozen
@@ -428,13 +460,30 @@ class AssistantMessage:
     role: str = "assistant"
 
 
+@attrs.frozen
+class ReasonedMessage:
+    """The answer's ``message`` when the model thought first: the thinking as ``reasoning_content`` and ``reasoning``.
+
+    ``reasoning_content`` is vLLM's and DeepSeek's name, ``reasoning`` the newer one; both carry the same text.
+    """
+
+    content: str | None
+    reasoning_content: str
+    reasoning: str
+    tool_calls: list[ToolCallBody] | None = None
+    role: str = "assistant"
+
+
 def assistant_message(
     choice: Choice, *, legacy_functions: bool = False
-) -> AssistantMessage | ToolCallingMessage | FunctionCallingMessage:
+) -> AssistantMessage | ToolCallingMessage | ReasonedMessage | FunctionCallingMessage:
     """The ``message`` of a finished chat choice: its text, or the tools it called (and any text, else ``null``).
 
     To a legacy ``functions`` request, the call is ``function_call``.
     """
+    if choice.reasoning and not legacy_functions:
+        calls = tool_call_bodies(choice.tool_calls) if choice.tool_calls else None
+        return ReasonedMessage(choice.text or None, choice.reasoning, choice.reasoning, calls)
     if not choice.tool_calls:
         return AssistantMessage(choice.text)
     if legacy_functions:
@@ -574,7 +623,7 @@ class ChatChoice:
     """One of ``choices`` in a chat completion."""
 
     index: int
-    message: AssistantMessage | ToolCallingMessage | FunctionCallingMessage
+    message: AssistantMessage | ToolCallingMessage | ReasonedMessage | FunctionCallingMessage
     finish_reason: str
     logprobs: ChatLogprobs | None = None
 
@@ -601,6 +650,8 @@ class Delta:
     tool_calls: list[ToolCallDeltaBody] | None = None
     function_call: FunctionCallBody | None = None
     """To a legacy ``functions`` request: the call, whole."""
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 @attrs.frozen

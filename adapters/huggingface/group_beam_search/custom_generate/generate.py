@@ -20,6 +20,14 @@ import torch
 from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.stopping_criteria import StopStringCriteria
 
+from adapters.huggingface.transformers_compat import (
+    eos_token_tensor,
+    pad_token_tensor,
+    prefill,
+    reorder_cache,
+    update_model_kwargs,
+)
+
 _DEAD = -1e9
 """Score of a placeholder beam: low enough never to win, finite so sums stay comparable."""
 
@@ -112,7 +120,7 @@ def _group_beam_search(
     group_size = num_beams // num_groups
     length_penalty = 1.0 if generation_config.length_penalty is None else generation_config.length_penalty
     groups = [_Group(first, group_size, length_penalty) for first in range(0, num_beams, group_size)]
-    eos = generation_config._eos_token_tensor  # noqa: SLF001  the prepared EOS ids
+    eos = eos_token_tensor(generation_config)  # the prepared EOS ids
     search = _Search(
         prompt_length=input_ids.shape[1],
         max_length=generation_config.max_length,
@@ -123,11 +131,9 @@ def _group_beam_search(
     beam_scores = torch.full((num_beams,), _DEAD, device=input_ids.device)
     beam_scores[::group_size] = 0.0  # one live beam per group, or every beam would pick the same tokens
 
-    outputs = model._prefill(input_ids, generation_config, model_kwargs)  # noqa: SLF001  as core beam search does
+    outputs = prefill(model, input_ids, generation_config, model_kwargs)  # as core beam search does
     while True:
-        model_kwargs = model._update_model_kwargs_for_generation(  # noqa: SLF001
-            outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder
-        )
+        model_kwargs = update_model_kwargs(model, outputs, model_kwargs)
         log_probs = torch.log_softmax(outputs.logits[:, -1, :].to(torch.float32), dim=-1)
         del outputs
         log_probs = logits_processor(input_ids, log_probs) + beam_scores[:, None]  # type: ignore[arg-type]
@@ -208,7 +214,7 @@ def _best_sequences(
     chosen += [
         input_ids[int(row), prompt_length:] for row in beam_scores.argsort(descending=True)[: count - len(chosen)]
     ]
-    pad = generation_config._pad_token_tensor  # noqa: SLF001
+    pad = pad_token_tensor(generation_config)
     length = prompt_length + max(tokens.shape[0] for tokens in chosen)
     sequences = input_ids.new_full((count, length), int(pad.reshape(-1)[0]) if pad is not None else 0)
     sequences[:, :prompt_length] = input_ids[0, :prompt_length]
@@ -222,7 +228,4 @@ def _reorder_cache(model: Any, model_kwargs: dict[str, Any], beam_indices: torch
     cache = model_kwargs.get("cache")
     if cache is None:
         return
-    if hasattr(model, "_reorder_cache"):
-        model_kwargs["cache"] = model._reorder_cache(cache, beam_indices)  # noqa: SLF001
-    else:
-        cache.reorder_cache(beam_indices)
+    model_kwargs["cache"] = reorder_cache(model, cache, beam_indices)

@@ -1,0 +1,150 @@
+"""One request as the engine thread sees it, and what happens to a row on its own: set-up, sampling, ending."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import attrs
+import structlog
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+from adapters.huggingface.processors import LogprobRecorder, request_processors
+from adapters.huggingface.transformers_compat import (
+    logits_processors,
+    prepare_generation_config,
+    prepare_special_tokens,
+    stopping_criteria,
+)
+from domain.errors import DomainError, GenerationError
+from domain.generation import FinishReason, GeneratedTokens, GenerationParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from adapters.huggingface.prefix_cache import PrefixBlock
+
+log = structlog.get_logger(__name__)
+
+Delivery = Callable[[GeneratedTokens | BaseException | None], bool]
+"""Hands an item to a row's consumer; ``None`` says the engine has let go of the row. ``False``: consumer gone."""
+
+
+@attrs.define(eq=False, repr=False)
+class Row:
+    """One request as the engine thread sees it: its settings, its tokens so far, and where its steps go."""
+
+    prompt_ids: tuple[int, ...]
+    params: GenerationParams
+    config: GenerationConfig
+    deliver: Delivery
+    cancelled: threading.Event = attrs.field(factory=threading.Event)
+    processors: LogitsProcessorList = attrs.field(factory=LogitsProcessorList)
+    stopping: StoppingCriteriaList = attrs.field(factory=StoppingCriteriaList)
+    recorder: LogprobRecorder | None = None
+    rng: torch.Generator | None = None
+    ids: torch.Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long))
+    """Prompt and generated tokens, shape ``[1, length]``: what logits processors and stopping criteria read."""
+    cached: int = 0
+    """How many of ``ids`` the KV cache holds (all but the last sampled token, once prefilled)."""
+    reused: list[PrefixBlock] = attrs.field(factory=list)
+    """Cached prompt blocks this row's prefill starts after."""
+    finish_reason: FinishReason | None = None
+    released: bool = False
+    """The consumer has been told the engine let go of the row."""
+
+    @property
+    def generated(self) -> int:
+        """How many tokens this row has produced."""
+        return int(self.ids.shape[-1]) - len(self.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        """Finished, or its consumer left."""
+        return self.finish_reason is not None or self.cancelled.is_set()
+
+    @property
+    def reused_tokens(self) -> int:
+        """How many prompt tokens come from the prefix cache."""
+        return sum(len(block.tokens) for block in self.reused)
+
+
+def prepare(row: Row, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Build the row's processors and stopping criteria as ``generate`` would, and its random generator."""
+    hidden: Any = model  # generate's helpers, which nn.Module's typing hides
+    prompt_length = len(row.prompt_ids)
+    config = prepare_generation_config(hidden, row.config)  # generate's defaults (top_k=50...)
+    row.config = config
+    config.max_length = (config.max_new_tokens or 0) + prompt_length
+    if config.min_new_tokens is not None:
+        config.min_length = config.min_new_tokens + prompt_length
+    config.stop_strings = list(row.params.stop) or None
+    ids = torch.tensor([row.prompt_ids], dtype=torch.long, device=model.device)
+    prepare_special_tokens(hidden, config)
+    custom, row.recorder = request_processors(row.params, prompt_length=prompt_length)
+    row.processors = logits_processors(hidden, config, ids, custom)  # the same list `generate` builds
+    row.stopping = stopping_criteria(hidden, config, tokenizer)
+    if row.params.seed is not None and config.do_sample:
+        row.rng = torch.Generator(device=model.device)
+        row.rng.manual_seed(row.params.seed)
+    row.ids = ids
+
+
+def advance(row: Row, logits: torch.Tensor, *, eos_token_ids: Sequence[int], cached_tokens: int = 0) -> None:
+    """Process one row's logits, pick its next token, hand it over, and check whether the row is done.
+
+    ``cached_tokens``: on the first token, how many prompt tokens came from the prefix cache. A failure ends this
+    row alone.
+    """
+    try:
+        scores = row.processors(cast("torch.LongTensor", row.ids), cast("torch.FloatTensor", logits))
+        if row.config.do_sample:
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=row.rng)
+        else:
+            token = torch.argmax(scores, dim=-1, keepdim=True)
+        row.ids = torch.cat([row.ids, token.to(row.ids.dtype)], dim=-1)
+        token_id = int(token)
+        logprobs = () if row.recorder is None else row.recorder.logprobs_of([token_id])
+        step = GeneratedTokens(token_ids=(token_id,), logprobs=logprobs, cached_tokens=cached_tokens)
+        if not row.deliver(step):
+            row.cancelled.set()
+        if bool(row.stopping(row.ids, scores).any()):
+            row.finish_reason = _finish_reason(row, eos_token_ids)
+    except Exception as error:  # noqa: BLE001  only this request is at fault
+        fail([row], error)
+
+
+def _finish_reason(row: Row, eos_token_ids: Sequence[int]) -> FinishReason:
+    """``LENGTH`` when the token budget ran out on something other than an end-of-sequence or stop token."""
+    ran_out = row.generated >= (row.config.max_new_tokens or 0)
+    ended = int(row.ids[0, -1]) in (*eos_token_ids, *row.params.stop_token_ids)
+    return FinishReason.LENGTH if ran_out and not ended else FinishReason.STOP
+
+
+def release(row: Row) -> None:
+    """Tell the row's consumer, once, that the engine has let go of it."""
+    if not row.released:
+        row.released = True
+        row.deliver(None)
+
+
+def fail(rows: Sequence[Row], error: Exception) -> None:
+    """End ``rows`` with ``error`` (a domain error as it is, anything else as a ``GenerationError``)."""
+    if not rows:
+        return
+    if not isinstance(error, DomainError):
+        log.error("generation.failed", exc_info=error, rows=len(rows))
+        failure: DomainError = GenerationError(f"Generation failed: {error}")
+        failure.__cause__ = error
+    else:
+        failure = error
+    for row in rows:
+        row.finish_reason = row.finish_reason or FinishReason.STOP
+        row.cancelled.set()
+        row.deliver(failure)
+        release(row)
+
+
+__all__ = ["Delivery", "Row", "advance", "fail", "prepare", "release"]

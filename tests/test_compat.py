@@ -1,0 +1,143 @@
+"""Canaries for the private library hooks the compat modules wrap: each fails naming the hook that moved.
+
+When one fails after a library upgrade, mend the one wrapper in ``*_compat.py`` it names (or keep the library below
+that release in ``pyproject.toml``); nothing else in the project touches these names.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
+
+from adapters.huggingface import torch_compat, transformers_compat
+from adapters.huggingface.loading import load_model
+from tests.tiny_model import build_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = ("domain", "application", "adapters", "entrypoints")
+
+
+def hook(owner: object, name: str, *parameters: str) -> None:
+    """``owner.name`` exists and takes ``parameters`` by those names."""
+    where = f"{getattr(owner, '__name__', owner)}.{name}"
+    assert hasattr(owner, name), f"{where} is gone: mend its wrapper in the compat module"
+    if parameters:
+        accepted = inspect.signature(getattr(owner, name)).parameters
+        missing = [p for p in parameters if p not in accepted]
+        assert not missing, f"{where} no longer takes {missing}: mend its wrapper in the compat module"
+
+
+@pytest.mark.parametrize(
+    ("name", "parameters"),
+    [
+        ("_prepare_generation_config", ("generation_config",)),
+        ("_prepare_special_tokens", ("generation_config", "kwargs_has_attention_mask", "device")),
+        (
+            "_get_logits_processor",
+            (
+                "generation_config",
+                "input_ids_seq_length",
+                "encoder_input_ids",
+                "logits_processor",
+                "device",
+                "model_kwargs",
+            ),
+        ),
+        ("_get_stopping_criteria", ("generation_config", "stopping_criteria", "tokenizer")),
+        ("_prefill", ()),
+        ("_update_model_kwargs_for_generation", ("outputs", "model_kwargs", "is_encoder_decoder")),
+    ],
+)
+def test_transformers_generate_helpers_are_where_the_compat_module_calls_them(name, parameters):
+    hook(GenerationMixin, name, *parameters)
+
+
+def test_transformers_dynamic_layer_keeps_the_members_the_growing_layer_relies_on():
+    for name in ("update", "lazy_initialization", "get_seq_length"):
+        hook(DynamicLayer, name)
+    layer = DynamicLayer()  # type: ignore[no-untyped-call]
+    assert hasattr(layer, "is_initialized"), "DynamicLayer.is_initialized is gone: mend GrowingLayer"
+    keys = torch.zeros(1, 2, 3, 4)
+    layer.update(keys, keys)
+    assert torch.equal(layer.keys, keys), "DynamicLayer.keys no longer holds the cached keys: mend GrowingLayer"
+    assert torch.equal(layer.values, keys), "DynamicLayer.values no longer holds the cached values: mend GrowingLayer"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load_model(str(build_tiny_model(tmp_path_factory.mktemp("tiny-compat"))), device="cpu", progress=False)
+
+
+def test_the_transformers_wrappers_build_what_generate_builds(tiny):
+    model = tiny.model
+    config = transformers_compat.prepare_generation_config(model, GenerationConfig(max_new_tokens=4, do_sample=True))
+    assert isinstance(config, GenerationConfig)
+    transformers_compat.prepare_special_tokens(model, config)
+    assert transformers_compat.eos_token_tensor(config) is not None, "GenerationConfig._eos_token_tensor is gone"
+    transformers_compat.pad_token_tensor(config)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    config.max_length = 8
+    processors = transformers_compat.logits_processors(model, config, ids, LogitsProcessorList())
+    assert isinstance(processors, LogitsProcessorList)
+    assert processors, "generate's processors for a sampled request (top_k=50...) are missing"
+    stopping = transformers_compat.stopping_criteria(model, config, tiny.tokenizer)
+    assert isinstance(stopping, StoppingCriteriaList)
+    assert stopping, "generate's stopping criteria (max length, EOS) are missing"
+
+
+def test_the_growing_cache_stands_in_for_the_models_own(tiny):
+    assert transformers_compat.has_plain_layers(tiny.model.config)
+    cache = transformers_compat.growing_cache(tiny.model.config)
+    assert all(type(layer) is transformers_compat.GrowingLayer for layer in transformers_compat.cache_layers(cache))
+    with torch.inference_mode():
+        tiny.model(torch.tensor([[1, 5, 6]]), cache=cache, use_cache=True)
+        tiny.model(torch.tensor([[7]]), cache=cache, use_cache=True)
+    keys, values = transformers_compat.layer_kv(transformers_compat.cache_layers(cache)[0])
+    assert keys.shape[-2] == values.shape[-2] == 4
+    assert cache.get_seq_length() == 4
+
+
+def test_torch_onednn_ops_are_where_the_compat_module_calls_them():
+    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+        pytest.skip("this torch has no oneDNN: packing is off here")
+    for name in ("_reorder_linear_weight", "_linear_pointwise"):
+        assert hasattr(torch.ops.mkldnn, name), f"torch.ops.mkldnn.{name} is gone: mend torch_compat"
+    linear = torch.nn.Linear(8, 6)
+    inputs = torch.randn(2, 8)
+    packed = torch_compat.reorder_linear_weight(linear.weight.detach())
+    with torch.no_grad():
+        actual = torch_compat.linear_pointwise(inputs, packed, linear.bias.detach())
+        expected = linear(inputs)
+    assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-5), "mkldnn._linear_pointwise changed its meaning"
+
+
+def test_litestar_schema_creator_is_where_the_compat_module_imports_it():
+    from litestar.plugins.attrs import AttrsSchemaPlugin  # noqa: PLC0415
+    from litestar.typing import FieldDefinition  # noqa: PLC0415
+
+    from entrypoints.http.litestar_compat import SchemaCreator  # noqa: PLC0415
+
+    hook(SchemaCreator, "__init__", "plugins")
+    hook(SchemaCreator, "for_field_definition", "field_definition")
+    creator = SchemaCreator(plugins=[AttrsSchemaPlugin()])
+    assert creator.for_field_definition(FieldDefinition.from_annotation(int)) is not None
+    hook(creator.schema_registry, "generate_components_schemas")
+
+
+def test_no_module_outside_the_compat_modules_touches_a_librarys_private_names():
+    private = re.compile(r"(litestar\._\w|torch\.ops\.\w+\._\w|\bmodel\._\w|generation_config\._\w|config\._\w)")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for layer in LAYERS
+        for path in sorted((ROOT / layer).rglob("*.py"))
+        if not path.name.endswith("_compat.py")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if private.search(line) and not line.lstrip().startswith(("#", '"', "``"))
+    ]
+    assert offenders == [], "private library API outside a *_compat.py module"
