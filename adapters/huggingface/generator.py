@@ -22,7 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from adapters.huggingface.constraints import GrammarCompiler
 from adapters.huggingface.delivery import ThreadToLoop
-from adapters.huggingface.model_facts import ModelFacts
+from adapters.huggingface.model_facts import ModelFacts, TellsModelFacts
 from adapters.huggingface.processors import LogprobRecorder, request_processors, token_logprob
 from domain.errors import ContextLengthExceededError, DomainError, GenerationError, InvalidRequestError
 from domain.generation import FinishReason, GeneratedTokens, GenerationParams, TokenLogprob
@@ -250,6 +250,13 @@ def stopping_token_ids(config: GenerationConfig) -> tuple[int, ...]:
     return tuple(int(i) for i in ids if i is not None)
 
 
+def finish_reason(new_ids: Sequence[int], config: GenerationConfig) -> FinishReason:
+    """``LENGTH`` when the token budget ran out on something other than an end-of-sequence or stop token."""
+    ran_out = len(new_ids) >= (config.max_new_tokens or 0)
+    ended = bool(new_ids) and new_ids[-1] in stopping_token_ids(config)
+    return FinishReason.LENGTH if ran_out and not ended else FinishReason.STOP
+
+
 def _sampling(params: GenerationParams, *, beams: bool) -> dict[str, Any]:
     """``do_sample`` and ``temperature``: 0 is greedy; nothing set samples at 1 (OpenAI's default) unless beams."""
     if params.temperature == 0:
@@ -282,7 +289,7 @@ def _param_of(error: Exception, updates: Mapping[str, object]) -> str | None:
 
 
 @attrs.define
-class HuggingFaceGenerator:
+class HuggingFaceGenerator(TellsModelFacts):
     """A transformers causal LM and its tokenizer behind the ``Generator`` port.
 
     ``model.generate`` runs on one dedicated worker thread, one request at a time; tokens reach the event loop through
@@ -318,36 +325,9 @@ class HuggingFaceGenerator:
     """Compiles ``response_format`` and forced tool-call constraints for this tokenizer (cached)."""
 
     @property
-    def model_id(self) -> str:
-        """The name clients use for the model."""
-        return self.facts.model_id
-
-    @property
-    def context_length(self) -> int:
-        """How many tokens (prompt and completion) fit in one sequence."""
-        return self.facts.context_length
-
-    @property
-    def vocab_size(self) -> int:
-        """How many token ids the model scores."""
-        return self.facts.vocab_size
-
-    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         """Every token id that ends generation."""
         return self.facts.eos_token_ids
-
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        """Token ids of ``text``."""
-        return self.facts.encode(text, add_special_tokens=add_special_tokens)
-
-    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool) -> str:
-        """Text of ``token_ids``."""
-        return self.facts.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
-    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
-        """The tokenizer's own string for each token."""
-        return self.facts.token_strings(token_ids)
 
     def generation_config(self, params: GenerationParams, *, prompt_length: int) -> GenerationConfig:
         """The validated ``GenerationConfig`` for a request; by default it may fill the context window."""
@@ -388,7 +368,7 @@ class HuggingFaceGenerator:
             new_ids = _result(future)
             if beams and new_ids:
                 yield GeneratedTokens(token_ids=tuple(new_ids))
-            yield GeneratedTokens(finish_reason=self._finish_reason(new_ids, config))
+            yield GeneratedTokens(finish_reason=finish_reason(new_ids, config))
         finally:
             cancelled.set()
             if not future.cancel():
@@ -415,12 +395,6 @@ class HuggingFaceGenerator:
     def close(self) -> None:
         """Stop accepting generations and drop queued ones; the running one ends at its next step."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-    def _finish_reason(self, new_ids: Sequence[int], config: GenerationConfig) -> FinishReason:
-        """``LENGTH`` when the token budget ran out on something other than an end-of-sequence token."""
-        ran_out = len(new_ids) >= (config.max_new_tokens or 0)
-        ended = bool(new_ids) and new_ids[-1] in stopping_token_ids(config)
-        return FinishReason.LENGTH if ran_out and not ended else FinishReason.STOP
 
     def _run(self, job: _Job) -> list[int]:
         """Generate on the worker thread; return the new token ids."""

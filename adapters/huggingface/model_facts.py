@@ -88,4 +88,40 @@ class ModelFacts:
         return [str(token) for token in self.tokenizer.convert_ids_to_tokens(list(token_ids))]
 
 
-__all__ = ["ModelFacts"]
+class TellsModelFacts:
+    """The ``Generator`` port's model facts and tokenization, answered from ``facts`` (a mixin for both generators)."""
+
+    @property
+    def facts(self) -> ModelFacts:
+        """The model's name, limits and tokenizer facts (the generator's own)."""
+        raise NotImplementedError
+
+    @property
+    def model_id(self) -> str:
+        """The name clients use for the model."""
+        return self.facts.model_id
+
+    @property
+    def context_length(self) -> int:
+        """How many tokens (prompt and completion) fit in one sequence."""
+        return self.facts.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        """How many token ids the model scores."""
+        return self.facts.vocab_size
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """Token ids of ``text``."""
+        return self.facts.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool) -> str:
+        """Text of ``token_ids``."""
+        return self.facts.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """The tokenizer's own string for each token."""
+        return self.facts.token_strings(token_ids)
+
+
+__all__ = ["ModelFacts", "TellsModelFacts"]

@@ -15,6 +15,7 @@ from adapters.huggingface.engine.forward import Forward
 from adapters.huggingface.engine.loop import EngineLoop
 from adapters.huggingface.engine.rows import Row
 from adapters.huggingface.engine.scheduler import BatchLimits, Scheduler
+from adapters.huggingface.model_facts import ModelFacts, TellsModelFacts
 from adapters.huggingface.transformers_compat import has_plain_layers
 from domain.errors import QueueFullError
 from domain.generation import GeneratedTokens, GenerationParams, TokenLogprob
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from adapters.huggingface.generator import HuggingFaceGenerator
-    from adapters.huggingface.model_facts import ModelFacts
     from adapters.huggingface.prefix_cache import PrefixCache
     from adapters.huggingface.threads import ThreadTuner
 
@@ -37,7 +37,7 @@ UNBATCHED_EXTRA_OPTIONS = frozenset({"num_beams", "num_beam_groups", "diversity_
 
 
 @attrs.define
-class BatchingGenerator:
+class BatchingGenerator(TellsModelFacts):
     """The ``Generator`` port with continuous batching over a ``HuggingFaceGenerator``'s model.
 
     One engine thread owns the model for batched decoding. Requests that cannot share a batch (beam search, diverse
@@ -67,7 +67,6 @@ class BatchingGenerator:
             Forward(self.model, self.threads),
             self.tokenizer,
             self._scheduler,
-            self.facts.eos_token_ids,
             prefixes=self._prefixes,
         )
 
@@ -92,33 +91,6 @@ class BatchingGenerator:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The model's tokenizer."""
         return self.facts.tokenizer
-
-    @property
-    def model_id(self) -> str:
-        """The name clients use for the model."""
-        return self.facts.model_id
-
-    @property
-    def context_length(self) -> int:
-        """How many tokens (prompt and completion) fit in one sequence."""
-        return self.facts.context_length
-
-    @property
-    def vocab_size(self) -> int:
-        """How many token ids the model scores."""
-        return self.facts.vocab_size
-
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        """Token ids of ``text``."""
-        return self.facts.encode(text, add_special_tokens=add_special_tokens)
-
-    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool) -> str:
-        """Text of ``token_ids``."""
-        return self.facts.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
-    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
-        """The tokenizer's own string for each token."""
-        return self.facts.token_strings(token_ids)
 
     def generation_config(self, params: GenerationParams, *, prompt_length: int) -> GenerationConfig:
         """The validated ``GenerationConfig`` for a request (see ``HuggingFaceGenerator.generation_config``)."""

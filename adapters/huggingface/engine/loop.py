@@ -33,7 +33,6 @@ class EngineLoop:
     forward: Forward
     tokenizer: PreTrainedTokenizerBase
     scheduler: Scheduler
-    eos_token_ids: tuple[int, ...]
     prefixes: PrefixCache | None = None
     """Keys and values of prompt blocks seen before; turned off (``None``) if caching ever fails."""
     _batch: KVBatch = attrs.field(init=False, factory=KVBatch)
@@ -104,9 +103,7 @@ class EngineLoop:
             reused = [row.reused_tokens for row in group]
             for index, row in enumerate(group):
                 row.cached, row.reused = len(row.prompt_ids), []  # the blocks are in the batch's cache now
-                row_ops.advance(
-                    row, logits[index : index + 1], eos_token_ids=self.eos_token_ids, cached_tokens=reused[index]
-                )
+                row_ops.advance(row, logits[index : index + 1], cached_tokens=reused[index])
             self._batch.add(group, cache, mask)
             log.debug("batching.joined", rows=len(group), running=self.running, reused_tokens=sum(reused))
 
@@ -121,7 +118,7 @@ class EngineLoop:
         for index, row in enumerate(batch.rows):
             row.cached += 1
             if not row.cancelled.is_set():
-                row_ops.advance(row, logits[index : index + 1], eos_token_ids=self.eos_token_ids)
+                row_ops.advance(row, logits[index : index + 1])
 
     def _release_done(self) -> None:
         """Hand finished rows their finish reason and drop them, with abandoned ones, from the batch."""

@@ -11,6 +11,7 @@ import structlog
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
+from adapters.huggingface.generator import finish_reason
 from adapters.huggingface.processors import LogprobRecorder, request_processors
 from adapters.huggingface.transformers_compat import (
     logits_processors,
@@ -92,7 +93,7 @@ def prepare(row: Row, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     row.ids = ids
 
 
-def advance(row: Row, logits: torch.Tensor, *, eos_token_ids: Sequence[int], cached_tokens: int = 0) -> None:
+def advance(row: Row, logits: torch.Tensor, *, cached_tokens: int = 0) -> None:
     """Process one row's logits, pick its next token, hand it over, and check whether the row is done.
 
     ``cached_tokens``: on the first token, how many prompt tokens came from the prefix cache. A failure ends this
@@ -111,16 +112,9 @@ def advance(row: Row, logits: torch.Tensor, *, eos_token_ids: Sequence[int], cac
         if not row.deliver(step):
             row.cancelled.set()
         if bool(row.stopping(row.ids, scores).any()):
-            row.finish_reason = _finish_reason(row, eos_token_ids)
+            row.finish_reason = finish_reason(row.ids[0, len(row.prompt_ids) :].tolist(), row.config)
     except Exception as error:  # noqa: BLE001  only this request is at fault
         fail([row], error)
-
-
-def _finish_reason(row: Row, eos_token_ids: Sequence[int]) -> FinishReason:
-    """``LENGTH`` when the token budget ran out on something other than an end-of-sequence or stop token."""
-    ran_out = row.generated >= (row.config.max_new_tokens or 0)
-    ended = int(row.ids[0, -1]) in (*eos_token_ids, *row.params.stop_token_ids)
-    return FinishReason.LENGTH if ran_out and not ended else FinishReason.STOP
 
 
 def release(row: Row) -> None:
