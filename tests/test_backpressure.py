@@ -46,11 +46,17 @@ def test_batch_and_queue_flags_reach_the_settings():
     assert (defaults.max_batch_size, defaults.max_queue) == (8, 64)
 
 
-@pytest.mark.parametrize("argv", [["--max-batch-size", "0"], ["--max-queue", "-1"]])
-def test_batch_and_queue_flags_must_make_sense(argv, capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-batch-size", "0"], "--max-batch-size: must be at least 1"),
+        (["--max-queue", "-1"], "--max-queue: must be at least 0"),
+    ],
+)
+def test_batch_and_queue_flags_must_make_sense(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_settings(argv)
-    assert "--max-batch-size must be at least 1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_a_full_queue_is_a_429_for_a_streamed_request_too():

@@ -94,4 +94,4 @@ def test_the_prefix_cache_and_packing_flags_reach_the_settings(capsys):
     assert (settings.prefix_cache_mib, settings.pack_weights) == (0, False)
     with pytest.raises(SystemExit):
         parse_settings(["--prefix-cache-mib", "-1"])
-    assert "--prefix-cache-mib must be at least 0" in capsys.readouterr().err
+    assert "--prefix-cache-mib: must be at least 0" in capsys.readouterr().err

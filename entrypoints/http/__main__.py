@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -26,6 +26,10 @@ SHUTDOWN_BACKSTOP = 5
 """Seconds uvicorn waits past ``--shutdown-timeout`` before it cancels what our drain did not end."""
 
 
+DEFAULTS = ServerSettings()
+"""Every flag's default is the setting's own: written once, in ``ServerSettings``."""
+
+
 def positive_number(text: str) -> float:
     """An argparse type: a finite number of seconds above zero."""
     value = float(text)
@@ -35,169 +39,236 @@ def positive_number(text: str) -> float:
     return value
 
 
-def positive_integer(text: str) -> int:
-    """An argparse type: a count above zero."""
-    value = int(text)
-    if value <= 0:
-        msg = f"must be above zero: {text}"
+def seconds_or_zero(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 meaning never."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        msg = f"must be a finite number of seconds, at least 0: {text}"
         raise argparse.ArgumentTypeError(msg)
     return value
 
 
-def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerSettings:
-    """Settings from the command line, and API keys also from ``HF_OPENAI_SERVER_API_KEY`` (comma-separated)."""
+def positive_integer(text: str) -> int:
+    """An argparse type: a count above zero."""
+    return at_least(1)(text)
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            msg = f"must be at least {minimum}: {text}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return parse
+
+
+def name(text: str) -> str:
+    """An argparse type: a name that is not blank."""
+    if not text.strip():
+        msg = "must not be empty"
+        raise argparse.ArgumentTypeError(msg)
+    return text
+
+
+def existing_file(text: str) -> Path:
+    """An argparse type: the path of a file that exists."""
+    path = Path(text)
+    if not path.is_file():
+        msg = f"no such file: {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The server's command line, flag by flag, in groups."""
     parser = argparse.ArgumentParser(
         prog="python -m entrypoints.http", description="OpenAI-compatible server for a HuggingFace model."
     )
-    parser.add_argument(
+    _model_flags(parser)
+    _engine_flags(parser)
+    _logging_flags(parser)
+    _operations_flags(parser)
+    return parser
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
         "--model",
-        default=None,
+        default=DEFAULTS.model,
         help="hub id in the local HF cache, local directory, or .gguf file (default: embedded SmolLM2-135M-Instruct)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--served-model-name",
         action="extend",
         nargs="+",
-        default=[],
+        type=name,
+        default=list(DEFAULTS.served_model_names),
         metavar="NAME",
         help="a name clients use for the model (repeatable; the first is the id responses report; "
         "default: the model's own name)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="(default: %(default)s)")
-    parser.add_argument(
+    group.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default=DEFAULTS.device, help="(default: %(default)s)"
+    )
+    group.add_argument(
         "--dtype",
         type=str.lower,
         choices=DTYPE_CHOICES,
-        default=None,
+        default=DEFAULTS.dtype,
         help="weights dtype (default: bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU)",
     )
-    parser.add_argument(
-        "--max-batch-size", type=int, default=8, metavar="N", help="sequences decoded together (default: %(default)s)"
+    group.add_argument(
+        "--chat-template",
+        type=existing_file,
+        default=DEFAULTS.chat_template,
+        help="Jinja chat template file (overrides the tokenizer's)",
     )
-    parser.add_argument(
+    group.add_argument(
+        "--stop-sequences",
+        nargs="+",
+        default=list(DEFAULTS.stop_sequences),
+        metavar="S",
+        help="stop sequences applied to every request",
+    )
+    group.add_argument(
+        "--cache-dir", type=Path, default=DEFAULTS.cache_dir, help="where converted GGUF snapshots are kept"
+    )
+
+
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument(
+        "--max-batch-size",
+        type=at_least(1),
+        default=DEFAULTS.max_batch_size,
+        metavar="N",
+        help="sequences decoded together (default: %(default)s)",
+    )
+    group.add_argument(
         "--max-queue",
-        type=int,
-        default=64,
+        type=at_least(0),
+        default=DEFAULTS.max_queue,
         metavar="N",
         help="requests waiting for a batch slot; past that: 429 (default: %(default)s)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--threads",
-        type=int,
-        default=None,
+        type=at_least(1),
+        default=DEFAULTS.threads,
         metavar="N",
         help="torch threads on the CPU (default: the batching engine times cores - 1 against every core and keeps "
         "the faster; the plain path uses cores - 1)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--prefix-cache-mib",
-        type=int,
-        default=256,
+        type=at_least(0),
+        default=DEFAULTS.prefix_cache_mib,
         metavar="MIB",
         help="memory for cached prompt prefixes, reused by prompts that begin alike; 0: off (default: %(default)s)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--no-pack-weights",
-        action="store_true",
+        action="store_false",
+        dest="pack_weights",
+        default=DEFAULTS.pack_weights,
         help="on the CPU, multiply with torch's own linear layers instead of oneDNN-prepacked weights",
     )
-    parser.add_argument(
-        "--chat-template", type=Path, default=None, help="Jinja chat template file (overrides the tokenizer's)"
+
+
+def _logging_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("logging")
+    group.add_argument(
+        "--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=DEFAULTS.log_level
     )
-    parser.add_argument(
-        "--stop-sequences", nargs="+", default=[], metavar="S", help="stop sequences applied to every request"
+    group.add_argument(
+        "--log-format",
+        choices=("auto", "console", "json"),
+        default=DEFAULTS.log_format,
+        help="(default: JSON when not a TTY)",
     )
-    parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO")
-    parser.add_argument(
-        "--log-format", choices=("auto", "console", "json"), default="auto", help="(default: JSON when not a TTY)"
+    group.add_argument(
+        "--no-log-content",
+        action="store_false",
+        dest="log_content",
+        default=DEFAULTS.log_content,
+        help="keep prompts, token ids and texts out of the logs",
     )
-    parser.add_argument(
-        "--no-log-content", action="store_true", help="keep prompts, token ids and texts out of the logs"
-    )
-    parser.add_argument("--cache-dir", type=Path, default=None, help="where converted GGUF snapshots are kept")
-    parser.add_argument(
+
+
+def _operations_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("operations")
+    group.add_argument("--host", default=DEFAULTS.host, help="address to bind (default: %(default)s)")
+    group.add_argument("--port", type=int, default=DEFAULTS.port, help="port to bind (default: %(default)s)")
+    group.add_argument(
         "--api-key",
         action="append",
-        default=[],
+        default=list(DEFAULTS.api_keys),
         metavar="KEY",
         help=f"require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize (repeatable; or ${API_KEY_VARIABLE})",
     )
-    parser.add_argument(
-        "--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow browsers from ORIGIN (repeatable)"
+    group.add_argument(
+        "--cors-origin",
+        action="append",
+        default=list(DEFAULTS.cors_origins),
+        metavar="ORIGIN",
+        help="allow browsers from ORIGIN (repeatable)",
     )
-    parser.add_argument(
-        "--max-body-bytes", type=positive_integer, default=4 * 1024 * 1024, help="(default: %(default)s, 4 MiB)"
+    group.add_argument(
+        "--max-body-bytes", type=positive_integer, default=DEFAULTS.max_body_bytes, help="(default: %(default)s)"
     )
-    parser.add_argument(
-        "--request-timeout", type=positive_number, default=None, metavar="SECONDS", help="(default: no limit)"
+    group.add_argument(
+        "--request-timeout",
+        type=positive_number,
+        default=DEFAULTS.request_timeout,
+        metavar="SECONDS",
+        help="(default: no limit)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--shutdown-timeout",
         type=positive_number,
-        default=30.0,
+        default=DEFAULTS.shutdown_timeout,
         metavar="SECONDS",
         help="how long requests may finish after SIGTERM/SIGINT (default: %(default)s)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--sse-keepalive",
-        type=float,
-        default=10.0,
+        type=seconds_or_zero,
+        default=DEFAULTS.sse_keepalive or 0,
         metavar="SECONDS",
         help="send an SSE ': ping' comment when a stream has been silent this long; 0: never (default: %(default)s)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--responses-store-size",
-        type=int,
-        default=1000,
+        type=at_least(0),
+        default=DEFAULTS.responses_store_size,
         metavar="N",
         help="responses kept for previous_response_id and GET /v1/responses/{id}, least recently used evicted; "
         "0 keeps none (default: %(default)s)",
     )
-    args = parser.parse_args(argv)
-    if args.max_batch_size < 1 or args.max_queue < 0:
-        parser.error("--max-batch-size must be at least 1 and --max-queue at least 0")
-    if any(not name.strip() for name in args.served_model_name):
-        parser.error("--served-model-name must not be empty")
-    if args.prefix_cache_mib < 0:
-        parser.error("--prefix-cache-mib must be at least 0")
-    if not (math.isfinite(args.sse_keepalive) and args.sse_keepalive >= 0):
-        parser.error("--sse-keepalive must be a finite number of seconds, at least 0")
-    if args.responses_store_size < 0:
-        parser.error("--responses-store-size must be at least 0")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be at least 1")
+
+
+def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerSettings:
+    """Settings from the command line, and API keys also from ``HF_OPENAI_SERVER_API_KEY`` (comma-separated)."""
+    args = vars(build_parser().parse_args(argv))
     environ = os.environ if environ is None else environ
     from_environment = [key.strip() for key in environ.get(API_KEY_VARIABLE, "").split(",") if key.strip()]
-    if args.chat_template is not None and not args.chat_template.is_file():
-        parser.error(f"--chat-template: no such file: {args.chat_template}")
     return ServerSettings(
-        model=args.model,
-        served_model_names=tuple(dict.fromkeys(args.served_model_name)),
-        host=args.host,
-        port=args.port,
-        device=args.device,
-        dtype=args.dtype,
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        threads=args.threads,
-        pack_weights=not args.no_pack_weights,
-        prefix_cache_mib=args.prefix_cache_mib,
-        chat_template=args.chat_template,
-        stop_sequences=tuple(args.stop_sequences),
-        log_level=args.log_level,
-        log_format=args.log_format,
-        log_content=not args.no_log_content,
-        cache_dir=args.cache_dir,
-        api_keys=tuple(dict.fromkeys([*args.api_key, *from_environment])),
-        cors_origins=tuple(args.cors_origin),
-        max_body_bytes=args.max_body_bytes,
-        request_timeout=args.request_timeout,
-        shutdown_timeout=args.shutdown_timeout,
-        sse_keepalive=args.sse_keepalive or None,
-        responses_store_size=args.responses_store_size,
+        **{key: value for key, value in args.items() if key not in RENAMED},
+        served_model_names=tuple(dict.fromkeys(args["served_model_name"])),
+        stop_sequences=tuple(args["stop_sequences"]),
+        api_keys=tuple(dict.fromkeys([*args["api_key"], *from_environment])),
+        cors_origins=tuple(args["cors_origin"]),
+        sse_keepalive=args["sse_keepalive"] or None,
     )
+
+
+RENAMED = frozenset({"served_model_name", "stop_sequences", "api_key", "cors_origin", "sse_keepalive"})
+"""Flags whose value the settings take in another name or shape (a tuple, ``None`` for 0)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
