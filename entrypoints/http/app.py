@@ -34,10 +34,70 @@ log = structlog.get_logger(__name__)
 
 @attrs.define
 class ModelSlot:
-    """Where the services appear once the model has loaded (or why they never will)."""
+    """Where the services appear once the model has loaded (or why they never will).
 
+    With services at hand (tests) it serves at once; otherwise its lifespan loads them with ``loader``, off the event
+    loop, so that the server answers (503) while the model loads.
+    """
+
+    settings: ServerSettings
+    loader: Callable[[ServerSettings], Services]
+    on_failure: Callable[[BaseException], None] | None = None
+    on_loaded: Callable[[float], None] = lambda _seconds: None
     services: Services | None = None
     failure: str | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Litestar) -> AsyncIterator[None]:
+        """Load the model while the server runs (unless it is loaded), and close the services at the end."""
+        task = None if self.services is not None else asyncio.create_task(self._load())
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+            if self.services is not None:
+                self.services.close()
+            self.services = None
+
+    def provide(self) -> Services:
+        """The services, or a 503 ``model_not_ready`` while the model loads (or after it failed to)."""
+        if self.services is None:
+            raise ModelNotReadyError(self.failure or "the model is still loading; retry shortly")
+        return self.services
+
+    async def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.services = await asyncio.to_thread(self.loader, self.settings)
+        except Exception as error:
+            self.failure = f"the model failed to load: {error}"
+            log.exception("model.load.failed")
+            if self.on_failure is not None:
+                self.on_failure(error)
+            return
+        seconds = time.perf_counter() - started
+        self.on_loaded(seconds)
+        log.info("model.ready", model=self.services.model_id, seconds=round(seconds, 2))
+
+
+def health_route(slot: ModelSlot) -> Any:  # noqa: ANN401  a Litestar route handler
+    """``GET /health``: 200 ``ok`` once the model serves, 503 ``loading`` (or ``error``) before."""
+
+    @get("/health", tags=["Health"], operation_id="health", summary="Readiness")
+    async def health() -> Response[dict[str, str]]:
+        """200 ``ok`` once the model serves, 503 ``loading`` (or ``error``) before."""
+        if slot.services is not None:
+            return Response({"status": "ok", "model": slot.services.model_id}, status_code=HTTP_200_OK)
+        status = "error" if slot.failure else "loading"
+        return Response({"status": status}, status_code=HTTP_503_SERVICE_UNAVAILABLE)
+
+    return health
+
+
+def start_request_context(_request: Request[Any, Any, Any]) -> None:
+    """Each request's logs carry only its own context."""
+    structlog.contextvars.clear_contextvars()
 
 
 @get("/openapi.json", include_in_schema=False, sync_to_thread=False)
@@ -59,50 +119,15 @@ def create_app(
     The server listens while the model loads: ``/health`` answers 503 ``loading`` and the API a 503 error until then.
     ``drain`` is shared with the server that drains on a signal (``DrainingServer``).
     """
-    slot = ModelSlot()
+    metrics = Metrics.create()
+    slot = ModelSlot(settings, loader, on_load_failure, on_loaded=metrics.model_load_seconds.set)
     if generator is not None:
         slot.services = build_services(settings, generator)
-    metrics = Metrics.create()
     drain = drain or Drain(grace=settings.shutdown_timeout)
     responses = ResponseStore(settings.responses_store_size)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: Litestar) -> AsyncIterator[None]:
-        task = (
-            None
-            if slot.services is not None
-            else asyncio.create_task(
-                _load(settings, loader, slot, on_load_failure, on_loaded=metrics.model_load_seconds.set)
-            )
-        )
-        try:
-            yield
-        finally:
-            if task is not None:
-                task.cancel()
-            if slot.services is not None:
-                slot.services.close()
-            slot.services = None
-
-    def provide_services() -> Services:
-        if slot.services is None:
-            raise ModelNotReadyError(slot.failure or "the model is still loading; retry shortly")
-        return slot.services
-
-    @get("/health", tags=["Health"], operation_id="health", summary="Readiness")
-    async def health() -> Response[dict[str, str]]:
-        """200 ``ok`` once the model serves, 503 ``loading`` (or ``error``) before."""
-        if slot.services is not None:
-            return Response({"status": "ok", "model": slot.services.model_id}, status_code=HTTP_200_OK)
-        status = "error" if slot.failure else "loading"
-        return Response({"status": status}, status_code=HTTP_503_SERVICE_UNAVAILABLE)
-
-    def start_request_context(_request: Request[Any, Any, Any]) -> None:
-        structlog.contextvars.clear_contextvars()
-
     return Litestar(
         route_handlers=[
-            health,
+            health_route(slot),
             openapi_document,
             metrics_route(metrics),
             ModelsController,
@@ -113,7 +138,7 @@ def create_app(
             MessagesController,
         ],
         dependencies={
-            "services": Provide(provide_services, sync_to_thread=False),
+            "services": Provide(slot.provide, sync_to_thread=False),
             "watch": Provide(watch_provider(settings, metrics, drain), sync_to_thread=False),
             "responses": Provide(lambda: responses, sync_to_thread=False),
         },
@@ -123,31 +148,8 @@ def create_app(
         request_max_body_size=settings.max_body_bytes,
         before_request=start_request_context,
         before_send=[add_request_id],
-        lifespan=[lifespan],
+        lifespan=[slot.lifespan],
         openapi_config=OpenAPIConfig(title="hf-openai-server", version="0.1.0", path="/docs"),
         logging_config=None,
         debug=False,
     )
-
-
-async def _load(
-    settings: ServerSettings,
-    loader: Callable[[ServerSettings], Services],
-    slot: ModelSlot,
-    on_failure: Callable[[BaseException], None] | None,
-    *,
-    on_loaded: Callable[[float], None] = lambda _seconds: None,
-) -> None:
-    """Load off the event loop, so the server answers (503) while the model loads; report the seconds it took."""
-    started = time.perf_counter()
-    try:
-        slot.services = await asyncio.to_thread(loader, settings)
-    except Exception as error:
-        slot.failure = f"the model failed to load: {error}"
-        log.exception("model.load.failed")
-        if on_failure is not None:
-            on_failure(error)
-        return
-    seconds = time.perf_counter() - started
-    on_loaded(seconds)
-    log.info("model.ready", model=slot.services.model_id, seconds=round(seconds, 2))
