@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from litestar.testing import TestClient
 
 from entrypoints.http.app import create_app
-from entrypoints.http.wire import ChatCompletionRequest, CompletionRequest
+from entrypoints.http.openai_requests import ChatCompletionRequest, CompletionRequest
 from entrypoints.settings import ServerSettings
 from tests.fakes import FakeGenerator
 

@@ -17,7 +17,7 @@ from domain.generation import Choice, FinishReason, GenerationParams, OutputCons
 from domain.messages import ChatMessage, Role
 from domain.tools import FunctionTool, ToolChoice, ToolChoiceMode, ToolUse
 from domain.tools import ToolCall as DomainToolCall
-from entrypoints.http.wire import ranged
+from entrypoints.http.openai_requests import ranged
 from entrypoints.http.wire_tools import FunctionDefinition, ToolDefinition, check_json_schema
 
 ANTHROPIC_PATH = "/v1/messages"

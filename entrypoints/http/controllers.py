@@ -18,6 +18,21 @@ from domain.errors import InvalidRequestError
 from domain.generation import CompletionEvent, CompletionStream
 from entrypoints.bootstrap import Services
 from entrypoints.http.lifecycle import RequestWatch
+from entrypoints.http.openai_bodies import (
+    ChatChoice,
+    ChatCompletionResponse,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    ScoredChatCompletionResponse,
+    assistant_message,
+    chat_logprobs,
+    completion_choice,
+    completion_logprobs,
+    finish_reason,
+    prompt_logprobs_body,
+)
+from entrypoints.http.openai_requests import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from entrypoints.http.openapi import body_operation
 from entrypoints.http.refusals import ClientDisconnectedError
 from entrypoints.http.request_id import remember_response_id
@@ -30,24 +45,7 @@ from entrypoints.http.streaming import (
     sse_stream,
     usage_body,
 )
-from entrypoints.http.wire import (
-    ChatChoice,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    ModelCard,
-    ModelList,
-    SamplingRequest,
-    ScoredChatCompletionResponse,
-    assistant_message,
-    chat_logprobs,
-    completion_choice,
-    completion_logprobs,
-    finish_reason,
-    prompt_logprobs_body,
-    structure,
-)
+from entrypoints.http.wire import structure
 
 log = structlog.get_logger(__name__)
 

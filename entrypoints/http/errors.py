@@ -18,8 +18,9 @@ from domain.errors import (
     UnknownModelError,
 )
 from entrypoints.http.anthropic_wire import anthropic_error, speaks_anthropic
+from entrypoints.http.openai_bodies import ErrorBody, ErrorInfo
 from entrypoints.http.refusals import RefusalError
-from entrypoints.http.wire import ErrorBody, ErrorInfo, unstructure
+from entrypoints.http.wire import unstructure
 
 log = structlog.get_logger(__name__)
 

@@ -25,6 +25,7 @@ from domain.messages import ChatMessage, Role
 from entrypoints.bootstrap import Services
 from entrypoints.http.controllers import read_json, started, until_disconnected
 from entrypoints.http.lifecycle import RequestWatch
+from entrypoints.http.openai_bodies import ErrorBody
 from entrypoints.http.openapi import NAMED_EVENTS, body_operation
 from entrypoints.http.request_id import remember_response_id
 from entrypoints.http.responses_wire import (
@@ -47,7 +48,7 @@ from entrypoints.http.responses_wire import (
     response_usage,
 )
 from entrypoints.http.streaming import EventStream, keepalive, named_event, stream_error
-from entrypoints.http.wire import ErrorBody, structure, unstructure
+from entrypoints.http.wire import structure, unstructure
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,7 @@ from domain.errors import InvalidRequestError
 from domain.generation import GenerationParams, OutputConstraint, Usage
 from domain.messages import ChatMessage, Role
 from domain.tools import FunctionTool, ToolCall, ToolChoice, ToolChoiceMode, ToolUse
-from entrypoints.http.wire import ReasoningEffort, SamplingRequest, ranged, template_options
+from entrypoints.http.openai_requests import ReasoningEffort, SamplingRequest, ranged, template_options
 from entrypoints.http.wire_tools import FunctionDefinition, ToolDefinition, check_json_schema
 
 BUILT_IN_TOOLS = frozenset(

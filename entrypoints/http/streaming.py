@@ -14,8 +14,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from domain.errors import DomainError
 from domain.generation import Choice, Completion, CompletionStream, TextDelta, Usage
 from entrypoints.http.errors import error_body
-from entrypoints.http.refusals import RefusalError
-from entrypoints.http.wire import (
+from entrypoints.http.openai_bodies import (
     ChatCompletionChunk,
     ChunkChoice,
     CompletionChoice,
@@ -31,8 +30,9 @@ from entrypoints.http.wire import (
     completion_logprobs,
     finish_reason,
     prompt_logprobs_body,
-    unstructure,
 )
+from entrypoints.http.refusals import RefusalError
+from entrypoints.http.wire import unstructure
 from entrypoints.http.wire_tools import function_call_body, tool_call_deltas
 
 log = structlog.get_logger(__name__)

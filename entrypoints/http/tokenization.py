@@ -11,8 +11,8 @@ from litestar import Controller, Request, post
 from domain.tools import ToolUse
 from entrypoints.bootstrap import Services
 from entrypoints.http.controllers import read_body
+from entrypoints.http.openai_requests import Message
 from entrypoints.http.openapi import body_operation
-from entrypoints.http.wire import Message
 from entrypoints.http.wire_tools import ToolDefinition, tool_choice
 
 
