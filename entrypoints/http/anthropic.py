@@ -29,16 +29,13 @@ from entrypoints.http.anthropic_wire import (
     stop_reason,
     tool_input,
 )
-from entrypoints.http.controllers import read_json, started, until_disconnected
+from entrypoints.http.controllers import read_json, read_request, started, until_disconnected
 from entrypoints.http.lifecycle import RequestWatch
 from entrypoints.http.openapi import NAMED_EVENTS, body_operation
-from entrypoints.http.request_id import remember_response_id
-from entrypoints.http.streaming import EventStream, keepalive, named_event, stream_error
+from entrypoints.http.streaming import EventStream, StreamEvent, keepalive, named_event, stream_error
 from entrypoints.http.wire import structure, unstructure
 
 log = structlog.get_logger(__name__)
-
-StreamEvent = dict[str, Any]
 
 
 @attrs.define
@@ -173,15 +170,8 @@ class MessagesController(Controller):
     )
     async def create(self, request: Request[Any, Any, Any], services: Services, watch: RequestWatch) -> MessageBody:
         """Answer a conversation, whole or streamed as Anthropic's events."""
-        raw = await read_json(request)
-        body, unknown = structure(raw, MessagesRequest)
         message_id = f"msg_{uuid.uuid4().hex}"
-        structlog.contextvars.bind_contextvars(request_id=message_id)
-        remember_response_id(request.scope, message_id)
-        parameters = {k: value for k, value in raw.items() if k not in {"messages", "system"}}
-        log.info("request.received", path=request.url.path, parameters=parameters)
-        if unknown:
-            log.info("request.unknown_fields", fields=sorted(unknown))
+        body, _ = await read_request(request, MessagesRequest, message_id, content=frozenset({"messages", "system"}))
         events = watch(
             services.chat.stream(
                 body.chat_messages(), body.params(), tools=body.tool_use(), template_options=body.template_options()

@@ -32,7 +32,7 @@ from entrypoints.http.openai_bodies import (
     finish_reason,
     prompt_logprobs_body,
 )
-from entrypoints.http.openai_requests import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from entrypoints.http.openai_requests import ChatCompletionRequest, CompletionRequest
 from entrypoints.http.openapi import body_operation
 from entrypoints.http.refusals import ClientDisconnectedError
 from entrypoints.http.request_id import remember_response_id
@@ -50,7 +50,6 @@ from entrypoints.http.wire import structure
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-R = TypeVar("R", bound=SamplingRequest)
 
 
 async def read_json(request: Request[Any, Any, Any]) -> Any:  # noqa: ANN401  any JSON value
@@ -68,18 +67,26 @@ async def read_body(request: Request[Any, Any, Any], kind: type[T]) -> T:
     return parsed
 
 
-async def read_request(request: Request[Any, Any, Any], kind: type[R], prefix: str) -> tuple[R, dict[str, Any], str]:
-    """Decode and structure the body, start the request's log context, and log its parameters."""
+async def read_request(
+    request: Request[Any, Any, Any],
+    kind: type[T],
+    response_id: str,
+    *,
+    content: frozenset[str] = frozenset({"messages", "prompt"}),
+) -> tuple[T, dict[str, Any]]:
+    """Decode and structure the body, start the request's log context (``response_id``), and log its parameters.
+
+    Every dialect's create handler starts here; ``content`` names its fields logged elsewhere (message by message).
+    """
     body = await read_json(request)
     parsed, unknown = structure(body, kind)
-    response_id = f"{prefix}-{uuid.uuid4().hex}"
     structlog.contextvars.bind_contextvars(request_id=response_id)
     remember_response_id(request.scope, response_id)
-    parameters = {k: v for k, v in body.items() if k not in {"messages", "prompt"}}
+    parameters = {k: v for k, v in body.items() if k not in content}
     log.info("request.received", path=request.url.path, parameters=parameters)
     if unknown:
         log.info("request.unknown_fields", fields=sorted(unknown))
-    return parsed, unknown, response_id
+    return parsed, unknown
 
 
 async def until_disconnected(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
@@ -190,7 +197,8 @@ class ChatController(Controller):
         self, request: Request[Any, Any, Any], services: Services, watch: RequestWatch
     ) -> ChatCompletionResponse:
         """Answer a conversation, whole or streamed as server-sent events."""
-        body, unknown, response_id = await read_request(request, ChatCompletionRequest, "chatcmpl")
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        body, unknown = await read_request(request, ChatCompletionRequest, response_id)
         created = int(time.time())
         params = body.to_params(unknown)
         events = watch(
@@ -254,7 +262,8 @@ class CompletionsController(Controller):
         self, request: Request[Any, Any, Any], services: Services, watch: RequestWatch
     ) -> CompletionResponse:
         """Continue a prompt, whole or streamed as server-sent events."""
-        body, unknown, response_id = await read_request(request, CompletionRequest, "cmpl")
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        body, unknown = await read_request(request, CompletionRequest, response_id)
         created = int(time.time())
         params = body.to_params(unknown)
         events = watch(services.completion.stream(body.prompts(), params, n=body.n, echo=body.echo))

@@ -23,11 +23,10 @@ from domain.errors import InvalidRequestError
 from domain.generation import Choice, Completion, CompletionEvent, CompletionStream, FinishReason, TextDelta
 from domain.messages import ChatMessage, Role
 from entrypoints.bootstrap import Services
-from entrypoints.http.controllers import read_json, started, until_disconnected
+from entrypoints.http.controllers import read_request, started, until_disconnected
 from entrypoints.http.lifecycle import RequestWatch
 from entrypoints.http.openai_bodies import ErrorBody
 from entrypoints.http.openapi import NAMED_EVENTS, body_operation
-from entrypoints.http.request_id import remember_response_id
 from entrypoints.http.responses_wire import (
     DeletedResponse,
     FunctionCallItem,
@@ -47,12 +46,10 @@ from entrypoints.http.responses_wire import (
     response_shell,
     response_usage,
 )
-from entrypoints.http.streaming import EventStream, keepalive, named_event, stream_error
-from entrypoints.http.wire import structure, unstructure
+from entrypoints.http.streaming import EventStream, StreamEvent, keepalive, named_event, stream_error
+from entrypoints.http.wire import unstructure
 
 log = structlog.get_logger(__name__)
-
-StreamEvent = dict[str, Any]
 
 
 @attrs.frozen
@@ -305,18 +302,10 @@ class ResponsesController(Controller):
         responses: ResponseStore,
     ) -> ResponseBody:
         """Answer the input (after the previous response's conversation), whole or streamed as events."""
-        raw = await read_json(request)
-        body, unknown = structure(raw, ResponsesRequest)
         response_id = new_id("resp")
-        structlog.contextvars.bind_contextvars(request_id=response_id)
-        remember_response_id(request.scope, response_id)
-        log.info(
-            "request.received",
-            path=request.url.path,
-            parameters={k: v for k, v in raw.items() if k not in {"input", "instructions"}},
+        body, unknown = await read_request(
+            request, ResponsesRequest, response_id, content=frozenset({"input", "instructions"})
         )
-        if unknown:
-            log.info("request.unknown_fields", fields=sorted(unknown))
         history: tuple[ChatMessage, ...] = ()
         if body.previous_response_id is not None:
             previous = responses.get(body.previous_response_id)

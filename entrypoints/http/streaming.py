@@ -67,7 +67,11 @@ def event(payload: object) -> ServerSentEventMessage:
     return ServerSentEventMessage(data=data, sep="\n")
 
 
-def named_event(payload: dict[str, Any]) -> ServerSentEventMessage:
+StreamEvent = dict[str, Any]
+"""One event of a dialect with named events (Responses, Messages): its ``type`` names it."""
+
+
+def named_event(payload: StreamEvent) -> ServerSentEventMessage:
     """One event of a stream whose events are named (Responses, Anthropic): ``event: {type}`` and its JSON."""
     return ServerSentEventMessage(data=json.dumps(payload, ensure_ascii=False), event=payload["type"], sep="\n")
 
