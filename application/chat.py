@@ -7,11 +7,11 @@ from collections.abc import Mapping, Sequence
 import attrs
 import structlog
 
-from application.generation import ChoiceJob, Prompt, TextGeneration, complete
+from application.generation import ChoiceJob, Prompt, TextGeneration
 from application.reasoning import opens_thinking, split_reasoning
 from application.tools import check_tool_use, describe_tools, extract_tool_calls, tool_constraint
 from domain.errors import InvalidRequestError
-from domain.generation import Completion, CompletionStream, GenerationParams
+from domain.generation import CompletionStream, GenerationParams
 from domain.messages import ChatMessage
 from domain.ports import TemplateRenderer
 from domain.tools import NO_TOOLS, ToolUse
@@ -142,27 +142,3 @@ class ChatService:
             template_options=template_options,
         )
         return self.generation.tokenize(text, add_special_tokens=False)
-
-    async def complete(
-        self,
-        messages: Sequence[ChatMessage],
-        params: GenerationParams,
-        *,
-        n: int = 1,
-        tools: ToolUse = NO_TOOLS,
-        template_options: Mapping[str, object] | None = None,
-        add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
-    ) -> Completion:
-        """All answers at once."""
-        return await complete(
-            self.stream(
-                messages,
-                params,
-                n=n,
-                tools=tools,
-                template_options=template_options,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-            )
-        )

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import attrs
 
 from application.chat import choice_params
-from application.generation import ChoiceJob, Prompt, TextGeneration, complete
+from application.generation import ChoiceJob, Prompt, TextGeneration
 from domain.errors import InvalidRequestError
-from domain.generation import Completion, CompletionStream, GenerationParams
+from domain.generation import CompletionStream, GenerationParams
 
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default ``max_tokens`` for ``/v1/completions``."""
@@ -40,12 +40,6 @@ class CompletionService:
             budgeted = self.generation.budget(prompt, params, default_max_tokens=DEFAULT_MAX_TOKENS)
             jobs += [ChoiceJob(prompt, choice_params(budgeted, i), number * n + i, echo) for i in range(n)]
         return self.generation.run(jobs)
-
-    async def complete(
-        self, prompts: Sequence[PromptInput], params: GenerationParams, *, n: int = 1, echo: bool = False
-    ) -> Completion:
-        """All continuations at once."""
-        return await complete(self.stream(prompts, params, n=n, echo=echo))
 
     def _prompt(self, given: PromptInput) -> Prompt:
         if isinstance(given, str):
