@@ -35,14 +35,20 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str] | None:
     """The instruction-set flags of this x86 CPU, or ``None`` where they cannot be read (another OS or architecture)."""
     if platform.machine().lower() not in {"x86_64", "amd64"}:
         return None
+    flags = _cpuinfo_field(cpuinfo, "flags")
+    return None if flags is None else frozenset(flags.split())
+
+
+def _cpuinfo_field(cpuinfo: Path, name: str) -> str | None:
+    """The value of the first ``name`` line of ``cpuinfo`` (the first processor's), or ``None``."""
     try:
         text = cpuinfo.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
+        if key.strip() == name:
+            return value.strip()
     return None
 
 
@@ -59,15 +65,7 @@ def missing_native_support(dtype: torch.dtype, flags: frozenset[str] | None) -> 
 
 def describe_cpu(cpuinfo: Path = CPUINFO) -> str:
     """The CPU's model name and the kernel-deciding features it has, e.g. ``AMD EPYC (avx2)``."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-                break
-    except OSError:
-        pass
+    name = _cpuinfo_field(cpuinfo, "model name") or platform.processor() or platform.machine()
     flags = cpu_flags(cpuinfo)
     if flags is None:
         return name
