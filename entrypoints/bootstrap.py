@@ -103,6 +103,7 @@ def load_services(settings: ServerSettings) -> Services:
         dtype=settings.dtype,
         cache_dir=settings.cache_dir,
         pack_weights=settings.pack_weights,
+        quantize=settings.quantize,
     )
     threads = configure_threads(settings.threads, device=loaded.model.device)
     plain = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id, threads=threads)
