@@ -119,7 +119,7 @@ def test_int8_generation_runs_through_the_batching_engine_and_the_plain_generato
     engine = BatchingGenerator(
         HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id), BatchLimits(max_batch_size=4)
     )
-    params = GenerationParams(temperature=0, max_new_tokens=12, min_new_tokens=12)
+    params = GenerationParams(temperature=0, max_new_tokens=12, options={"min_new_tokens": 12})
     prompt = loaded.tokenizer("the cat sees the river")["input_ids"]
 
     async def tokens(generator):
