@@ -25,20 +25,21 @@ def fake_replica(fake: FakeGenerator) -> EngineReplica:
 class FakeReplicaStream:
     """One generation on a fake replica; ``dies_after`` items, the replica is lost (as a killed Ray actor)."""
 
-    steps: AsyncGenerator[dict[str, Any], None]
+    steps: AsyncGenerator[list[dict[str, Any]], None]
     dies_after: int | None = None
     cancelled: bool = False
     _closing: list[asyncio.Task[None]] = attrs.field(factory=list)
 
-    async def __aiter__(self) -> AsyncIterator[Mapping[str, Any]]:
+    async def __aiter__(self) -> AsyncIterator[list[Mapping[str, Any]]]:
         count = 0
-        async for item in self.steps:
-            if self.dies_after is not None and count >= self.dies_after:
-                await self.steps.aclose()
-                msg = "the engine replica died"
-                raise ReplicaUnavailableError(msg)
-            count += 1
-            yield item
+        async for batch in self.steps:
+            for item in batch:
+                if self.dies_after is not None and count >= self.dies_after:
+                    await self.steps.aclose()
+                    msg = "the engine replica died"
+                    raise ReplicaUnavailableError(msg)
+                count += 1
+                yield [item]
 
     def cancel(self) -> None:
         self.cancelled = True

@@ -139,7 +139,7 @@ def test_an_engine_error_mid_stream_keeps_its_type() -> None:
 
 
 def test_closing_the_stream_early_cancels_the_generation_on_the_replica() -> None:
-    fake = FakeGenerator(reply="x" * 200)
+    fake = FakeGenerator(reply="x" * 200, step_delay=0.01)
     generator, replicas = ingress(fake)
 
     async def read_two_then_leave() -> None:
@@ -152,7 +152,7 @@ def test_closing_the_stream_early_cancels_the_generation_on_the_replica() -> Non
     asyncio.run(read_two_then_leave())
     assert replicas.streams[0].cancelled
     assert fake.closed_early == 1
-    assert fake.produced == 2
+    assert 2 <= fake.produced < 200
     replica = replicas.replicas["r0"]
     assert (replica.running, replica.waiting) == (0, 0)
 
@@ -299,3 +299,17 @@ def test_a_replica_that_goes_away_is_dropped_from_the_affinity_table() -> None:
     board.affinity.record((1,), "a")
     board.update({"b": {}})
     assert board.affinity.owner((1,), {"a": 0, "b": 0}) is None
+
+
+def test_a_replica_sends_the_steps_ready_together_as_one_item() -> None:
+    replica = fake_replica(FakeGenerator(reply="abcdef"))
+
+    async def batches() -> list[list[dict]]:
+        return [batch async for batch in replica.generate([1, 2], GenerationParams())]
+
+    sent = asyncio.run(batches())
+    steps = [step_from_wire(item) for batch in sent for item in batch]
+    assert len(steps) == len("abcdef") + 2, "every token, the end-of-sequence token and the finish"
+    assert len(sent) < len(steps)
+    assert steps[-1].finish_reason is FinishReason.STOP
+    assert (replica.running, replica.waiting) == (0, 0)

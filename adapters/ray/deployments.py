@@ -22,8 +22,8 @@ class EngineDeployment:
 
     async def generate(
         self, prompt_ids: Sequence[int], params: GenerationParams, prefix: Sequence[int] = ()
-    ) -> AsyncGenerator[WireStep, None]:
-        """The generation's steps as plain data (call it with ``handle.options(stream=True)``)."""
+    ) -> AsyncGenerator[list[WireStep], None]:
+        """The generation's steps as plain data, in batches (call it with ``handle.options(stream=True)``)."""
         async for item in self.replica.generate(prompt_ids, params, prefix):
             yield item
 

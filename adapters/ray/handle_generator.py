@@ -16,8 +16,8 @@ from domain.generation import GeneratedTokens, GenerationParams, TokenLogprob
 class ReplicaStream(Protocol):
     """A replica's answer to one generation, item by item; ``cancel`` stops it on the replica."""
 
-    def __aiter__(self) -> AsyncIterator[Mapping[str, Any]]:
-        """The items (``wire`` steps), raising ``ReplicaUnavailableError`` when the replica is lost."""
+    def __aiter__(self) -> AsyncIterator[Sequence[Mapping[str, Any]]]:
+        """Batches of items (``wire`` steps), raising ``ReplicaUnavailableError`` when the replica is lost."""
         ...
 
     def cancel(self) -> None:
@@ -99,12 +99,13 @@ class HandleGenerator:
         stream = self.replicas.generate(list(prompt_ids), params, prefix_keys(prompt_ids))
         finished = False
         try:
-            async for item in stream:
-                step = step_from_wire(item)
-                finished = step.finish_reason is not None
-                yield step
-                if finished:
-                    return
+            async for batch in stream:
+                for item in batch:
+                    step = step_from_wire(item)
+                    finished = step.finish_reason is not None
+                    yield step
+                    if finished:
+                        return
             msg = "the engine replica ended the stream before the generation finished"
             raise ReplicaUnavailableError(msg)
         finally:

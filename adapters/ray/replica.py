@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
@@ -10,7 +11,7 @@ import attrs
 
 from adapters.ray.wire import WireStep, error_to_wire, logprob_to_wire, step_to_wire
 from domain.errors import DomainError
-from domain.generation import GenerationParams
+from domain.generation import GeneratedTokens, GenerationParams
 from domain.ports import Generator
 
 
@@ -57,30 +58,51 @@ class EngineReplica:
 
     async def generate(
         self, prompt_ids: Sequence[int], params: GenerationParams, prefix: Sequence[int] = ()
-    ) -> AsyncGenerator[WireStep, None]:
-        """Stream the generation's steps; a domain error ends the stream as an error item.
+    ) -> AsyncGenerator[list[WireStep], None]:
+        """Stream the generation's steps, in batches of those ready; a domain error ends it as an error item.
 
-        ``prefix`` (the prompt's block keys) is the router's, not the engine's. Closing the stream closes the
-        generator's, which stops generation within a step.
+        Each item is every step produced since the previous one: one remote item per token would make the transport,
+        not the model, the bottleneck when the consumer is slower than the engine. ``prefix`` (the prompt's block
+        keys) is the router's, not the engine's. Closing the stream stops generation within a step.
         """
         del prefix
+        ready: asyncio.Queue[WireStep | None] = asyncio.Queue()
+        pump = asyncio.create_task(self._pump(self.generator.generate(prompt_ids, params), ready))
+        try:
+            while True:
+                batch = [await ready.get()]
+                while not ready.empty():
+                    batch.append(ready.get_nowait())
+                steps = [step for step in batch if step is not None]
+                if steps:
+                    yield steps
+                if len(steps) < len(batch):
+                    return
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    async def _pump(self, steps: AsyncGenerator[GeneratedTokens, None], ready: asyncio.Queue[WireStep | None]) -> None:
+        """Put the generation's steps on ``ready`` as they come, then ``None``; count the request's load meanwhile."""
         self.waiting += 1
         started = False
         try:
-            async with contextlib.aclosing(self.generator.generate(prompt_ids, params)) as steps:
+            async with contextlib.aclosing(steps):
                 async for step in steps:
                     if not started:
                         started = True
                         self.waiting -= 1
                         self.running += 1
-                    yield step_to_wire(step)
+                    ready.put_nowait(step_to_wire(step))
         except DomainError as error:
-            yield error_to_wire(error)
+            ready.put_nowait(error_to_wire(error))
         finally:
             if started:
                 self.running -= 1
             else:
                 self.waiting -= 1
+            ready.put_nowait(None)
 
     async def score(self, token_ids: Sequence[int], top: int) -> WireStep:
         """``{"logprobs": [...]}`` of each of ``token_ids[1:]``, or ``{"error": ...}``."""

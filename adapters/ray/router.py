@@ -24,11 +24,16 @@ class PrefixAffinityRouter(RequestRouter):
     """
 
     _board: ReplicaBoard
+    _by_prefix: bool
 
     def initialize_state(self, **kwargs: Any) -> None:  # noqa: ANN401  Ray passes request_router_kwargs through
-        """``deployment`` names the board; ``imbalance`` sets how much busier the prefix's replica may be."""
+        """``deployment`` names the board; ``imbalance`` sets how much busier the prefix's replica may be.
+
+        ``by_prefix=False`` ignores prefixes: least loaded, ties broken at random (the baseline it is measured against).
+        """
         self._board = board_for(str(kwargs.get("deployment", "engine")))
         self._board.affinity.imbalance = int(kwargs.get("imbalance", self._board.affinity.imbalance))
+        self._by_prefix = bool(kwargs.get("by_prefix", True))
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         """Ray's new view of the running replicas, with their routing stats: the board follows it."""
@@ -43,7 +48,7 @@ class PrefixAffinityRouter(RequestRouter):
         if not lengths:
             return [candidate_replicas]
         by_id = {replica.replica_id.unique_id: replica for replica in lengths}
-        keys = _prefix_of(pending_request)
+        keys = _prefix_of(pending_request) if self._by_prefix else ()
         chosen = by_id[self._board.affinity.choose(keys, {name: lengths[r] for name, r in by_id.items()})]
         others = sorted((r for r in candidate_replicas if r is not chosen), key=lambda r: lengths.get(r, 0))
         return [[chosen], others]

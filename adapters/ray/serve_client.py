@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, cast
 
 import attrs
 from ray.exceptions import RayError, RayTaskError
@@ -31,8 +31,8 @@ class ServeReplicaStream:
 
     response: DeploymentResponseGenerator[Any]
 
-    async def __aiter__(self) -> AsyncIterator[Mapping[str, Any]]:
-        """The replica's items."""
+    async def __aiter__(self) -> AsyncIterator[Sequence[Mapping[str, Any]]]:
+        """The replica's batches of items."""
         try:
             async for item in self.response:
                 yield item
@@ -48,12 +48,13 @@ class ServeReplicaStream:
 class ServeReplicaClient:
     """Generation and scoring on the engine deployment's replicas, routed by ``PrefixAffinityRouter``."""
 
-    handle: DeploymentHandle
+    handle: DeploymentHandle[Any]
 
     def generate(self, prompt_ids: list[int], params: GenerationParams, prefix: tuple[int, ...]) -> ServeReplicaStream:
         """Start a generation on the replica the router picks for ``prefix``."""
         streaming = self.handle.options(stream=True)
-        return ServeReplicaStream(streaming.generate.remote(prompt_ids, params, **{PREFIX_ARGUMENT: prefix}))
+        response = streaming.generate.remote(prompt_ids, params, **{PREFIX_ARGUMENT: prefix})
+        return ServeReplicaStream(cast("DeploymentResponseGenerator[Any]", response))
 
     async def score(self, token_ids: list[int], top: int) -> Mapping[str, Any]:
         """Score on the least loaded replica."""

@@ -21,7 +21,7 @@ from entrypoints.ray.app import APP_NAME, INGRESS, ScaleSettings, build_applicat
 from entrypoints.settings import ServerSettings
 
 RAY_FLAGS = frozenset(
-    {"replicas", "min_replicas", "max_replicas", "ray_address", "replica_cpus", "replica_gpus", "imbalance"}
+    {"replicas", "min_replicas", "max_replicas", "ray_address", "replica_cpus", "replica_gpus", "imbalance", "routing"}
 )
 
 
@@ -53,6 +53,12 @@ def build_ray_parser() -> argparse.ArgumentParser:
         help="requests more than the least loaded replica that the replica holding a prompt's prefix may have and "
         "still get it (default: %(default)s)",
     )
+    group.add_argument(
+        "--routing",
+        choices=("prefix", "least-loaded"),
+        default="prefix",
+        help="send a prompt to the replica holding its prefix, or to the least loaded one (default: %(default)s)",
+    )
     return parser
 
 
@@ -64,7 +70,9 @@ def parse_ray_settings(argv: Sequence[str] | None = None) -> tuple[ServerSetting
     if args["min_replicas"] is not None and args["min_replicas"] > args["max_replicas"]:
         build_ray_parser().error("--min-replicas must not exceed --max-replicas")
     server_argv = _server_argv(argv if argv is not None else sys.argv[1:])
-    scale = ScaleSettings(**{key: args[key] for key in RAY_FLAGS - {"ray_address"}})
+    scale = ScaleSettings(
+        **{key: args[key] for key in RAY_FLAGS - {"ray_address", "routing"}}, by_prefix=args["routing"] == "prefix"
+    )
     return parse_settings(server_argv), scale, args["ray_address"]
 
 

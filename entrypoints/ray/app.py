@@ -35,12 +35,9 @@ class ScaleSettings:
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
     imbalance: int = 4
+    by_prefix: bool = True
+    """Route by prompt prefix; ``False``: least loaded only, ties at random."""
     """How many more requests than the least loaded replica the prefix's replica may hold and still get it."""
-
-    @property
-    def autoscaling(self) -> bool:
-        """Whether the replica count follows the load."""
-        return self.min_replicas is not None and self.max_replicas is not None
 
 
 def engine_threads(settings: ServerSettings, scale: ScaleSettings) -> ServerSettings:
@@ -53,16 +50,19 @@ def engine_threads(settings: ServerSettings, scale: ScaleSettings) -> ServerSett
 def build_application(settings: ServerSettings, scale: ScaleSettings) -> Application:
     """The engine deployment (one model per replica) bound into the ingress deployment."""
     replica_settings = engine_threads(settings, scale)
-    autoscaling = (
-        AutoscalingConfig(
+    autoscaling = None
+    if scale.min_replicas is not None and scale.max_replicas is not None:
+        autoscaling = AutoscalingConfig(
             min_replicas=scale.min_replicas,
             max_replicas=scale.max_replicas,
             target_ongoing_requests=max(1, settings.max_batch_size // 2),
         )
-        if scale.autoscaling
-        else None
+    router = RequestRouterConfig(
+        request_router_class=PrefixAffinityRouter,  # type: ignore[arg-type]  # pydantic, mistyped
+        request_router_kwargs={"deployment": ENGINE, "imbalance": scale.imbalance, "by_prefix": scale.by_prefix},
+        request_routing_stats_period_s=ROUTING_STATS_PERIOD,  # type: ignore[arg-type]
     )
-    engine = serve.deployment(EngineDeployment).options(
+    engine = serve.deployment(
         name=ENGINE,
         num_replicas="auto" if autoscaling else scale.replicas,
         autoscaling_config=autoscaling,
@@ -70,17 +70,14 @@ def build_application(settings: ServerSettings, scale: ScaleSettings) -> Applica
         max_ongoing_requests=settings.max_batch_size + max(settings.max_queue, 1),
         health_check_period_s=HEALTH_CHECK_PERIOD,
         graceful_shutdown_timeout_s=settings.shutdown_timeout,
-        request_router_config=RequestRouterConfig(
-            request_router_class=PrefixAffinityRouter,
-            request_router_kwargs={"deployment": ENGINE, "imbalance": scale.imbalance},
-            request_routing_stats_period_s=ROUTING_STATS_PERIOD,
-        ),
-    )
-    ingress = serve.deployment(Ingress).options(
+        request_router_config=router,
+    )(EngineDeployment)
+    ingress = serve.deployment(
         name=INGRESS,
         num_replicas=1,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=10_000,
         graceful_shutdown_timeout_s=settings.shutdown_timeout + 5,
-    )
-    return ingress.bind(engine.bind(functools.partial(build_engine_replica, replica_settings)), settings, ENGINE)
+    )(Ingress)
+    engine_app = engine.bind(functools.partial(build_engine_replica, replica_settings))
+    return ingress.bind(engine_app, settings, ENGINE)

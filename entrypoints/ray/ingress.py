@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from typing import Any
 
 from litestar import Litestar
 from ray import serve
@@ -28,7 +29,7 @@ DRAIN_POLL = 0.1
 """Seconds between looks at the requests still in flight while draining."""
 
 
-def load_remote_services(handle: DeploymentHandle, settings: ServerSettings) -> Services:
+def load_remote_services(handle: DeploymentHandle[Any], settings: ServerSettings) -> Services:
     """Wait for an engine replica (slow: it loads the model; call it off the event loop), then build the services.
 
     The replica sends its tokenizer, so the ingress tokenizes, templates and checks grammars without the model.
@@ -46,7 +47,7 @@ def load_remote_services(handle: DeploymentHandle, settings: ServerSettings) -> 
 class Ingress:
     """Serves the API; generation, scoring and model facts go to the engine deployment through ``engine``."""
 
-    def __init__(self, engine: DeploymentHandle, settings: ServerSettings, engine_name: str) -> None:
+    def __init__(self, engine: DeploymentHandle[Any], settings: ServerSettings, engine_name: str) -> None:
         configure_logging(settings.log_level, log_format="json")
         self.engine = engine
         self.settings = settings
