@@ -92,6 +92,8 @@ class GenerationParams:
     """Token ids that end generation like end-of-sequence (vLLM's)."""
     allowed_token_ids: tuple[int, ...] | None = None
     """Only these token ids may be generated (vLLM's); ``None``: any."""
+    adapter: str | None = None
+    """The LoRA adapter the model runs with (``None``: the base model); set from the request's model name."""
     extra: Mapping[str, object] = attrs.field(factory=dict)
 
     @property

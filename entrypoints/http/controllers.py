@@ -11,7 +11,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import structlog
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, post
 
 from application.generation import complete
 from domain.errors import InvalidRequestError
@@ -22,8 +22,6 @@ from entrypoints.http.openai_bodies import (
     ChatChoice,
     ChatCompletionResponse,
     CompletionResponse,
-    ModelCard,
-    ModelList,
     ScoredChatCompletionResponse,
     assistant_message,
     chat_logprobs,
@@ -160,25 +158,6 @@ async def _after(first: asyncio.Future[CompletionEvent], events: CompletionStrea
     async with contextlib.aclosing(events):
         async for event in events:
             yield event
-
-
-class ModelsController(Controller):
-    """``/v1/models``: https://platform.openai.com/docs/api-reference/models."""
-
-    path = "/v1/models"
-    tags = ["Models"]  # noqa: RUF012  Litestar reads it from the class
-
-    @get(operation_id="listModels", summary="List the served model")
-    async def list_models(self, services: Services) -> ModelList:
-        """The one model this server serves."""
-        return ModelList([ModelCard(services.model_id, services.created)])
-
-    @get("/{model:path}", operation_id="retrieveModel", summary="Retrieve the served model")
-    async def retrieve_model(self, model: str, services: Services) -> ModelCard:
-        """The model named ``model`` (the served id or one of its ``--served-model-name`` aliases); else a 404."""
-        name = model.lstrip("/")
-        services.check_model(name)
-        return ModelCard(name, services.created)
 
 
 class ChatController(Controller):
