@@ -352,7 +352,7 @@ class ModelRegistry:
         """Preload, watch for idle models while the server runs, and unload everything at the end."""
         tasks = [asyncio.create_task(self._start())]
         if self.settings.model_idle_timeout is not None:
-            tasks.append(asyncio.create_task(self._sweep(self.settings.model_idle_timeout)))  # noqa: RUF006
+            tasks.append(asyncio.create_task(self._sweep(self.settings.model_idle_timeout)))
         try:
             yield
         finally:

@@ -81,7 +81,9 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def build_tiny_model(directory: Path, *, vocab_size: int = 400, seed: int = 0, context_length: int = 256) -> Path:
+def build_tiny_model(
+    directory: Path, *, vocab_size: int = 400, seed: int = 0, context_length: int = 256, hidden_size: int = 32
+) -> Path:
     """Save a tiny random ``LlamaForCausalLM`` and its tokenizer into ``directory``; return ``directory``.
 
     Loadable with ``AutoModelForCausalLM.from_pretrained(directory)`` and ``AutoTokenizer.from_pretrained(directory)``.
@@ -91,8 +93,8 @@ def build_tiny_model(directory: Path, *, vocab_size: int = 400, seed: int = 0, c
     tokenizer = build_tokenizer(vocab_size)
     tokenizer.model_max_length = context_length
     config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -95,6 +95,9 @@ class AdapterFiles:
         if not layers:
             msg = f"the LoRA adapter at {path} holds no lora_A/lora_B weights of linear layers"
             raise AdapterError(msg)
+        others = sorted(key for key in tensors if not key.endswith((_A, _B)))
+        if others:  # PEFT saves whole embedding layers beside lm_head's adapter; they are the base model's
+            log.warning("lora.ignored_tensors", path=str(path), tensors=others[:5], count=len(others))
         base = config.get("base_model_name_or_path")
         return cls(path, layers, base if isinstance(base, str) else None)
 
