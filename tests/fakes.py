@@ -73,7 +73,7 @@ class FakeGenerator:
                     return
                 if self.step_delay:
                     await asyncio.sleep(self.step_delay)
-                while self.hold is not None and count > 1 and not self.hold.is_set():
+                while self.hold is not None and count > 1 and not self.hold.is_set():  # noqa: ASYNC110  a thread's event
                     await asyncio.sleep(0.01)
                 if self.fail_after is not None and count > self.fail_after:
                     msg = "the fake model broke down"

@@ -14,7 +14,7 @@ from litestar.testing import TestClient
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from adapters.huggingface.lora import AdapterGenerator
+from adapters.huggingface.lora import AdapterFiles, AdapterGenerator
 from domain.generation import GenerationParams
 from entrypoints.bootstrap import load_services
 from entrypoints.http.app import create_app
@@ -85,23 +85,23 @@ def test_base_and_two_adapters_in_one_batch_equal_each_alone_and_peft(models: di
         )
 
         async def together() -> list[list[int]]:
-            return list(await asyncio.gather(*(collect(g, p, greedy()) for g, p in zip(generators, prompts))))
+            return list(
+                await asyncio.gather(*(collect(g, p, greedy()) for g, p in zip(generators, prompts, strict=True)))
+            )
 
         batched = asyncio.run(together())
         hook.remove()
-        alone = [asyncio.run(collect(g, p, greedy())) for g, p in zip(generators, prompts)]
+        alone = [asyncio.run(collect(g, p, greedy())) for g, p in zip(generators, prompts, strict=True)]
         assert max(batch_sizes) == 3  # the three rows did decode together
         assert batched == alone
         assert len({tuple(tokens) for tokens in alone[:1]} | {tuple(alone[1]), tuple(alone[2])}) == 3
-        for adapter, prompt, tokens in zip((None, "pirate", "poet"), prompts, alone):
+        for adapter, prompt, tokens in zip((None, "pirate", "poet"), prompts, alone, strict=True):
             assert tokens == peft_reference(models, adapter, prompt, len(tokens))
     finally:
         services.close()
 
 
-def _read(path: Path):
-    from adapters.huggingface.lora import AdapterFiles
-
+def _read(path: Path) -> AdapterFiles:
     return AdapterFiles.read(path)
 
 

@@ -162,21 +162,21 @@ def test_the_memory_budget_keeps_what_fits() -> None:
 
 def test_a_model_loading_never_holds_up_the_others(loader: Loader) -> None:
     loader.gates["beta"] = threading.Event()
-    with serve(create_app(settings_for("alpha", "beta"), loader=loader)) as base:
-        with httpx.Client(base_url=base, timeout=30) as http:
-            wait_until(lambda: http.get("/health").status_code == 200)
-            waiting: list[httpx.Response] = []
-            thread = threading.Thread(
-                target=lambda: waiting.append(ask(httpx.Client(base_url=base, timeout=30), "beta"))
-            )
-            thread.start()
-            wait_until(lambda: statuses(http)["beta"] == "loading")
-            assert ask(http, "alpha").json()["choices"][0]["message"]["content"] == "I am alpha."
-            assert http.get("/health").json()["models"] == {"alpha": "loaded", "beta": "loading"}
-            assert not waiting
-            loader.gates["beta"].set()
-            thread.join(timeout=30)
-            assert waiting[0].json()["choices"][0]["message"]["content"] == "I am beta."
+    with (
+        serve(create_app(settings_for("alpha", "beta"), loader=loader)) as base,
+        httpx.Client(base_url=base, timeout=30) as http,
+    ):
+        wait_until(lambda: http.get("/health").status_code == 200)
+        waiting: list[httpx.Response] = []
+        thread = threading.Thread(target=lambda: waiting.append(ask(httpx.Client(base_url=base, timeout=30), "beta")))
+        thread.start()
+        wait_until(lambda: statuses(http)["beta"] == "loading")
+        assert ask(http, "alpha").json()["choices"][0]["message"]["content"] == "I am alpha."
+        assert http.get("/health").json()["models"] == {"alpha": "loaded", "beta": "loading"}
+        assert not waiting
+        loader.gates["beta"].set()
+        thread.join(timeout=30)
+        assert waiting[0].json()["choices"][0]["message"]["content"] == "I am beta."
 
 
 def test_a_failed_load_is_a_503_and_the_next_request_tries_again(three: TestClient, loader: Loader) -> None:
