@@ -209,10 +209,11 @@ class ModelRegistry:
             msg = f"the model {entry.name} is still loading; retry shortly"
             raise ModelNotReadyError(msg)
         if entry.loading is None:
-            entry.loading = asyncio.create_task(self._load(entry))
+            entry.loading = asyncio.create_task(self.load(entry))
         return await asyncio.shield(entry.loading)
 
-    async def _load(self, entry: ModelEntry) -> Services:
+    async def load(self, entry: ModelEntry) -> Services:
+        """Load ``entry`` on a worker thread, within the budget, with its adapters; use `ready` to share the load."""
         await self.make_room(entry)
         log.info("model.load.queued", model=entry.name, loaded=[e.name for e in self.loaded()])
         started = time.perf_counter()
@@ -243,17 +244,12 @@ class ModelRegistry:
     def over_budget(self, entry: ModelEntry) -> bool:
         """Whether ``entry`` and the other loaded models go past ``--max-loaded-models`` or ``--max-model-memory``."""
         others = [e for e in self.entries if e is not entry and (e.services is not None or e.loading is not None)]
-        limit = self.settings.max_loaded_models
-        if limit is not None and len(others) + 1 > limit:
-            return True
-        memory = self.settings.max_model_memory_gib
-        held = sum(e.memory_bytes for e in others) + entry.memory_bytes
-        return memory is not None and held > memory * GIB
+        return over_budget(self.settings, others, entry)
 
     async def make_room(self, entry: ModelEntry) -> None:
         """Unload the least recently used idle models until ``entry`` fits the budget (or none is idle)."""
         while self.over_budget(entry):
-            idle = [e for e in self.loaded() if e is not entry and not self._busy(e)]
+            idle = [e for e in self.loaded() if e is not entry and not self.busy(e)]
             if not idle:
                 log.warning("models.over_budget", model=entry.name, busy=[e.name for e in self.loaded()])
                 return
@@ -272,18 +268,10 @@ class ModelRegistry:
         seconds = round(time.perf_counter() - started, 2)
         log.info("model.unloaded", model=entry.name, reason=reason, seconds=seconds)
 
-    def _busy(self, entry: ModelEntry) -> bool:
+    def busy(self, entry: ModelEntry) -> bool:
+        """Whether a request uses ``entry`` or one of its adapters now."""
         adapters = [a.services for a in self.adapters.values() if a.base is entry and a.services is not None]
         return any(s.busy for s in [entry.services, *adapters] if s is not None)
-
-    async def unload_idle(self, now: float) -> None:
-        """Unload what has been idle past ``--model-idle-timeout`` (preloaded models stay)."""
-        timeout = self.settings.model_idle_timeout
-        if timeout is None:
-            return
-        for entry in self.loaded():
-            if not entry.pinned and not self._busy(entry) and now - entry.idle_since() > timeout:
-                await self.unload(entry, reason="idle")
 
     # --- adapters -----------------------------------------------------------------------------------------------
 
@@ -345,20 +333,35 @@ class ModelRegistry:
                 log.error("lora.dropped", adapter=adapter.name, error=error.message)  # noqa: TRY400  no traceback
                 self.adapters.pop(adapter.name, None)
 
-    # --- life ---------------------------------------------------------------------------------------------------
+
+def over_budget(settings: ServerSettings, others: list[ModelEntry], entry: ModelEntry) -> bool:
+    """Whether ``entry`` beside ``others`` (loaded or loading) goes past the number or memory budget."""
+    limit = settings.max_loaded_models
+    if limit is not None and len(others) + 1 > limit:
+        return True
+    memory = settings.max_model_memory_gib
+    held = sum(e.memory_bytes for e in others) + entry.memory_bytes
+    return memory is not None and held > memory * GIB
+
+
+@attrs.define
+class RegistryLife:
+    """The registry over the server's life: preloading at start, idle unloading meanwhile, closing at the end."""
+
+    registry: ModelRegistry
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:  # noqa: ANN401  the Litestar app
         """Preload, watch for idle models while the server runs, and unload everything at the end."""
         tasks = [asyncio.create_task(self._start())]
-        if self.settings.model_idle_timeout is not None:
-            tasks.append(asyncio.create_task(self._sweep(self.settings.model_idle_timeout)))
+        if self.registry.settings.model_idle_timeout is not None:
+            tasks.append(asyncio.create_task(self._sweep(self.registry.settings.model_idle_timeout)))
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
-            for entry in self.entries:
+            for entry in self.registry.entries:
                 if entry.loading is not None:
                     entry.loading.cancel()
                 if entry.services is not None:
@@ -367,26 +370,35 @@ class ModelRegistry:
 
     async def _start(self) -> None:
         try:
-            for choice in self.settings.loras:
-                await self.add_adapter(choice)
+            for choice in self.registry.settings.loras:
+                await self.registry.add_adapter(choice)
         except Exception as error:
             log.exception("lora.load.failed")
-            if self.on_failure is not None:
-                self.on_failure(error)
+            if self.registry.on_failure is not None:
+                self.registry.on_failure(error)
             return
-        pinned = [e for e in self.entries if e.pinned and e.services is None]
+        pinned = [e for e in self.registry.entries if e.pinned and e.services is None]
         for entry in pinned:
-            entry.loading = asyncio.create_task(self._load(entry))
+            entry.loading = asyncio.create_task(self.registry.load(entry))
         for entry in pinned:
             if entry.loading is not None:
                 with contextlib.suppress(ModelNotReadyError):
                     await asyncio.shield(entry.loading)
-        self.preloading = False
+        self.registry.preloading = False
 
     async def _sweep(self, idle_seconds: float) -> None:
         while True:
             await asyncio.sleep(min(max(idle_seconds / 4, 0.05), 5.0))
             await self.unload_idle(time.monotonic())
 
+    async def unload_idle(self, now: float) -> None:
+        """Unload what has been idle past ``--model-idle-timeout`` (preloaded models stay)."""
+        timeout = self.registry.settings.model_idle_timeout
+        if timeout is None:
+            return
+        for entry in self.registry.loaded():
+            if not entry.pinned and not self.registry.busy(entry) and now - entry.idle_since() > timeout:
+                await self.registry.unload(entry, reason="idle")
 
-__all__ = ["AdapterEntry", "ModelBusyError", "ModelEntry", "ModelRegistry"]
+
+__all__ = ["AdapterEntry", "ModelBusyError", "ModelEntry", "ModelRegistry", "RegistryLife", "over_budget"]

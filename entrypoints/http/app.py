@@ -26,7 +26,7 @@ from entrypoints.http.request_id import add_request_id
 from entrypoints.http.responses import ResponsesController, ResponseStore
 from entrypoints.http.security import api_key_middleware, cors_config
 from entrypoints.http.tokenization import TokenizationController
-from entrypoints.registry import ModelRegistry
+from entrypoints.registry import ModelRegistry, RegistryLife
 from entrypoints.settings import ModelChoice, ServerSettings
 
 log = structlog.get_logger(__name__)
@@ -137,7 +137,7 @@ def create_app(
         request_max_body_size=settings.max_body_bytes,
         before_request=start_request_context,
         before_send=[add_request_id],
-        lifespan=[registry.lifespan],
+        lifespan=[RegistryLife(registry).lifespan],
         openapi_config=OpenAPIConfig(title="hf-openai-server", version="0.1.0", path="/docs"),
         logging_config=None,
         debug=False,
