@@ -96,6 +96,7 @@ class ModelRegistry:
     namer: Callable[[str | None], str]
     on_failure: Callable[[BaseException], None] | None = None
     on_loaded: Callable[[str, float], None] = lambda _name, _seconds: None
+    on_unloaded: Callable[[str], None] = lambda _name: None
     models: dict[str, ModelEntry] = attrs.field(init=False, factory=dict)
     """By every name and alias."""
     adapters: dict[str, AdapterEntry] = attrs.field(init=False, factory=dict)
@@ -267,6 +268,7 @@ class ModelRegistry:
         await asyncio.to_thread(services.close)
         seconds = round(time.perf_counter() - started, 2)
         log.info("model.unloaded", model=entry.name, reason=reason, seconds=seconds)
+        self.on_unloaded(entry.name)
 
     def busy(self, entry: ModelEntry) -> bool:
         """Whether a request uses ``entry`` or one of its adapters now."""

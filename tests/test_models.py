@@ -158,6 +158,11 @@ def test_the_memory_budget_keeps_what_fits() -> None:
         assert ask(client, "alpha").status_code == 200
         assert statuses(client) == {"alpha": "loaded", "beta": "unloaded"}
         assert loader.loaded == ["alpha", "beta", "alpha"]
+        metrics = client.get("/metrics").text
+        assert 'hf_openai_model_loaded{model="alpha"} 1.0' in metrics
+        assert 'hf_openai_model_loaded{model="beta"} 0.0' in metrics
+        assert 'hf_openai_model_requests_total{model="alpha"} 1.0' in metrics
+        assert 'hf_openai_model_requests_total{model="beta"} 1.0' in metrics
 
 
 def test_a_model_loading_never_holds_up_the_others(loader: Loader) -> None:

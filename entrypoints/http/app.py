@@ -49,7 +49,9 @@ def health_route(registry: ModelRegistry) -> Any:  # noqa: ANN401  a Litestar ro
     return health
 
 
-def services_provider(registry: ModelRegistry) -> Callable[[Request[Any, Any, Any]], AsyncIterator[Services]]:
+def services_provider(
+    registry: ModelRegistry, metrics: Metrics
+) -> Callable[[Request[Any, Any, Any]], AsyncIterator[Services]]:
     """A Litestar dependency: the services of the model the request names, held in use while the handler runs.
 
     The name is the body's ``model`` (none, or a body that is not JSON: the first model; the handler reports
@@ -63,6 +65,7 @@ def services_provider(registry: ModelRegistry) -> Callable[[Request[Any, Any, An
                 body = json.loads(await request.body())
                 name = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
         async with registry.serving(name) as services:
+            metrics.model_requests.labels(services.model_id).inc()
             yield services
 
     return provide_services
@@ -106,10 +109,12 @@ def create_app(
         read_adapter,
         namer,
         on_failure=on_load_failure,
-        on_loaded=lambda _name, seconds: metrics.model_load_seconds.set(seconds),
+        on_loaded=metrics.loaded,
+        on_unloaded=lambda name: metrics.model_loaded.labels(name).set(0),
     )
     if generator is not None:
         registry.entries[0].services = preloaded
+        metrics.model_loaded.labels(registry.entries[0].name).set(1)
     drain = drain or Drain(grace=settings.shutdown_timeout)
     responses = ResponseStore(settings.responses_store_size)
     return Litestar(
@@ -126,7 +131,7 @@ def create_app(
             MessagesController,
         ],
         dependencies={
-            "services": Provide(services_provider(registry)),
+            "services": Provide(services_provider(registry, metrics)),
             "registry": Provide(lambda: registry, sync_to_thread=False),
             "watch": Provide(watch_provider(settings, metrics, drain), sync_to_thread=False),
             "responses": Provide(lambda: responses, sync_to_thread=False),
