@@ -17,7 +17,6 @@ from application.completion import CompletionService
 from application.generation import TextGeneration
 from application.in_flight import InFlight
 from application.tokenization import TokenizationService
-from domain.errors import UnknownModelError
 from domain.ports import ConstraintChecker, Generator
 from entrypoints.settings import ServerSettings
 
@@ -81,13 +80,6 @@ class Services:
     def busy(self) -> bool:
         """Whether a request uses the model now."""
         return self.in_flight is not None and self.in_flight.running > 0
-
-    def check_model(self, name: str) -> None:
-        """Raise ``UnknownModelError`` (a 404) unless ``name`` is one of the model's names."""
-        if name in (self.model_id, *self.aliases):
-            return
-        msg = f"The model '{name}' does not exist."
-        raise UnknownModelError(msg, param="model")
 
 
 def build_services(
