@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -190,15 +189,11 @@ def load_services(settings: ServerSettings) -> Services:
     facts = generator.facts
     template = TokenizerTemplate(facts.chat_template, facts.bos_token, facts.eos_token)
 
-    def close() -> None:
-        generator.close()
-        gc.collect()  # the weights go now, not at the collector's next whim
-
     return build_services(
         settings,
         generator,
         template,
-        close=close,
+        close=generator.close,
         constraints=plain.grammars,
         adapters=LoraAdapters(loaded.model),
         memory_bytes=facts.memory_bytes,
