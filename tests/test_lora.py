@@ -46,7 +46,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def greedy(max_new_tokens: int = 12) -> GenerationParams:
-    return GenerationParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=True)
+    return GenerationParams(temperature=0, max_new_tokens=max_new_tokens, options={"ignore_eos": True})
 
 
 def peft_reference(models: dict[str, Path], adapter: str | None, prompt_ids: list[int], tokens: int) -> list[int]:
