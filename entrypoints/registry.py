@@ -279,6 +279,8 @@ class ModelRegistry:
 
     async def add_adapter(self, choice: LoraChoice) -> AdapterEntry:
         """Serve the adapter at ``choice.path`` as ``choice.name``; attached at once when its base is loaded."""
+        if not choice.name.strip():
+            raise InvalidRequestError("`lora_name` must not be empty.", param="lora_name")
         if choice.name in self.models or choice.name in self.adapters:
             msg = f"The name '{choice.name}' is already served; unload it first or choose another."
             raise InvalidRequestError(msg, param="lora_name")

@@ -177,8 +177,11 @@ def test_a_bad_adapter_path_is_a_400_and_disturbs_nothing(
     assert complete(client, "pirate")["choices"] == before["choices"]
 
 
-def test_a_bad_load_request_body_is_a_400(client: TestClient) -> None:
-    response = client.post("/v1/load_lora_adapter", json={"lora_name": "x"}, headers=AUTH)
+@pytest.mark.parametrize(
+    "body", [{"lora_name": "x"}, {"lora_name": " ", "lora_path": "/tmp"}, {"lora_name": "alpha", "lora_path": "/tmp"}]
+)
+def test_a_bad_load_request_body_is_a_400(client: TestClient, body: dict) -> None:
+    response = client.post("/v1/load_lora_adapter", json=body, headers=AUTH)
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
 
