@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
+import torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -73,6 +74,20 @@ class ModelFacts:
         ids = list(configured) if isinstance(configured, list | tuple) else [configured]
         ids.append(self.tokenizer.eos_token_id)
         return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the model's tensors take in memory: parameters, buffers and packed weights, each counted once."""
+        seen: dict[tuple[int, str], int] = {}
+        for module in self.model.modules():
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            tensors += [value for value in vars(module).values() if isinstance(value, torch.Tensor)]
+            for tensor in tensors:
+                if tensor.device.type == "meta":
+                    continue
+                where = id(tensor) if tensor.layout != torch.strided else tensor.data_ptr()  # oneDNN's have none
+                seen[where, str(tensor.device)] = tensor.numel() * tensor.element_size()
+        return sum(seen.values())
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         """Token ids of ``text``."""

@@ -39,6 +39,8 @@ class Metrics:
     running: Gauge
     waiting: Gauge
     model_load_seconds: Gauge
+    model_requests: Counter
+    model_loaded: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -93,9 +95,23 @@ class Metrics:
                 registry=registry,
             ),
             model_load_seconds=Gauge(
-                f"{PREFIX}_model_load_seconds", "How long loading the model took.", registry=registry
+                f"{PREFIX}_model_load_seconds", "How long the latest model load took.", registry=registry
+            ),
+            model_requests=Counter(
+                f"{PREFIX}_model_requests", "Requests served, by model or adapter name.", ("model",), registry=registry
+            ),
+            model_loaded=Gauge(
+                f"{PREFIX}_model_loaded",
+                "1 while the model is in memory, 0 once unloaded.",
+                ("model",),
+                registry=registry,
             ),
         )
+
+    def loaded(self, model: str, seconds: float) -> None:
+        """Record that ``model`` loaded, in ``seconds``."""
+        self.model_load_seconds.set(seconds)
+        self.model_loaded.labels(model).set(1)
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The registry in the text format ``accept`` asks for (Prometheus text 0.0.4 by default)."""

@@ -94,9 +94,9 @@ class BatchingGenerator(TellsModelFacts):
         """The validated ``GenerationConfig`` for a request (see ``HuggingFaceGenerator.generation_config``)."""
         return self.plain.generation_config(params, prompt_length=prompt_length)
 
-    async def score(self, token_ids: Sequence[int], *, top: int) -> list[TokenLogprob]:
+    async def score(self, token_ids: Sequence[int], *, top: int, adapter: str | None = None) -> list[TokenLogprob]:
         """Log-probability of each of ``token_ids[1:]`` given what precedes it, on the plain generator's thread."""
-        return await self.plain.score(token_ids, top=top)
+        return await self.plain.score(token_ids, top=top, adapter=adapter)
 
     # --- generation -------------------------------------------------------------------------------------------
 

@@ -76,7 +76,8 @@ class EngineLoop:
 
     def _to_compute(self, row: Row) -> int:
         """Prompt tokens of ``row`` its prefill must compute: those the prefix cache does not hold."""
-        return len(row.prompt_ids) - (self.prefixes.cached_tokens(row.prompt_ids) if self.prefixes else 0)
+        cached = self.prefixes.cached_tokens(row.prompt_ids, adapter=row.params.adapter) if self.prefixes else 0
+        return len(row.prompt_ids) - cached
 
     def _prefill(self, rows: list[Row]) -> None:
         """Prefill newcomers in groups that fit the token budget, sample their first token, and merge them in."""
@@ -93,7 +94,7 @@ class EngineLoop:
             try:
                 if self.prefixes is not None:
                     for row in group:
-                        row.reused = self.prefixes.match(row.prompt_ids)
+                        row.reused = self.prefixes.match(row.prompt_ids, adapter=row.params.adapter)
                 cache, mask, logits = prefill_group(self.forward, group)
             except Exception as error:  # noqa: BLE001  the group's consumers re-raise it
                 row_ops.fail(group, error)
@@ -113,7 +114,7 @@ class EngineLoop:
         device = self.forward.model.device
         last = torch.tensor([[int(row.ids[0, -1])] for row in batch.rows], dtype=torch.long, device=device)
         positions = torch.tensor([[row.cached] for row in batch.rows], dtype=torch.long, device=device)
-        logits = self.forward(last, positions, batch.step_mask(), batch.cache)
+        logits = self.forward(last, positions, batch.step_mask(), batch.cache, [r.params.adapter for r in batch.rows])
         batch.grow()
         for index, row in enumerate(batch.rows):
             row.cached += 1
