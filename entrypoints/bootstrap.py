@@ -40,6 +40,8 @@ class Services:
     """Releases what the services hold (the generator's worker thread)."""
     aliases: tuple[str, ...] = ()
     """Every name the model answers to (``model_id`` first)."""
+    draft_tokens: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    """Speculative decoding's draft tokens so far: (proposed, accepted)."""
 
     def check_model(self, name: str) -> None:
         """Raise ``UnknownModelError`` (a 404) unless ``name`` is one of the model's names."""
@@ -55,10 +57,13 @@ def build_services(
     tokenizer: TokenizerTemplate | None = None,
     close: Callable[[], None] = lambda: None,
     constraints: ConstraintChecker | None = None,
+    *,
+    draft_tokens: Callable[[], tuple[int, int]] = lambda: (0, 0),
 ) -> Services:
     """Wire the use cases around ``generator``; the chat template follows the ``--chat-template`` priority.
 
-    ``constraints`` checks ``response_format`` schemas and forced tool calls before generation starts.
+    ``constraints`` checks ``response_format`` schemas and forced tool calls before generation starts;
+    ``draft_tokens`` counts the speculative draft tokens the generator proposed and accepted.
     """
     tokenizer = tokenizer or TokenizerTemplate()
     override = settings.chat_template.read_text(encoding="utf-8") if settings.chat_template else None
@@ -83,6 +88,7 @@ def build_services(
         completion=CompletionService(generation=generation),
         tokenization=TokenizationService(generator=generator, renderer=renderer),
         close=close,
+        draft_tokens=draft_tokens,
     )
 
 
@@ -91,7 +97,11 @@ def load_services(settings: ServerSettings) -> Services:
 
     Requests decode together in a continuously batched engine; those that cannot share a batch take the plain path.
     """
-    from adapters.huggingface.engine import BatchingGenerator, BatchLimits  # noqa: PLC0415  torch loads only when serving
+    from adapters.huggingface.engine import (  # noqa: PLC0415  torch loads only when serving
+        BatchingGenerator,
+        BatchLimits,
+        Speculation,
+    )
     from adapters.huggingface.generator import HuggingFaceGenerator  # noqa: PLC0415
     from adapters.huggingface.loading import load_model  # noqa: PLC0415
     from adapters.huggingface.prefix_cache import PrefixCache  # noqa: PLC0415
@@ -111,7 +121,15 @@ def load_services(settings: ServerSettings) -> Services:
         BatchLimits(settings.max_batch_size, settings.max_queue),
         threads=None if threads is None else ThreadTuner.for_cpu(settings.threads),
         prefixes=PrefixCache(settings.prefix_cache_mib * 2**20) if settings.prefix_cache_mib else None,
+        speculation=Speculation(settings.speculative_tokens),
     )
     facts = generator.facts
     template = TokenizerTemplate(facts.chat_template, facts.bos_token, facts.eos_token)
-    return build_services(settings, generator, template, close=generator.close, constraints=plain.grammars)
+    return build_services(
+        settings,
+        generator,
+        template,
+        close=generator.close,
+        constraints=plain.grammars,
+        draft_tokens=generator.drafts.totals,
+    )

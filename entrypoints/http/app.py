@@ -119,7 +119,7 @@ def create_app(
     The server listens while the model loads: ``/health`` answers 503 ``loading`` and the API a 503 error until then.
     ``drain`` is shared with the server that drains on a signal (``DrainingServer``).
     """
-    metrics = Metrics.create()
+    metrics = Metrics.create(draft_tokens=lambda: slot.services.draft_tokens() if slot.services else (0, 0))
     slot = ModelSlot(settings, loader, on_load_failure, on_loaded=metrics.model_load_seconds.set)
     if generator is not None:
         slot.services = build_services(settings, generator)

@@ -23,9 +23,18 @@ class Forward:
     """Picks torch's CPU thread count for each pass; ``None`` leaves torch's setting alone (GPUs)."""
 
     def __call__(
-        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache | None
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache: DynamicCache | None,
+        *,
+        keep: int = 1,
     ) -> torch.Tensor:
-        """The model's logits for the last position of each row, as float32 (what ``generate`` samples from)."""
+        """The model's logits for the last ``keep`` positions of each row, ``[rows, keep, vocab]`` in float32.
+
+        Float32 is what ``generate`` samples from; only those positions go through the output projection.
+        """
         tuning = (ids.shape[1] > 1, ids.numel().bit_length())  # prefill or decode, and the size of the work
         if self.threads is not None:
             threads = self.threads.pick(tuning)
@@ -38,10 +47,10 @@ class Forward:
             attention_mask=None if bool(mask.all()) else mask,
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
             return_dict=True,
         )
-        logits: torch.Tensor = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+        logits: torch.Tensor = outputs.logits[:, -keep:].to(copy=True, dtype=torch.float32)
         if self.threads is not None:
             self.threads.record(tuning, torch.get_num_threads(), (time.perf_counter() - started) / ids.numel())
         return logits
