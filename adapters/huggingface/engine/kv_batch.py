@@ -19,7 +19,7 @@ class KVBatch:
     rows: list[Row] = attrs.field(factory=list)
     cache: DynamicCache | None = None
     mask: torch.Tensor | None = None
-    """``[rows, columns]``: 1 where the cache holds a real token, 0 on the left padding and a draft's rejected tokens."""
+    """``[rows, columns]``: 1 where the cache holds a real token, 0 on left padding and rejected draft tokens."""
 
     HOLES = 64
     """Masked columns between real ones (rejected draft tokens) past which `compact` closes them up."""
