@@ -27,6 +27,7 @@ from adapters.huggingface.engine import BatchingGenerator, BatchLimits, Speculat
 from adapters.huggingface.engine import loop as engine_loop
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.loading import load_model
+from adapters.huggingface.transformers_compat import growing_cache
 from domain.generation import GenerationParams
 
 QUESTIONS = (
@@ -36,6 +37,7 @@ QUESTIONS = (
     "Give me a detailed recipe for a vegetable soup, with every step.",
 )
 LINEAR_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::bmm")
+HEAD_ROWS = 49152
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
 
 
@@ -46,10 +48,8 @@ class Timings:
         self.decode_starts: list[float] = []
         self.forward: list[float] = []
         self.advance: list[float] = []
-        self.head: list[float] = []
-        self._head_started = 0.0
 
-    def wrap_forward(self, forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def wrap_forward(self, forward: Any) -> Any:  # noqa: ANN401  the engine's Forward
         """``forward``, noting when each decoding pass starts and how long it takes."""
 
         def timed(ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: ANN401
@@ -60,6 +60,7 @@ class Timings:
                 self.forward.append(time.perf_counter() - started)
             return logits
 
+        timed.model = forward.model  # type: ignore[attr-defined]  what the engine reads off its Forward
         return timed
 
     def wrap_advance(self, advance: Callable[..., int]) -> Callable[..., int]:
@@ -72,14 +73,6 @@ class Timings:
             return result
 
         return timed
-
-    def head_started(self, *_: object) -> None:
-        """A forward pre-hook on the output projection."""
-        self._head_started = time.perf_counter()
-
-    def head_done(self, *_: object) -> None:
-        """A forward hook on the output projection."""
-        self.head.append(time.perf_counter() - self._head_started)
 
 
 def chat_prompts(generator: HuggingFaceGenerator, count: int) -> list[list[int]]:
@@ -105,13 +98,38 @@ async def decode(engine: BatchingGenerator, prompts: list[list[int]], tokens: in
     return sum(await asyncio.gather(*(one(p) for p in prompts)))
 
 
-def classify(events: Any, steps: int) -> dict[str, float]:  # noqa: ANN401
-    """Self CPU ms per step of the profiled forward passes, by kind of op."""
-    kinds = {"linear": 0.0, "attention": 0.0, "other ops": 0.0}
-    for event in events:
-        if event.key.startswith("ProfilerStep") or not event.key.startswith(("aten::", "mkldnn::")):
+def op_times(model: Any, batch: int, context: int, steps: int = 8) -> dict[str, float]:  # noqa: ANN401
+    """Ms per decoding pass: its wall time unprofiled, and its ops' self CPU time by kind (torch profiler).
+
+    The passes are the engine's: ``batch`` rows of ``context`` cached tokens, one new token each, the output
+    projection on the last position only, on this (main) thread. What the ops do not account for of the wall time
+    is Python and dispatch (the profiler's own cost per op makes that an underestimate).
+    """
+    ids = torch.randint(100, 10000, (batch, context + 2 * steps))
+    kinds = {"wall": 0.0, "linear": 0.0, "head": 0.0, "attention": 0.0, "other ops": 0.0}
+    with torch.inference_mode():
+        cache = growing_cache(model.config)
+        model(input_ids=ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
+
+        def one(step: int) -> None:
+            positions = torch.full((batch, 1), context + step)
+            column = ids[:, context + step : context + step + 1]
+            model(input_ids=column, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+
+        started = time.perf_counter()
+        for step in range(steps):
+            one(step)
+        kinds["wall"] = (time.perf_counter() - started) * 1000 / steps
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+            for step in range(steps, 2 * steps):
+                one(step)
+    for event in profiler.key_averages(group_by_input_shape=True):
+        if not event.key.startswith(("aten::", "mkldnn::")):
             continue
-        kind = "linear" if event.key in LINEAR_OPS else "attention" if event.key in ATTENTION_OPS else "other ops"
+        if event.key in LINEAR_OPS:
+            kind = "head" if any(HEAD_ROWS in shape for shape in event.input_shapes if shape) else "linear"
+        else:
+            kind = "attention" if event.key in ATTENTION_OPS else "other ops"
         kinds[kind] += event.self_cpu_time_total / 1000 / steps
     return kinds
 
@@ -125,39 +143,32 @@ def profile_batch(loaded: Any, batch: int, tokens: int) -> dict[str, float]:  # 
     loop.forward = timings.wrap_forward(loop.forward)
     advance = engine_loop.row_ops.advance
     engine_loop.row_ops.advance = timings.wrap_advance(advance)
-    hooks = [
-        loaded.model.lm_head.register_forward_pre_hook(timings.head_started),
-        loaded.model.lm_head.register_forward_hook(timings.head_done),
-    ]
     prompts = chat_prompts(plain, batch)
     try:
-        asyncio.run(decode(engine, prompts, 8))  # warm-up
+        asyncio.run(decode(engine, prompts, 4))  # warm-up
         timings.__init__()  # type: ignore[misc]
         started = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU]) as profiler:
-            produced = asyncio.run(decode(engine, prompts, tokens))
+        produced = asyncio.run(decode(engine, prompts, tokens))
         wall = time.perf_counter() - started
     finally:
         engine_loop.row_ops.advance = advance
-        for hook in hooks:
-            hook.remove()
         engine.close()
     steps = len(timings.forward)
     periods = [b - a for a, b in zip(timings.decode_starts, timings.decode_starts[1:], strict=False)]
-    # the profiler adds its own cost to every op; its shares are scaled to the forward's measured time
-    ops = classify(profiler.key_averages(), steps)
     forward = statistics.median(timings.forward) * 1000
-    head = statistics.median(timings.head[-steps:]) * 1000
     advance_ms = sum(timings.advance) * 1000 / steps
     period = statistics.median(periods) * 1000
+    ops = op_times(loaded.model, batch, len(prompts[0]) + tokens // 2)
+    in_ops = sum(value for kind, value in ops.items() if kind != "wall")
     return {
         "step (engine thread period)": period,
         "forward pass": forward,
-        "  linear layers (profiler)": ops["linear"] - head,
-        "  output projection (49152 rows)": head,
+        "model alone, same shapes (main thread)": ops["wall"],
+        "  linear layers (weight reads)": ops["linear"],
+        "  output projection (49152 rows)": ops["head"],
         "  attention (sdpa)": ops["attention"],
-        "  other ops (norms, rotary, activations, copies, cache)": ops["other ops"],
-        "  Python and dispatch (forward - ops)": forward - sum(ops.values()),
+        "  other ops (norms, rotary, activations, copies)": ops["other ops"],
+        "  Python and dispatch (wall - ops)": max(0.0, ops["wall"] - in_ops),
         "processors, sampling, hand-off (advance)": advance_ms,
         "rest of the step (inputs, mask, cache bookkeeping)": period - forward - advance_ms,
         "tok/s end to end": produced / wall,

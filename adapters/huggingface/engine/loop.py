@@ -127,8 +127,9 @@ class EngineLoop:
             device=device,
         )
         positions = torch.tensor([[row.cached] for row in batch.rows], dtype=torch.long, device=device)
-        if fed > 1:
-            positions = positions + torch.arange(fed, dtype=torch.long, device=device)
+        if fed > 1:  # a shorter draft's padding repeats its last position, which stays inside the context window
+            lengths = torch.tensor([[len(draft)] for draft in drafts], dtype=torch.long, device=device)
+            positions = positions + torch.minimum(torch.arange(fed, dtype=torch.long, device=device), lengths)
         logits = self.forward(ids, positions, batch.step_mask(fed), batch.cache, keep=fed)
         kept = []
         for index, (row, draft) in enumerate(zip(batch.rows, drafts, strict=True)):
