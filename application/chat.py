@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import attrs
 import structlog
 
@@ -12,9 +10,8 @@ from application.reasoning import opens_thinking, split_reasoning
 from application.tools import check_tool_use, describe_tools, extract_tool_calls, tool_constraint
 from domain.errors import InvalidRequestError
 from domain.generation import CompletionStream, GenerationParams
-from domain.messages import ChatMessage
+from domain.messages import Conversation
 from domain.ports import TemplateRenderer
-from domain.tools import NO_TOOLS, ToolUse
 
 log = structlog.get_logger(__name__)
 
@@ -29,15 +26,7 @@ def choice_params(params: GenerationParams, index: int) -> GenerationParams:
     return attrs.evolve(params, seed=(params.seed + index + 2**63) % 2**64 - 2**63)
 
 
-def render_chat_prompt(
-    renderer: TemplateRenderer,
-    messages: Sequence[ChatMessage],
-    tools: ToolUse = NO_TOOLS,
-    *,
-    add_generation_prompt: bool = True,
-    continue_final_message: bool = False,
-    template_options: Mapping[str, object] | None = None,
-) -> str:
+def render_chat_prompt(renderer: TemplateRenderer, conversation: Conversation) -> str:
     """The prompt of a conversation, as chat generates from it and ``/tokenize`` counts it.
 
     Tools go to a template that shows them, else into the system prompt (Hermes format). With
@@ -45,18 +34,22 @@ def render_chat_prompt(
     transformers' option), instead of opening the assistant's turn. ``template_options`` reach the template as
     variables.
     """
-    if continue_final_message and add_generation_prompt:
+    if not conversation.messages:
+        raise InvalidRequestError("messages must contain at least one message", param="messages")
+    check_tool_use(conversation.tools)
+    opens_turn, options, tools = conversation.add_generation_prompt, conversation.template_options, conversation.tools
+    if conversation.continue_final_message and opens_turn:
         msg = "continue_final_message and add_generation_prompt cannot both be true"
         raise InvalidRequestError(msg, param="continue_final_message")
     if renderer.supports_tools:
-        shown = list(messages)
+        shown = list(conversation.messages)
         text = renderer.render(
-            shown, add_generation_prompt=add_generation_prompt, tools=tools.offered, options=template_options
+            shown, add_generation_prompt=opens_turn, tools=conversation.tools.offered, options=options
         )
     else:
-        shown = describe_tools(messages, tools)
-        text = renderer.render(shown, add_generation_prompt=add_generation_prompt, options=template_options)
-    return _up_to_final_message(text, shown[-1].content) if continue_final_message else text
+        shown = describe_tools(conversation.messages, tools)
+        text = renderer.render(shown, add_generation_prompt=opens_turn, options=options)
+    return _up_to_final_message(text, shown[-1].content) if conversation.continue_final_message else text
 
 
 def _up_to_final_message(text: str, final: str) -> str:
@@ -76,17 +69,7 @@ class ChatService:
     renderer: TemplateRenderer
     generation: TextGeneration
 
-    def stream(
-        self,
-        messages: Sequence[ChatMessage],
-        params: GenerationParams,
-        *,
-        n: int = 1,
-        tools: ToolUse = NO_TOOLS,
-        template_options: Mapping[str, object] | None = None,
-        add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
-    ) -> CompletionStream:
+    def stream(self, conversation: Conversation, params: GenerationParams, *, n: int = 1) -> CompletionStream:
         """Check and render the request now, then stream ``n`` answers: deltas, finished choices, the ``Completion``.
 
         With tools offered, their calls are taken out of the answers' text (and a forced choice constrains the
@@ -95,13 +78,8 @@ class ChatService:
         chat template as variables (``enable_thinking``, ``reasoning_effort``). Errors in the request (template,
         context length, tool choice) are raised by this call, before anything is generated.
         """
-        prompt = self.prompt(
-            messages,
-            tools=tools,
-            template_options=template_options,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-        )
+        prompt = self.prompt(conversation)
+        tools = conversation.tools
         params = attrs.evolve(params, constraint=tool_constraint(tools, params.constraint))
         params = self.generation.budget(prompt, params, default_max_tokens=None)
         events = self.generation.run([ChoiceJob(prompt, choice_params(params, i), i) for i in range(n)])
@@ -113,32 +91,14 @@ class ChatService:
             return events
         return extract_tool_calls(events, [tool.name for tool in offered], forced=tools.forced)
 
-    def prompt(
-        self,
-        messages: Sequence[ChatMessage],
-        *,
-        tools: ToolUse = NO_TOOLS,
-        template_options: Mapping[str, object] | None = None,
-        add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
-    ) -> Prompt:
+    def prompt(self, conversation: Conversation) -> Prompt:
         """The rendered and tokenized prompt of a conversation (``count_tokens`` APIs ask for just this)."""
-        if not messages:
-            raise InvalidRequestError("messages must contain at least one message", param="messages")
-        check_tool_use(tools)
-        for index, message in enumerate(messages):
+        for index, message in enumerate(conversation.messages):
             calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in message.tool_calls]
             if self.generation.log_content:
                 extra = {"tool_calls": calls} if calls else {}
                 log.info("chat.message", index=index, role=str(message.role), content=message.content, **extra)
             else:
                 log.info("chat.message", index=index, role=str(message.role))
-        text = render_chat_prompt(
-            self.renderer,
-            messages,
-            tools,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            template_options=template_options,
-        )
+        text = render_chat_prompt(self.renderer, conversation)
         return self.generation.tokenize(text, add_special_tokens=False)

@@ -87,10 +87,12 @@ class TextGeneration:
         prompt_tokens = len(prompt.token_ids)
         room = context - prompt_tokens
         vocabulary = self.generator.vocab_size
+        words = params.options.get("bad_words_ids", ())
         for param, tokens in (
             ("logit_bias", params.logit_bias),
             ("stop_token_ids", params.stop_token_ids),
             ("allowed_token_ids", params.allowed_token_ids or ()),
+            ("bad_words_ids", [token for word in words for token in word]),  # type: ignore[attr-defined]
         ):
             outside = [token for token in tokens if not 0 <= token < vocabulary]
             if outside:

@@ -7,11 +7,9 @@ from collections.abc import Sequence
 import attrs
 
 from application.chat import render_chat_prompt
-from application.tools import check_tool_use
 from domain.errors import InvalidRequestError
-from domain.messages import ChatMessage
+from domain.messages import Conversation
 from domain.ports import Generator, TemplateRenderer
-from domain.tools import NO_TOOLS, ToolUse
 
 
 @attrs.define
@@ -25,26 +23,9 @@ class TokenizationService:
         """Token ids of a completion prompt."""
         return self.generator.encode(text, add_special_tokens=add_special_tokens)
 
-    def tokenize_messages(
-        self,
-        messages: Sequence[ChatMessage],
-        tools: ToolUse = NO_TOOLS,
-        *,
-        add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
-        add_special_tokens: bool = False,
-    ) -> list[int]:
-        """Token ids of a conversation (offering ``tools``) rendered exactly as a chat completion renders it."""
-        if not messages:
-            raise InvalidRequestError("messages must contain at least one message", param="messages")
-        check_tool_use(tools)
-        text = render_chat_prompt(
-            self.renderer,
-            messages,
-            tools,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-        )
+    def tokenize_messages(self, conversation: Conversation, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of a conversation rendered exactly as a chat completion renders it."""
+        text = render_chat_prompt(self.renderer, conversation)
         return self.generator.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:

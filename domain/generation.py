@@ -49,30 +49,14 @@ class OutputConstraint:
 
 @attrs.frozen(kw_only=True)
 class GenerationParams:
-    """Decoding parameters of one request: OpenAI's and HuggingFace ``GenerationConfig``'s.
+    """Decoding parameters of one request: OpenAI's, and the table's (``domain.options``) in ``options``.
 
-    ``None`` means "not set": the generator's defaults apply. ``extra`` carries any other option
-    the request named (the HF adapter passes on those ``GenerationConfig`` knows).
+    ``None`` means "not set": the generator's defaults apply.
     """
 
     max_new_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
-    typical_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    no_repeat_ngram_size: int | None = None
-    encoder_no_repeat_ngram_size: int | None = None
-    num_beams: int | None = None
-    num_beam_groups: int | None = None
-    diversity_penalty: float | None = None
-    length_penalty: float | None = None
-    min_length: int | None = None
-    min_new_tokens: int | None = None
-    early_stopping: bool | str | None = None
-    guidance_scale: float | None = None
-    bad_words_ids: tuple[tuple[int, ...], ...] | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
@@ -86,13 +70,14 @@ class GenerationParams:
     prompt_logprobs: int | None = None
     """Return each prompt token's log-probability and this many alternatives (vLLM's; ``None``: none)."""
     constraint: OutputConstraint | None = None
-    ignore_eos: bool = False
-    """Keep generating past end-of-sequence tokens, up to ``max_new_tokens`` (vLLM's)."""
     stop_token_ids: tuple[int, ...] = ()
     """Token ids that end generation like end-of-sequence (vLLM's)."""
     allowed_token_ids: tuple[int, ...] | None = None
     """Only these token ids may be generated (vLLM's); ``None``: any."""
+    options: Mapping[str, object] = attrs.field(factory=dict)
+    """The table's options (``domain.options``) the request set, checked, under their own names: ``top_k``..."""
     extra: Mapping[str, object] = attrs.field(factory=dict)
+    """The request's other fields; the generator passes on those its library knows and ignores the rest."""
 
     @property
     def greedy(self) -> bool:
@@ -102,7 +87,8 @@ class GenerationParams:
     @property
     def uses_beams(self) -> bool:
         """Beam search keeps several hypotheses, so tokens are only known at the end."""
-        return (self.num_beams or 1) > 1
+        beams = self.options.get("num_beams", 1)
+        return isinstance(beams, int) and beams > 1
 
 
 @attrs.frozen

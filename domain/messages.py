@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 
 import attrs
 
-from domain.tools import ToolCall
+from domain.tools import NO_TOOLS, ToolCall, ToolUse
 
 
 class Role(enum.StrEnum):
@@ -33,3 +34,19 @@ class ChatMessage:
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     reasoning: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class Conversation:
+    """What a chat prompt is rendered from, in every dialect: the messages, the tools offered, the template's options.
+
+    ``add_generation_prompt`` opens the assistant's turn; ``continue_final_message`` instead ends the prompt inside
+    the last message, for the model to continue it. ``template_options`` reach the chat template as variables
+    (``enable_thinking``, ``reasoning_effort``...).
+    """
+
+    messages: tuple[ChatMessage, ...]
+    tools: ToolUse = NO_TOOLS
+    template_options: Mapping[str, object] = attrs.field(factory=dict)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False

@@ -9,8 +9,18 @@ import attrs
 
 from domain.errors import GenerationError
 from domain.generation import FinishReason, GeneratedTokens, GenerationParams, TokenLogprob
+from domain.options import read_options
 
 EOS = 0
+
+
+def generation_params(**fields: object) -> GenerationParams:
+    """``GenerationParams`` from flat fields, as a request names them: the table's options go through its checks."""
+    own = {field.name for field in attrs.fields(GenerationParams)}
+    options, extra = read_options({name: value for name, value in fields.items() if name not in own})
+    named = {name: value for name, value in fields.items() if name in own}
+    named["extra"] = {**named.get("extra", {}), **extra}  # type: ignore[dict-item]
+    return GenerationParams(**named, options=options)  # type: ignore[arg-type]
 
 
 @attrs.define

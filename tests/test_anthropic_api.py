@@ -78,7 +78,7 @@ def test_sampling_options_reach_the_generator(claude: anthropic.Anthropic, fake:
         extra_body={"temperature": 0.3, "top_p": 0.8, "top_k": 4},
     )
     params = fake.calls[-1][1]
-    assert (params.max_new_tokens, params.temperature, params.top_p, params.top_k) == (7, 0.3, 0.8, 4)
+    assert (params.max_new_tokens, params.temperature, params.top_p, params.options) == (7, 0.3, 0.8, {"top_k": 4})
 
 
 def test_max_tokens_ends_with_stop_reason_max_tokens(claude: anthropic.Anthropic, fake: FakeGenerator) -> None:

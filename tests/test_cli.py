@@ -201,8 +201,14 @@ def test_generation_options_reach_the_server(capsys: pytest.CaptureFixture[str],
     assert main(["--url", url, *flags, "chat", "--message", "x"]) == 0
     params = fake.calls[-1][1]
     assert (params.max_new_tokens, params.temperature, params.top_p) == (40, 0.3, 0.9)
-    assert (params.top_k, params.seed, params.repetition_penalty) == (5, 7, 1.2)
-    assert (params.num_beams, params.no_repeat_ngram_size, params.min_length) == (2, 3, 4)
+    assert params.seed == 7
+    assert params.options == {
+        "top_k": 5,
+        "repetition_penalty": 1.2,
+        "num_beams": 2,
+        "no_repeat_ngram_size": 3,
+        "min_length": 4,
+    }
     assert params.extra == {}
 
 
@@ -212,8 +218,8 @@ def test_unset_huggingface_options_are_not_sent(
     assert main(["--url", url, "complete", "x"]) == 0
     params = fake.calls[-1][1]
     assert (params.max_new_tokens, params.temperature, params.top_p) == (512, 0.7, 1.0)
-    assert (params.top_k, params.seed, params.repetition_penalty, params.num_beams) == (None, None, None, None)
-    assert (params.no_repeat_ngram_size, params.min_length) == (None, None)
+    assert params.seed is None
+    assert params.options == {}
 
 
 @pytest.mark.parametrize("argv", [["health"], ["--health"]])

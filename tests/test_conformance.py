@@ -12,7 +12,7 @@ from litestar.testing import TestClient
 from entrypoints.http.__main__ import parse_settings
 from entrypoints.http.app import create_app
 from entrypoints.settings import ServerSettings
-from tests.fakes import FakeGenerator
+from tests.fakes import FakeGenerator, generation_params
 
 USER = [{"role": "user", "content": "Hi"}]
 
@@ -301,8 +301,7 @@ def test_the_peers_sampling_extras_reach_the_generator(client: TestClient, fake:
     params = params_of(
         client, fake, min_tokens=3, ignore_eos=True, stop_token_ids=[7, 9], allowed_token_ids=[5, 6, 7], n_predict=12
     )
-    assert params.min_new_tokens == 3  # type: ignore[attr-defined]
-    assert params.ignore_eos is True  # type: ignore[attr-defined]
+    assert params.options == {"min_new_tokens": 3, "ignore_eos": True}  # type: ignore[attr-defined]
     assert params.stop_token_ids == (7, 9)  # type: ignore[attr-defined]
     assert params.allowed_token_ids == (5, 6, 7)  # type: ignore[attr-defined]
     assert params.max_new_tokens == 12  # type: ignore[attr-defined]
@@ -359,12 +358,11 @@ def test_an_unknown_option_is_warned_about_once_by_name() -> None:
     from transformers import GenerationConfig  # noqa: PLC0415  the adapter's own test of its option table
 
     from adapters.huggingface.generator import build_generation_config  # noqa: PLC0415
-    from domain.generation import GenerationParams  # noqa: PLC0415
 
     name = f"frobnicate_{uuid.uuid4().hex}"
     with structlog.testing.capture_logs() as logs:
         for _ in range(2):
-            build_generation_config(GenerationConfig(), GenerationParams(extra={name: 1}), vocab_size=10)
+            build_generation_config(GenerationConfig(), generation_params(extra={name: 1}), vocab_size=10)
     warnings = [entry for entry in logs if entry["log_level"] == "warning"]
     assert [(entry["event"], entry["option"]) for entry in warnings] == [("request.unknown_option", name)]
 

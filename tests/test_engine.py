@@ -15,7 +15,8 @@ from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.prefix_cache import PrefixCache
 from adapters.huggingface.threads import ThreadTuner
 from domain.errors import GenerationError, QueueFullError
-from domain.generation import FinishReason, GenerationParams
+from domain.generation import FinishReason
+from tests.fakes import generation_params
 
 # The whole HuggingFaceGenerator suite runs again here, with the fixtures below handing it the engine.
 from tests.test_huggingface_generator import *  # noqa: F403
@@ -87,8 +88,8 @@ async def gather(generator, jobs, *, cached_tokens: bool = False):
 
 MIXED = (
     greedy(max_new_tokens=20),
-    GenerationParams(max_new_tokens=14, seed=7),
-    GenerationParams(max_new_tokens=9, temperature=0.7, top_p=0.9, seed=3),
+    generation_params(max_new_tokens=14, seed=7),
+    generation_params(max_new_tokens=9, temperature=0.7, top_p=0.9, seed=3),
     greedy(max_new_tokens=16, presence_penalty=0.8, frequency_penalty=0.4, logit_bias={5: 4.0}, logprobs=3),
     greedy(max_new_tokens=12, repetition_penalty=1.5, no_repeat_ngram_size=2),
 )
@@ -114,7 +115,7 @@ def test_concurrent_requests_with_their_own_settings_match_the_plain_generator(g
 
 
 def test_logprobs_match_the_plain_generator_inside_a_batch(generator, reference, prompts):
-    params = GenerationParams(max_new_tokens=6, seed=11, logprobs=2)
+    params = generation_params(max_new_tokens=6, seed=11, logprobs=2)
     expected = collect(reference, prompts[0], params)
     results = asyncio.run(gather(generator, [(prompts[0], params), (prompts[2], greedy(max_new_tokens=10))]))
     assert same_steps(results[0], expected)
@@ -122,9 +123,9 @@ def test_logprobs_match_the_plain_generator_inside_a_batch(generator, reference,
 
 
 def test_a_seeded_request_is_reproducible_whoever_else_is_in_the_batch(generator, prompts):
-    params = GenerationParams(max_new_tokens=12, seed=42)
+    params = generation_params(max_new_tokens=12, seed=42)
     alone = collect(generator, prompts[1], params)
-    unseeded = GenerationParams(max_new_tokens=12)
+    unseeded = generation_params(max_new_tokens=12)
     crowded = asyncio.run(gather(generator, [(prompts[0], unseeded), (prompts[1], params), (prompts[3], unseeded)]))
     assert crowded[1] == alone
 
@@ -203,7 +204,7 @@ def test_closing_a_stream_frees_its_row_at_the_next_step(model_dir, prompts):
 
 
 def test_beam_search_runs_beside_the_batch_without_blocking_it(generator, reference, prompts):
-    beams = GenerationParams(max_new_tokens=60, num_beams=3)
+    beams = generation_params(max_new_tokens=60, num_beams=3)
     assert not generator.batchable(beams)
     counter = ForwardCounter(delay=0.01)
 
@@ -230,10 +231,9 @@ def test_beam_search_runs_beside_the_batch_without_blocking_it(generator, refere
 @pytest.mark.parametrize(
     "params",
     [
-        GenerationParams(num_beams=2),
-        GenerationParams(num_beams=4, num_beam_groups=2, diversity_penalty=1.0),
-        GenerationParams(guidance_scale=2.0),
-        GenerationParams(extra={"num_beams": 2}),
+        generation_params(num_beams=2),
+        generation_params(num_beams=4, num_beam_groups=2, diversity_penalty=1.0),
+        generation_params(guidance_scale=2.0),
     ],
 )
 def test_what_cannot_share_a_batch_takes_the_plain_path(generator, params):
@@ -413,7 +413,7 @@ def test_prompts_that_share_a_beginning_prefill_together_each_from_its_own_cache
         (base, greedy(max_new_tokens=10)),  # 4 cached, the rest computed
         (base[:7] + prompts[0], greedy(max_new_tokens=10)),
         (prompts[1], greedy(max_new_tokens=10)),  # nothing cached: the group mixes both layouts
-        (base[:5], GenerationParams(max_new_tokens=10, seed=5)),
+        (base[:5], generation_params(max_new_tokens=10, seed=5)),
     ]
     try:
         actual = asyncio.run(gather(generator, jobs))

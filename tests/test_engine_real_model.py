@@ -9,7 +9,7 @@ import pytest
 from adapters.huggingface.engine import BatchingGenerator, BatchLimits
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.loading import load_model
-from domain.generation import GenerationParams
+from tests.fakes import generation_params
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ QUESTIONS = (
     "Explain in two sentences why the sky is blue, for a child who keeps asking why.",
     "List three fruits.",
 )
-GREEDY = GenerationParams(temperature=0, max_new_tokens=48)
+GREEDY = generation_params(temperature=0, max_new_tokens=48)
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +63,11 @@ def test_greedy_through_the_engine_equals_the_plain_generator(generators, prompt
 
 def test_seeded_sampling_through_the_engine_equals_the_plain_generator(generators, prompts):
     plain, engine = generators
-    params = GenerationParams(temperature=0.8, top_p=0.95, seed=2024, max_new_tokens=32)
+    params = generation_params(temperature=0.8, top_p=0.95, seed=2024, max_new_tokens=32)
 
     async def run():
         expected = await tokens(plain, prompts[1], params)
-        crowd = [tokens(engine, p, GenerationParams(max_new_tokens=32)) for p in prompts[2:]]
+        crowd = [tokens(engine, p, generation_params(max_new_tokens=32)) for p in prompts[2:]]
         together = await asyncio.gather(tokens(engine, prompts[1], params), *crowd)
         return expected, together[0]
 

@@ -119,18 +119,19 @@ def test_every_hf_parameter_reaches_the_generator(client: TestClient, fake: Fake
     }
     chat(client, temperature=0.7, top_p=0.95, **hf)
     params = fake.calls[-1][1]
+    own = {"max_new_tokens", "seed"}
     for name, value in hf.items():
         expected = tuple(tuple(ids) for ids in value) if name == "bad_words_ids" else value
-        assert getattr(params, name) == expected, name
+        assert (getattr(params, name) if name in own else params.options[name]) == expected, name
     assert (params.temperature, params.top_p) == (0.7, 0.95)
 
 
 def test_other_generation_config_options_travel_as_extra(client: TestClient, fake: FakeGenerator) -> None:
-    chat(client, epsilon_cutoff=0.0003, do_sample=False, totally_unknown="x")
-    extra = fake.calls[-1][1].extra
-    assert extra["epsilon_cutoff"] == 0.0003
-    assert extra["do_sample"] is False
-    assert extra["totally_unknown"] == "x"
+    chat(client, epsilon_cutoff=0.0003, do_sample=False, output_attentions=True, totally_unknown="x")
+    params = fake.calls[-1][1]
+    assert params.options["epsilon_cutoff"] == 0.0003
+    assert params.options["do_sample"] is False
+    assert params.extra == {"output_attentions": True, "totally_unknown": "x"}
 
 
 def test_content_parts_are_joined(client: TestClient, fake: FakeGenerator) -> None:

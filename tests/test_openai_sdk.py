@@ -28,8 +28,8 @@ def test_chat_completion_with_extra_body_hf_parameters(sdk: openai.OpenAI, fake:
     assert answer.usage is not None
     assert answer.usage.completion_tokens == len(b"Paris is the capital.") + 1
     _, params = fake.calls[-1]
-    assert (params.top_k, params.repetition_penalty, params.num_beams, params.seed) == (5, 1.1, 2, 7)
-    assert params.no_repeat_ngram_size == 3
+    assert params.seed == 7
+    assert params.options == {"top_k": 5, "repetition_penalty": 1.1, "num_beams": 2, "no_repeat_ngram_size": 3}
     assert params.max_new_tokens == 50
     assert params.temperature == 0.2
 

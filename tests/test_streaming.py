@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from litestar.testing import TestClient
 
 from application.generation import complete
-from domain.generation import Completion, GenerationParams, TextDelta
-from domain.messages import ChatMessage, Role
+from domain.generation import Completion, TextDelta
+from domain.messages import ChatMessage, Conversation, Role
 from entrypoints.bootstrap import build_services
 from entrypoints.settings import ServerSettings
-from tests.fakes import FakeGenerator
+from tests.fakes import FakeGenerator, generation_params
 
 USER = [{"role": "user", "content": "Hello"}]
 
@@ -153,8 +153,8 @@ def test_health_answers_while_a_long_generation_runs(live_url: str, fake: FakeGe
 
 async def _collect(fake: FakeGenerator, stop: list[str]) -> tuple[str, Completion, Completion]:
     services = build_services(ServerSettings(), fake)
-    messages = [ChatMessage(Role.USER, "hi")]
-    params = GenerationParams(temperature=0, stop=tuple(stop))
+    messages = Conversation(messages=(ChatMessage(Role.USER, "hi"),))
+    params = generation_params(temperature=0, stop=tuple(stop))
     streamed = ""
     last = None
     async for event in services.chat.stream(messages, params):

@@ -6,10 +6,9 @@ import asyncio
 import contextlib
 import copy
 import functools
-import math
 import re
 import threading
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from adapters.huggingface.model_facts import ModelFacts, TellsModelFacts
 from adapters.huggingface.processors import LogprobRecorder, request_processors, token_logprob
 from domain.errors import ContextLengthExceededError, DomainError, GenerationError, InvalidRequestError
 from domain.generation import FinishReason, GeneratedTokens, GenerationParams, TokenLogprob
+from domain.options import OPTIONS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -35,28 +35,11 @@ log = structlog.get_logger(__name__)
 GROUP_BEAM_SEARCH_REPO = Path(__file__).parent / "group_beam_search"
 """A local ``custom_generate`` repo with diverse beam search, which transformers 5 moved to the Hub."""
 
-NAMED_OPTIONS = (
-    "top_p",
-    "top_k",
-    "typical_p",
-    "min_p",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "encoder_no_repeat_ngram_size",
-    "num_beams",
-    "num_beam_groups",
-    "diversity_penalty",
-    "length_penalty",
-    "min_length",
-    "min_new_tokens",
-    "early_stopping",
-    "guidance_scale",
-    "max_new_tokens",
-)
-"""``GenerationParams`` fields copied as they are onto the ``GenerationConfig`` attribute of the same name."""
-
-SAMPLING_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"})
+SAMPLING_OPTIONS = frozenset({"temperature", *(row.name for row in OPTIONS if row.sampling)})
 """Options that only matter when sampling: greedy requests may carry them (OpenAI clients do) without error."""
+
+OWN_OPTIONS = frozenset({"ignore_eos"})
+"""Options of the table this adapter gives a meaning of its own (they are not ``GenerationConfig`` attributes)."""
 
 FORBIDDEN_EXTRA_OPTIONS = frozenset(
     {
@@ -100,9 +83,6 @@ FORBIDDEN_EXTRA_OPTIONS = frozenset(
 
 FORBIDDEN_EXTRA_PREFIXES = ("_", "output_", "assistant_")
 
-_MIN_SEED = -(2**63)
-_MAX_SEED = 2**64 - 1
-"""Tokenizers without a known limit report ``model_max_length`` as a huge sentinel (1e30)."""
 _MINOR_ISSUE = re.compile(r"^- `(\w+)`:", re.MULTILINE)
 _BACKTICKED = re.compile(r"`(\w+)`")
 
@@ -117,46 +97,13 @@ def extra_option_names() -> frozenset[str]:
     )
 
 
-def check_ranges(params: GenerationParams, *, vocab_size: int) -> None:
-    """Reject values ``GenerationConfig.validate`` lets through but generation would choke on (or silently misuse)."""
-    rules: tuple[tuple[str, Callable[[float], bool], str], ...] = (
-        ("temperature", lambda v: v >= 0, "must be >= 0 (0 means greedy decoding)"),
-        ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
-        ("top_k", lambda v: v >= 0, "must be >= 0 (0 disables it)"),
-        ("typical_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
-        ("min_p", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        ("repetition_penalty", lambda v: v > 0, "must be > 0"),
-        ("no_repeat_ngram_size", lambda v: v >= 0, "must be >= 0"),
-        ("encoder_no_repeat_ngram_size", lambda v: v >= 0, "must be >= 0"),
-        ("num_beams", lambda v: v >= 1, "must be >= 1"),
-        ("num_beam_groups", lambda v: v >= 1, "must be >= 1"),
-        ("diversity_penalty", lambda v: v >= 0, "must be >= 0"),
-        ("length_penalty", lambda _: True, ""),
-        ("min_length", lambda v: v >= 0, "must be >= 0"),
-        ("min_new_tokens", lambda v: v >= 0, "must be >= 0"),
-        ("max_new_tokens", lambda v: v >= 1, "must be >= 1"),
-        ("guidance_scale", lambda v: v >= 0, "must be >= 0"),
-        ("seed", lambda v: _MIN_SEED <= v <= _MAX_SEED, f"must be in [{_MIN_SEED}, {_MAX_SEED}]"),
-    )
-    for name, rule, requirement in rules:
-        value = getattr(params, name)
-        if value is None or isinstance(value, bool):
-            continue
-        if not math.isfinite(value) or not rule(value):
-            msg = f"`{name}` {requirement or 'must be finite'}, got {value}."
-            raise InvalidRequestError(msg, param=name)
-    beams, groups = params.num_beams or 1, params.num_beam_groups or 1
-    if beams % groups:
+def check_combinations(params: GenerationParams) -> None:
+    """Reject combinations of options generation would choke on (each option's range is checked by the wire)."""
+    beams, groups = params.options.get("num_beams", 1), params.options.get("num_beam_groups", 1)
+    if isinstance(beams, int) and isinstance(groups, int) and beams % groups:
         msg = f"`num_beams` ({beams}) must be divisible by `num_beam_groups` ({groups})."
         raise InvalidRequestError(msg, param="num_beam_groups")
-    for word in params.bad_words_ids or ():
-        if not word:
-            raise InvalidRequestError("`bad_words_ids` may not contain an empty sequence.", param="bad_words_ids")
-        outside = [token for token in word if not 0 <= token < vocab_size]
-        if outside:
-            msg = f"`bad_words_ids` holds token ids outside the vocabulary [0, {vocab_size}): {outside}."
-            raise InvalidRequestError(msg, param="bad_words_ids")
-    if params.logprobs is not None and beams > 1:
+    if params.logprobs is not None and params.uses_beams:
         raise InvalidRequestError("`logprobs` cannot be combined with beam search.", param="logprobs")
 
 
@@ -173,7 +120,7 @@ def build_generation_config(
     default) unless beam search was asked for. ``params.extra`` may set other ``GenerationConfig`` attributes, bar
     those the server owns; unknown ones are logged and ignored. Raises ``InvalidRequestError`` naming the bad option.
     """
-    check_ranges(params, vocab_size=vocab_size)
+    check_combinations(params)
     allowed = extra_option_names()
     extra = {name: value for name, value in params.extra.items() if name in allowed}
     ignored = sorted(set(params.extra) - set(extra))
@@ -181,16 +128,12 @@ def build_generation_config(
         log.info("generation.ignored_options", options=ignored)
         warn_unknown_options(ignored)
 
-    named: dict[str, Any] = {name: getattr(params, name) for name in NAMED_OPTIONS}
-    if params.bad_words_ids is not None:
-        named["bad_words_ids"] = [list(word) for word in params.bad_words_ids]
-    if params.logit_bias:
-        named["sequence_bias"] = {(token,): bias for token, bias in params.logit_bias.items()}
-    named |= _token_options(params, extra, vocab_size=vocab_size)
-    named |= _sampling(params, beams=(params.num_beams or base.num_beams or 1) > 1)
-    updates = extra | {name: value for name, value in named.items() if value is not None}
-    if "do_sample" in extra:
-        updates["do_sample"] = extra["do_sample"]
+    named = _named_options(params)
+    named |= _token_options(params, {**extra, **named}, vocab_size=vocab_size)
+    beams = params.options.get("num_beams", base.num_beams or 1)
+    updates = extra | named | _sampling(params, beams=isinstance(beams, int) and beams > 1)
+    if "do_sample" in named:
+        updates["do_sample"] = named["do_sample"]
 
     config = copy.deepcopy(base)
     eos_token_ids = tuple(dict.fromkeys((*eos_token_ids, *params.stop_token_ids)))
@@ -215,6 +158,20 @@ def build_generation_config(
     return config
 
 
+def _named_options(params: GenerationParams) -> dict[str, Any]:
+    """The request's options under ``GenerationConfig``'s names (the table's, bar those given a meaning here)."""
+    named: dict[str, Any] = {name: value for name, value in params.options.items() if name not in OWN_OPTIONS}
+    if "bad_words_ids" in named:
+        named["bad_words_ids"] = [list(word) for word in named["bad_words_ids"]]
+    if params.max_new_tokens is not None:
+        named["max_new_tokens"] = params.max_new_tokens
+    if params.top_p is not None:
+        named["top_p"] = params.top_p
+    if params.logit_bias:
+        named["sequence_bias"] = {(token,): bias for token, bias in params.logit_bias.items()}
+    return named
+
+
 def _token_options(params: GenerationParams, extra: Mapping[str, Any], *, vocab_size: int) -> dict[str, Any]:
     """``ignore_eos`` and ``allowed_token_ids`` as ``GenerationConfig`` options.
 
@@ -222,7 +179,7 @@ def _token_options(params: GenerationParams, extra: Mapping[str, Any], *, vocab_
     filters (top-k, top-p), so those can never leave nothing to choose from.
     """
     options: dict[str, Any] = {}
-    if params.ignore_eos and params.max_new_tokens is not None:
+    if params.options.get("ignore_eos") and params.max_new_tokens is not None:
         options["min_new_tokens"] = params.max_new_tokens
     if params.allowed_token_ids is not None:
         allowed = set(params.allowed_token_ids)
@@ -345,11 +302,12 @@ class HuggingFaceGenerator(TellsModelFacts):
         Beam search only knows its tokens at the end, so it yields them in one step.
         """
         config = self.generation_config(params, prompt_length=len(prompt_ids))
-        config.stop_strings = list(params.stop) or None  # checked on every beam, not only the streamed one
+        beams = (config.num_beams or 1) > 1
+        if beams:  # the use case stops streams at a stop sequence; beams only come out whole, so each beam stops here
+            config.stop_strings = list(params.stop) or None
         log.debug("generation.config", config=config.to_diff_dict(), seed=params.seed)
         steps: ThreadToLoop[GeneratedTokens | None] = ThreadToLoop()
         cancelled = threading.Event()
-        beams = (config.num_beams or 1) > 1
         constraint = None if params.constraint is None else self.grammars.processor(params.constraint)
         processors, recorder = request_processors(params, prompt_length=len(prompt_ids), constraint=constraint)
         job = _Job(

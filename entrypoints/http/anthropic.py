@@ -171,12 +171,10 @@ class MessagesController(Controller):
     async def create(self, request: Request[Any, Any, Any], services: Services, watch: RequestWatch) -> MessageBody:
         """Answer a conversation, whole or streamed as Anthropic's events."""
         message_id = f"msg_{uuid.uuid4().hex}"
-        body, _ = await read_request(request, MessagesRequest, message_id, content=frozenset({"messages", "system"}))
-        events = watch(
-            services.chat.stream(
-                body.chat_messages(), body.params(), tools=body.tool_use(), template_options=body.template_options()
-            )
+        body, fields = await read_request(
+            request, MessagesRequest, message_id, content=frozenset({"messages", "system"})
         )
+        events = watch(services.chat.stream(body.conversation(), body.params(fields)))
         shell = MessageBody(message_id, services.model_id, [], None, None, AnthropicUsage(0, 0))
         writer = MessageWriter(shell, tuple(body.stop_sequences or ()))
         if body.stream:
@@ -195,7 +193,5 @@ class MessagesController(Controller):
         """The prompt tokens a conversation (with its system prompt and tools) takes, without generating."""
         body, _ = structure(await read_json(request), CountTokensRequest)
         structlog.contextvars.bind_contextvars(request_id=f"msg_{uuid.uuid4().hex}")
-        prompt = services.chat.prompt(
-            body.chat_messages(), tools=body.tool_use(), template_options=body.template_options()
-        )
+        prompt = services.chat.prompt(body.conversation())
         return TokenCount(len(prompt.token_ids))

@@ -7,17 +7,18 @@ conversation maps to the shared model (``ChatMessage``, ``ToolUse``): the chat u
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 from attrs import validators as v
 
 from domain.errors import InvalidRequestError
 from domain.generation import Choice, FinishReason, GenerationParams, OutputConstraint, Usage
-from domain.messages import ChatMessage, Role
+from domain.messages import ChatMessage, Conversation, Role
+from domain.options import read_options
 from domain.tools import FunctionTool, ToolChoice, ToolChoiceMode, ToolUse
 from domain.tools import ToolCall as DomainToolCall
-from entrypoints.http.openai_requests import ranged
+from entrypoints.http.openai_requests import option_field
 from entrypoints.http.wire_tools import FunctionDefinition, ToolDefinition, check_json_schema
 
 ANTHROPIC_PATH = "/v1/messages"
@@ -178,6 +179,12 @@ class ConversationRequest:
             mapped = ToolChoice(modes[choice.type])
         return ToolUse(tools, mapped, parallel=not choice.disable_parallel_tool_use)
 
+    def conversation(self) -> Conversation:
+        """What the chat prompt is rendered from: the system prompt and messages, tools, the template's options."""
+        return Conversation(
+            messages=tuple(self.chat_messages()), tools=self.tool_use(), template_options=self.template_options()
+        )
+
     def template_options(self) -> dict[str, Any]:
         """Variables for the chat template: ``thinking`` as ``enable_thinking``, and ``chat_template_kwargs``."""
         options: dict[str, Any] = {}
@@ -203,22 +210,27 @@ class MessagesRequest(ConversationRequest):
     max_tokens: int = attrs.field(validator=v.ge(1), metadata={"schema": {"minimum": 1}})
     stop_sequences: list[str] | None = None
     stream: bool = False
-    temperature: float | None = ranged(0, 1)
-    top_p: float | None = ranged(0, 1)
-    top_k: int | None = ranged(0)
+    temperature: float | None = option_field("temperature", high=1)
+    top_p: float | None = option_field("top_p")
+    top_k: int | None = option_field("top_k")
     metadata: Metadata | None = None
-    seed: int | None = None
+    seed: int | None = option_field("seed")
 
-    def params(self) -> GenerationParams:
-        """The generation parameters."""
+    reads_options: ClassVar[bool] = True
+    """Its other fields may carry the options of ``domain.options`` (HuggingFace's, as in OpenAI's dialect)."""
+
+    def params(self, fields: dict[str, Any]) -> GenerationParams:
+        """The generation parameters; ``fields`` are the request's other fields (HuggingFace's options...)."""
+        options, extra = read_options(fields)
         return GenerationParams(
             max_new_tokens=self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            top_k=self.top_k,
             seed=self.seed,
             stop=tuple(self.stop_sequences or ()),
             constraint=self.constraint(),
+            options=options if self.top_k is None else options | {"top_k": self.top_k},
+            extra=extra,
         )
 
 

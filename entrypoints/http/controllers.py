@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -16,35 +15,22 @@ from litestar import Controller, Request, get, post
 from application.generation import complete
 from domain.errors import InvalidRequestError
 from domain.generation import CompletionEvent, CompletionStream
+from domain.options import OPTION_NAMES
 from entrypoints.bootstrap import Services
 from entrypoints.http.lifecycle import RequestWatch
-from entrypoints.http.openai_bodies import (
-    ChatChoice,
-    ChatCompletionResponse,
-    CompletionResponse,
-    ModelCard,
-    ModelList,
-    ScoredChatCompletionResponse,
-    assistant_message,
-    chat_logprobs,
-    completion_choice,
-    completion_logprobs,
-    finish_reason,
-    prompt_logprobs_body,
+from entrypoints.http.openai_answers import (
+    AnswerShape,
+    chat_chunks,
+    chat_completion,
+    completion_chunks,
+    text_completion,
 )
+from entrypoints.http.openai_bodies import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList
 from entrypoints.http.openai_requests import ChatCompletionRequest, CompletionRequest
 from entrypoints.http.openapi import body_operation
 from entrypoints.http.refusals import ClientDisconnectedError
 from entrypoints.http.request_id import remember_response_id
-from entrypoints.http.streaming import (
-    ChunkFactory,
-    EventStream,
-    chat_chunks,
-    completion_chunks,
-    keepalive,
-    sse_stream,
-    usage_body,
-)
+from entrypoints.http.streaming import ChunkFactory, EventStream, keepalive, sse_stream
 from entrypoints.http.wire import structure
 
 log = structlog.get_logger(__name__)
@@ -84,8 +70,8 @@ async def read_request(
     remember_response_id(request.scope, response_id)
     parameters = {k: v for k, v in body.items() if k not in content}
     log.info("request.received", path=request.url.path, parameters=parameters)
-    if unknown:
-        log.info("request.unknown_fields", fields=sorted(unknown))
+    if unread := sorted(name for name in unknown if name not in OPTION_NAMES):
+        log.info("request.unknown_fields", fields=unread)
     return parsed, unknown
 
 
@@ -199,51 +185,18 @@ class ChatController(Controller):
         """Answer a conversation, whole or streamed as server-sent events."""
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         body, unknown = await read_request(request, ChatCompletionRequest, response_id)
-        created = int(time.time())
-        params = body.to_params(unknown)
-        events = watch(
-            services.chat.stream(
-                body.chat_messages(),
-                params,
-                n=body.n,
-                tools=body.tool_use(),
-                template_options=body.template_options(),
-                add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message,
-            )
-        )
+        shape = AnswerShape.of(body, response_id, services.model_id)
+        events = watch(services.chat.stream(body.conversation(), body.to_params(unknown), n=body.n))
         if body.stream:
-            chunks = chat_chunks(
-                response_id,
-                created,
-                services.model_id,
-                logprobs=params.logprobs is not None,
-                legacy_functions=body.legacy_functions,
-                token_ids=body.return_tokens_as_token_ids,
-                continuous_usage=body.continuous_usage,
-            )
             return await event_stream(  # type: ignore[return-value]
-                request, events, chunks, body.include_usage, announce=range(body.n), keepalive_seconds=watch.keepalive
+                request,
+                events,
+                chat_chunks(shape),
+                body.include_usage,
+                announce=range(body.n),
+                keepalive_seconds=watch.keepalive,
             )
-        result = await until_disconnected(request, complete(events))
-        legacy = body.legacy_functions
-        choices = [
-            ChatChoice(
-                c.index,
-                assistant_message(c, legacy_functions=legacy),
-                finish_reason(c, legacy_functions=legacy),
-                None if c.logprobs is None else chat_logprobs(c.logprobs, token_ids=body.return_tokens_as_token_ids),
-            )
-            for c in result.choices
-        ]
-        usage = usage_body(result.usage)
-        scored = result.choices[0].prompt_logprobs
-        if scored is not None:
-            prompt_logprobs = prompt_logprobs_body(scored)
-            return ScoredChatCompletionResponse(
-                response_id, created, services.model_id, choices, usage, prompt_logprobs=prompt_logprobs
-            )
-        return ChatCompletionResponse(response_id, created, services.model_id, choices, usage)
+        return chat_completion(await until_disconnected(request, complete(events)), shape)
 
 
 class CompletionsController(Controller):
@@ -264,31 +217,10 @@ class CompletionsController(Controller):
         """Continue a prompt, whole or streamed as server-sent events."""
         response_id = f"cmpl-{uuid.uuid4().hex}"
         body, unknown = await read_request(request, CompletionRequest, response_id)
-        created = int(time.time())
-        params = body.to_params(unknown)
-        events = watch(services.completion.stream(body.prompts(), params, n=body.n, echo=body.echo))
+        shape = AnswerShape.of(body, response_id, services.model_id)
+        events = watch(services.completion.stream(body.prompts(), body.to_params(unknown), n=body.n, echo=body.echo))
         if body.stream:
-            chunks = completion_chunks(
-                response_id,
-                created,
-                services.model_id,
-                logprobs=params.logprobs is not None,
-                token_ids=body.return_tokens_as_token_ids,
-                continuous_usage=body.continuous_usage,
-            )
             return await event_stream(  # type: ignore[return-value]
-                request, events, chunks, body.include_usage, keepalive_seconds=watch.keepalive
+                request, events, completion_chunks(shape), body.include_usage, keepalive_seconds=watch.keepalive
             )
-        result = await until_disconnected(request, complete(events))
-        as_ids = body.return_tokens_as_token_ids
-        choices = [
-            completion_choice(
-                c.index,
-                c.text,
-                str(c.finish_reason),
-                None if c.logprobs is None else completion_logprobs(c.logprobs, token_ids=as_ids),
-                prompt_logprobs=c.prompt_logprobs,
-            )
-            for c in result.choices
-        ]
-        return CompletionResponse(response_id, created, services.model_id, choices, usage_body(result.usage))
+        return text_completion(await until_disconnected(request, complete(events)), shape)

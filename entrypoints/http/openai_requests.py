@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 from attrs import validators as v
 
 from domain.errors import InvalidRequestError
 from domain.generation import GenerationParams
-from domain.messages import ChatMessage, Role
+from domain.messages import ChatMessage, Conversation, Role
+from domain.options import Kind, Option, option, read_options
 from domain.tools import ToolUse
 from entrypoints.http.peers import ConstraintFields
 from entrypoints.http.wire_tools import (
@@ -26,12 +27,6 @@ from entrypoints.http.wire_tools import (
 )
 
 
-def _finite(_instance: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
-    if value is not None and not isinstance(value, int) and not math.isfinite(value):
-        msg = f"'{attribute.name}' must be a finite number"
-        raise ValueError(msg, attribute, value)
-
-
 def _not_yet(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     """Accept the OpenAI default (what SDKs and LangChain send), refuse what this server cannot honour yet."""
     if value:
@@ -41,8 +36,6 @@ def _not_yet(_instance: object, attribute: attrs.Attribute[Any], value: object) 
 
 MAX_CHOICES = 64
 MAX_TOP_LOGPROBS = 20
-MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
-"""OpenAI's ``seed`` is a signed 64-bit integer."""
 
 
 def _token_biases(_instance: object, attribute: attrs.Attribute[Any], value: dict[str, float]) -> None:
@@ -78,14 +71,30 @@ def _some_token_ids(instance: object, attribute: attrs.Attribute[Any], value: li
 
 
 def ranged(low: float | None = None, high: float | None = None, *, default: Any = None) -> Any:  # noqa: ANN401
-    """A number field checked against ``[low, high]`` (finite), with the same bounds in the published schema."""
-    checks: list[Any] = [_finite]
-    if low is not None:
-        checks.append(v.ge(low))
-    if high is not None:
-        checks.append(v.le(high))
+    """A number field checked against ``[low, high]`` (finite), in the options table's words and published schema."""
+    bounds = Option(name="", kind=Kind.NUMBER, doc="", low=low, high=high)
+
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+        if value is not None and not bounds.holds(value):
+            msg = f"`{attribute.name}` must be {bounds.requirement}, got {value!r}."
+            raise InvalidRequestError(msg, param=attribute.name)
+
     limits = {name: bound for name, bound in (("minimum", low), ("maximum", high)) if bound is not None}
-    return attrs.field(default=default, validator=v.optional(checks), metadata={"schema": limits})
+    return attrs.field(default=default, validator=check, metadata={"schema": limits})
+
+
+def option_field(name: str, *, high: float | None = None) -> Any:  # noqa: ANN401
+    """A field for the table's option ``name`` (``domain.options``), checked and published with the table's range.
+
+    ``high`` narrows the range where the dialect's own reference does (OpenAI's temperature stops at 2).
+    """
+    row = option(name) if high is None else attrs.evolve(option(name), high=high)
+
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is not None:
+            row.check(value, sent_as=attribute.name)
+
+    return attrs.field(default=None, validator=check, metadata={"option": row})
 
 
 @attrs.frozen(kw_only=True)
@@ -173,41 +182,25 @@ class SamplingRequest(ConstraintFields):
     The output constraints (``response_format`` and the peers' structured outputs) come from ``ConstraintFields``.
     """
 
+    reads_options: ClassVar[bool] = True
+    """Its other fields may carry the options of ``domain.options`` (the published schema lists them)."""
     model: str | None = None
     max_tokens: int | None = ranged(0)
     max_completion_tokens: int | None = ranged(0)
-    temperature: float | None = ranged(0, 2)
-    top_p: float | None = ranged(0, 1)
+    temperature: float | None = option_field("temperature", high=2)
+    top_p: float | None = option_field("top_p")
     n: int = ranged(1, MAX_CHOICES, default=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = ranged(MIN_SEED, MAX_SEED)
-    presence_penalty: float | None = ranged(-2, 2)
-    frequency_penalty: float | None = ranged(-2, 2)
+    seed: int | None = option_field("seed")
+    presence_penalty: float | None = option_field("presence_penalty")
+    frequency_penalty: float | None = option_field("frequency_penalty")
     logit_bias: dict[str, float] | None = attrs.field(default=None, validator=v.optional(_token_biases))
     user: str | None = None
-    # HuggingFace generation options, sent by the OpenAI SDK through ``extra_body``.
     max_new_tokens: int | None = ranged(0)
-    top_k: int | None = ranged(0)
-    typical_p: float | None = ranged(0, 1)
-    min_p: float | None = ranged(0, 1)
-    repetition_penalty: float | None = attrs.field(default=None, validator=v.optional([_finite, v.gt(0)]))
-    no_repeat_ngram_size: int | None = ranged(0)
-    encoder_no_repeat_ngram_size: int | None = ranged(0)
-    num_beams: int | None = ranged(1)
-    num_beam_groups: int | None = ranged(1)
-    diversity_penalty: float | None = attrs.field(default=None, validator=v.optional([_finite, v.ge(0)]))
-    length_penalty: float | None = attrs.field(default=None, validator=v.optional(_finite))
-    min_length: int | None = ranged(0)
-    min_new_tokens: int | None = ranged(0)
-    early_stopping: bool | Literal["never"] | None = None
-    guidance_scale: float | None = attrs.field(default=None, validator=v.optional([_finite, v.ge(0)]))
-    bad_words_ids: list[list[int]] | None = None
-    do_sample: bool | None = None
-    # vLLM's and llama.cpp's sampling extras.
-    min_tokens: int | None = ranged(0)
-    ignore_eos: bool = False
+    """HuggingFace's ``max_tokens``; the other options of ``domain.options`` come in the request's other fields."""
+    # vLLM's and llama.cpp's extras.
     stop_token_ids: list[int] | None = attrs.field(default=None, validator=v.optional(_token_ids))
     allowed_token_ids: list[int] | None = attrs.field(default=None, validator=v.optional(_some_token_ids))
     n_predict: int | None = ranged(-1)
@@ -220,10 +213,6 @@ class SamplingRequest(ConstraintFields):
     def __attrs_post_init__(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
-        if self.bad_words_ids is not None and any(not ids for ids in self.bad_words_ids):
-            raise InvalidRequestError(
-                "bad_words_ids must be a list of non-empty lists of token ids", param="bad_words_ids"
-            )
 
     @property
     def include_usage(self) -> bool:
@@ -245,33 +234,18 @@ class SamplingRequest(ConstraintFields):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def to_params(self, extra: dict[str, Any]) -> GenerationParams:
-        """The domain's generation parameters; ``extra`` holds the request's unknown fields."""
+    def to_params(self, fields: dict[str, Any]) -> GenerationParams:
+        """The domain's generation parameters; ``fields`` are the request's other fields (HuggingFace's options...)."""
         predicted = None if self.n_predict is None or self.n_predict < 0 else self.n_predict
         max_new_tokens = next(
             (n for n in (self.max_completion_tokens, self.max_tokens, self.max_new_tokens, predicted) if n is not None),
             None,
         )
-        options = {} if self.do_sample is None else {"do_sample": self.do_sample}
+        options, extra = read_options(fields)
         return GenerationParams(
             max_new_tokens=max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            top_k=self.top_k,
-            typical_p=self.typical_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            no_repeat_ngram_size=self.no_repeat_ngram_size,
-            encoder_no_repeat_ngram_size=self.encoder_no_repeat_ngram_size,
-            num_beams=self.num_beams,
-            num_beam_groups=self.num_beam_groups,
-            diversity_penalty=self.diversity_penalty,
-            length_penalty=self.length_penalty,
-            min_length=self.min_length,
-            min_new_tokens=self.min_new_tokens if self.min_new_tokens is not None else self.min_tokens,
-            early_stopping=self.early_stopping,
-            guidance_scale=self.guidance_scale,
-            bad_words_ids=None if self.bad_words_ids is None else tuple(tuple(ids) for ids in self.bad_words_ids),
             seed=self.seed,
             stop=self.stop_sequences(),
             presence_penalty=self.presence_penalty or 0.0,
@@ -280,10 +254,10 @@ class SamplingRequest(ConstraintFields):
             logprobs=self.top_logprobs_wanted(),
             prompt_logprobs=self.prompt_logprobs,
             constraint=self.output_constraint(),
-            ignore_eos=self.ignore_eos,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
-            extra=options | extra,
+            options=options,
+            extra=extra,
         )
 
 
@@ -337,6 +311,16 @@ class ChatCompletionRequest(SamplingRequest):
     def template_options(self) -> dict[str, Any]:
         """Variables for the chat template: ``chat_template_kwargs`` and ``reasoning_effort``."""
         return template_options(self.chat_template_kwargs, self.reasoning_effort)
+
+    def conversation(self) -> Conversation:
+        """What the chat prompt is rendered from: messages, tools, the template's options."""
+        return Conversation(
+            messages=tuple(self.chat_messages()),
+            tools=self.tool_use(),
+            template_options=self.template_options(),
+            add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message,
+        )
 
     def chat_messages(self) -> list[ChatMessage]:
         """The conversation as domain messages; a legacy ``function`` result answers the call before it."""

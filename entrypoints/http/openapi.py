@@ -26,6 +26,7 @@ from litestar.openapi.spec import (
 from litestar.plugins.attrs import AttrsSchemaPlugin
 from litestar.typing import FieldDefinition
 
+from domain.options import OPTIONS, Kind, Option
 from entrypoints.http.litestar_compat import SchemaCreator
 
 SSE = OpenAPIMediaType(
@@ -81,9 +82,17 @@ def request_schema(kind: type[Any]) -> Schema:
         schema = schemas.get(described.__name__)
         properties = (schema.properties or {}) if isinstance(schema, Schema) else {}
         for field in attrs.fields(described):
-            limits = field.metadata.get("schema")
+            row = field.metadata.get("option")
+            limits = field.metadata.get("schema") or (_limits(row) if row is not None else None)
             if limits and isinstance(properties.get(field.name), Schema):
                 _constrain(properties[field.name], limits)  # type: ignore[arg-type]
+        if getattr(described, "reads_options", False) and isinstance(schema, Schema):
+            schema.properties = properties | {
+                name: _option_schema(row)
+                for row in OPTIONS
+                for name in (row.name, *row.aliases)
+                if name not in properties
+            }
     inlined = _inline(root, schemas)
     assert isinstance(inlined, Schema)  # noqa: S101  an attrs class always gives an object schema
     return inlined
@@ -103,6 +112,28 @@ def _inline(node: Any, schemas: dict[str, Schema]) -> Any:  # noqa: ANN401  walk
             if isinstance(value, Reference | Schema | list | dict):
                 setattr(node, field.name, _inline(value, schemas))
     return node
+
+
+def _limits(row: Option) -> dict[str, float]:
+    """An option's range as the schema's bound attributes."""
+    published = row.schema()
+    names = {"minimum": "minimum", "maximum": "maximum", "exclusiveMinimum": "exclusive_minimum"}
+    return {names[key]: value for key, value in published.items() if key in names}  # type: ignore[misc]
+
+
+def _option_schema(row: Option) -> Schema:
+    """The schema of a table option the request's other fields may carry (``domain.options``)."""
+    published = row.schema()
+    if row.kind is Kind.TOKEN_SEQUENCES:
+        ids = Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.INTEGER, minimum=0))
+        return Schema(type=OpenAPIType.ARRAY, items=ids, description=row.doc)
+    if row.kind is Kind.EARLY_STOPPING:
+        never = Schema(type=OpenAPIType.STRING, enum=["never"])
+        return Schema(one_of=[Schema(type=OpenAPIType.BOOLEAN), never], description=row.doc)
+    schema = Schema(type=OpenAPIType(published["type"]), description=row.doc)
+    for name, bound in _limits(row).items():
+        setattr(schema, name, bound)
+    return schema
 
 
 def _constrain(schema: Schema, limits: dict[str, float]) -> None:

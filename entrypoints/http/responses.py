@@ -21,7 +21,7 @@ from litestar.response import ServerSentEventMessage
 
 from domain.errors import InvalidRequestError
 from domain.generation import Choice, Completion, CompletionEvent, CompletionStream, FinishReason, TextDelta
-from domain.messages import ChatMessage, Role
+from domain.messages import ChatMessage, Conversation, Role
 from entrypoints.bootstrap import Services
 from entrypoints.http.controllers import read_request, started, until_disconnected
 from entrypoints.http.lifecycle import RequestWatch
@@ -316,14 +316,10 @@ class ResponsesController(Controller):
         items = body.input_items()
         turns = (*history, *conversation(items))
         instructions = [ChatMessage(Role.SYSTEM, body.instructions)] if body.instructions else []
-        events = watch(
-            services.chat.stream(
-                [*instructions, *turns],
-                body.params(unknown),
-                tools=body.tool_use(),
-                template_options=body.template_options(),
-            )
+        asked = Conversation(
+            messages=(*instructions, *turns), tools=body.tool_use(), template_options=body.template_options()
         )
+        events = watch(services.chat.stream(asked, body.params(unknown)))
         writer = ResponseWriter(response_shell(body, response_id, int(time.time()), services.model_id))
         kept_items = stored_items(items)
 

@@ -7,35 +7,20 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
-import attrs
 import structlog
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from domain.errors import DomainError
-from domain.generation import Choice, Completion, CompletionStream, TextDelta, Usage
+from domain.generation import Choice, Completion, CompletionStream, TextDelta
 from entrypoints.http.errors import error_body
 from entrypoints.http.openai_bodies import (
-    ChatCompletionChunk,
-    ChunkChoice,
-    CompletionChoice,
-    CompletionResponse,
-    CompletionTokensDetails,
-    Delta,
     ErrorBody,
-    PromptTokensDetails,
-    ScoredChatCompletionChunk,
-    UsageBody,
-    chat_logprobs,
-    completion_choice,
-    completion_logprobs,
-    finish_reason,
-    prompt_logprobs_body,
 )
 from entrypoints.http.refusals import RefusalError
 from entrypoints.http.wire import unstructure
-from entrypoints.http.wire_tools import function_call_body, tool_call_deltas
 
 log = structlog.get_logger(__name__)
+
 
 ChunkFactory = Callable[[TextDelta | Choice | Completion], object]
 """Builds the chunk that carries one event of a use case's stream."""
@@ -48,17 +33,6 @@ class EventStream(ServerSentEvent):
         """The ASGI response, with the event-stream media type kept."""
         kwargs["media_type"] = "text/event-stream"
         return super().to_asgi_response(*args, **kwargs)
-
-
-def usage_body(usage: Usage) -> UsageBody:
-    """The wire form of ``usage``."""
-    return UsageBody(
-        usage.prompt_tokens,
-        usage.completion_tokens,
-        usage.total_tokens,
-        PromptTokensDetails(usage.cached_tokens),
-        CompletionTokensDetails(usage.reasoning_tokens),
-    )
 
 
 def event(payload: object) -> ServerSentEventMessage:
@@ -86,99 +60,6 @@ def stream_error(error: Exception) -> tuple[int, ErrorBody]:
     else:
         log.error("stream.failed", exc_info=error)
     return status, body
-
-
-def chat_chunks(
-    response_id: str,
-    created: int,
-    model: str,
-    *,
-    logprobs: bool,
-    legacy_functions: bool = False,
-    token_ids: bool = False,
-    continuous_usage: bool = False,
-) -> ChunkFactory:
-    """Chunk factory for ``chat.completion.chunk``; each choice's first chunk carries the assistant role.
-
-    Tool calls are sent whole as they complete, numbered within their choice; to a legacy ``functions`` request,
-    the call is ``delta.function_call``. With ``token_ids`` logprobs name tokens by id; with ``continuous_usage``
-    every chunk carries its choice's usage so far.
-    """
-    started: set[int] = set()
-    called: dict[int, int] = {}
-    usage_so_far = _UsageSoFar(enabled=continuous_usage)
-
-    def chunk(item: TextDelta | Choice | Completion) -> object:
-        if isinstance(item, Completion):
-            return ChatCompletionChunk(response_id, created, model, [], usage_body(item.usage))
-        first = item.index not in started
-        started.add(item.index)
-        role = "assistant" if first else None
-        if isinstance(item, Choice):
-            reason = finish_reason(item, legacy_functions=legacy_functions)
-            choice = ChunkChoice(item.index, Delta(role=role, content="" if first else None), reason)
-            if item.prompt_logprobs is None:
-                return ChatCompletionChunk(response_id, created, model, [choice], usage_so_far(item))
-            scored = prompt_logprobs_body(item.prompt_logprobs)
-            return ScoredChatCompletionChunk(
-                response_id, created, model, [choice], usage_so_far(item), prompt_logprobs=scored
-            )
-        entries = chat_logprobs(item.logprobs, token_ids=token_ids) if logprobs else None
-        calls = tool_call_deltas(item.tool_calls, called.get(item.index, 0)) if item.tool_calls else None
-        called[item.index] = called.get(item.index, 0) + len(item.tool_calls)
-        content = item.text if item.text or not (calls or item.reasoning) else None
-        thought = item.reasoning or None
-        delta = Delta(role=role, content=content, tool_calls=calls, reasoning_content=thought, reasoning=thought)
-        if legacy_functions and item.tool_calls:
-            call = function_call_body(item.tool_calls[0])
-            delta = attrs.evolve(delta, content=item.text or None, tool_calls=None, function_call=call)
-        choice = ChunkChoice(item.index, delta, None, entries)
-        return ChatCompletionChunk(response_id, created, model, [choice], usage_so_far(item))
-
-    return chunk
-
-
-def completion_chunks(
-    response_id: str,
-    created: int,
-    model: str,
-    *,
-    logprobs: bool,
-    token_ids: bool = False,
-    continuous_usage: bool = False,
-) -> ChunkFactory:
-    """Chunk factory for streamed ``text_completion`` objects (switches as for ``chat_chunks``)."""
-    usage_so_far = _UsageSoFar(enabled=continuous_usage)
-
-    def chunk(item: TextDelta | Choice | Completion) -> object:
-        if isinstance(item, Completion):
-            return CompletionResponse(response_id, created, model, [], usage_body(item.usage))
-        if isinstance(item, Choice):
-            choice = completion_choice(item.index, "", str(item.finish_reason), prompt_logprobs=item.prompt_logprobs)
-        else:
-            entries = completion_logprobs(item.logprobs, token_ids=token_ids) if logprobs else None
-            choice = CompletionChoice(item.index, item.text, None, entries)
-        return CompletionResponse(response_id, created, model, [choice], usage_so_far(item))
-
-    return chunk
-
-
-@attrs.define
-class _UsageSoFar:
-    """vLLM's continuous usage: a choice's prompt tokens and the tokens it has generated, on each of its chunks."""
-
-    enabled: bool
-    prompts: dict[int, int] = attrs.Factory(dict)
-
-    def __call__(self, item: TextDelta | Choice) -> UsageBody | None:
-        if not self.enabled:
-            return None
-        if isinstance(item, TextDelta) and item.prompt_tokens:
-            self.prompts[item.index] = item.prompt_tokens
-        prompt = self.prompts.get(item.index)
-        if prompt is None:
-            return None
-        return UsageBody(prompt, item.completion_tokens, prompt + item.completion_tokens)
 
 
 async def sse_stream(

@@ -8,6 +8,7 @@ import attrs
 from attrs import validators as v
 from litestar import Controller, Request, post
 
+from domain.messages import Conversation
 from domain.tools import ToolUse
 from entrypoints.bootstrap import Services
 from entrypoints.http.controllers import read_body
@@ -27,6 +28,8 @@ class TokenizeRequest:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     tools: list[ToolDefinition] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Variables for the chat template, as chat completions take them (vLLM's)."""
     return_token_strs: bool = False
 
     def __attrs_post_init__(self) -> None:
@@ -79,13 +82,14 @@ class TokenizationController(Controller):
         if body.messages is not None:
             messages = [message.to_domain(index) for index, message in enumerate(body.messages)]
             tools = tuple(tool.to_domain(index) for index, tool in enumerate(body.tools or ()))
-            tokens = tokenizer.tokenize_messages(
-                messages,
-                ToolUse(tools, tool_choice(None, has_tools=bool(tools))),
+            conversation = Conversation(
+                messages=tuple(messages),
+                tools=ToolUse(tools, tool_choice(None, has_tools=bool(tools))),
+                template_options=body.chat_template_kwargs or {},
                 add_generation_prompt=body.add_generation_prompt,
                 continue_final_message=body.continue_final_message,
-                add_special_tokens=bool(body.add_special_tokens),
             )
+            tokens = tokenizer.tokenize_messages(conversation, add_special_tokens=bool(body.add_special_tokens))
         else:
             special = True if body.add_special_tokens is None else body.add_special_tokens
             tokens = tokenizer.tokenize_text(body.prompt or "", add_special_tokens=special)

@@ -20,6 +20,7 @@ from adapters.huggingface.model_facts import ModelFacts, TellsModelFacts
 from adapters.huggingface.transformers_compat import has_plain_layers
 from domain.errors import QueueFullError
 from domain.generation import GeneratedTokens, GenerationParams, TokenLogprob
+from domain.options import unbatched
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -32,9 +33,6 @@ log = structlog.get_logger(__name__)
 
 CLOSE_TIMEOUT = 5.0
 """Seconds ``close`` waits for the engine thread to end its current step."""
-
-UNBATCHED_EXTRA_OPTIONS = frozenset({"num_beams", "num_beam_groups", "diversity_penalty", "guidance_scale"})
-"""Options that, set through ``GenerationParams.extra``, send a request down the plain ``generate`` path."""
 
 
 @attrs.define
@@ -114,14 +112,11 @@ class BatchingGenerator(TellsModelFacts):
     def batchable(self, params: GenerationParams) -> bool:
         """Whether a request can decode in the shared batch: one hypothesis, no guidance model, no constraint."""
         base = self.model.generation_config
-        return (
-            self.batchable_model
-            and (params.num_beams or base.num_beams or 1) == 1
-            and (params.num_beam_groups or base.num_beam_groups or 1) == 1
-            and (params.guidance_scale if params.guidance_scale is not None else base.guidance_scale) in (None, 1)
-            and params.constraint is None
-            and not UNBATCHED_EXTRA_OPTIONS & set(params.extra)
-        )
+        defaults = {"num_beams": base.num_beams, "num_beam_groups": base.num_beam_groups}
+        if base.guidance_scale is not None:
+            defaults["guidance_scale"] = base.guidance_scale
+        asked = {name: value for name, value in defaults.items() if value is not None} | dict(params.options)
+        return self.batchable_model and params.constraint is None and not unbatched(asked)
 
     async def generate(
         self, prompt_ids: Sequence[int], params: GenerationParams

@@ -86,7 +86,6 @@ def prepare(row: Row, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     config.max_length = (config.max_new_tokens or 0) + prompt_length
     if config.min_new_tokens is not None:
         config.min_length = config.min_new_tokens + prompt_length
-    config.stop_strings = list(row.params.stop) or None
     ids = torch.tensor([row.prompt_ids], dtype=torch.long, device=model.device)
     prepare_special_tokens(hidden, config)
     custom, row.recorder = request_processors(row.params, prompt_length=prompt_length)
