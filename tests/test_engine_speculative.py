@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -171,21 +172,6 @@ def test_rows_with_and_without_drafts_share_a_step(generator, reference, prompts
 # --- endings inside a draft ----------------------------------------------------------------------------------------
 
 
-def test_a_stop_sequence_completed_inside_an_accepted_draft_ends_the_request_there(
-    generator, reference, prompts, looping
-):
-    token, bias = looping
-    # after the first token, "5 x" is looked up in the prompt, where "x x 9" follows: the stop ends inside the draft
-    prompt_ids = [*prompts[3], 5, token, token, token, 9, 5]
-    params = greedy(max_new_tokens=40, stop=(generator.decode([token] * 3, skip_special_tokens=True),), **bias)
-    steps, (_, accepted) = drafted(generator, lambda: collect(generator, prompt_ids, params))
-    assert flat(steps) == flat(collect(reference, prompt_ids, params))
-    assert flat(steps)[0] == [token] * 3
-    assert steps[-1].finish_reason is FinishReason.STOP
-    assert [len(step.token_ids) for step in steps if step.token_ids] == [1, 2]
-    assert accepted == 2
-
-
 def test_max_tokens_is_never_exceeded_by_a_draft(generator, reference, prompts, looping):
     _, bias = looping
     for max_new_tokens in (1, 2, 3, 6, 7):
@@ -271,3 +257,38 @@ def test_draft_counts_reach_the_metrics_endpoint(model_dir, looping):
     assert accepted > 0
     assert f"hf_openai_spec_decode_draft_tokens_total {float(proposed)}" in after
     assert f"hf_openai_spec_decode_accepted_tokens_total {float(accepted)}" in after
+
+
+def test_through_the_api_a_stop_inside_a_draft_answers_as_without_speculation(model_dir, generator, reference, looping):
+    token, bias = looping
+    body = {
+        "model": "tiny",
+        "prompt": [*generator.encode("she", add_special_tokens=True), 5, token, token, token, 9, 5],
+        "max_tokens": 12,
+        "temperature": 0,
+        "logprobs": 2,
+        "stop": [generator.decode([token] * 3, skip_special_tokens=True)],
+    } | bias
+    answers = {}
+    before = generator.drafts.accepted
+    for name, served in (("on", generator), ("off", reference)):
+        with TestClient(create_app(ServerSettings(), generator=served)) as client:
+            answers[name] = [client.post("/v1/completions", json=body | {"stream": stream}) for stream in (False, True)]
+    assert generator.drafts.accepted > before
+    (plain_on, stream_on), (plain_off, stream_off) = answers["on"], answers["off"]
+    assert plain_on.status_code == plain_off.status_code == 200
+    on, off = plain_on.json(), plain_off.json()
+    assert on["choices"] == off["choices"]
+    assert on["usage"] == off["usage"]
+    assert on["choices"][0]["finish_reason"] == "stop"
+    assert on["usage"]["completion_tokens"] == 3  # the draft's token after the stop is not counted
+    chunks = [[line for line in r.text.splitlines() if line.startswith("data:")] for r in (stream_on, stream_off)]
+    assert [_without_ids(chunk) for chunk in chunks[0]] == [_without_ids(chunk) for chunk in chunks[1]]
+
+
+def _without_ids(line: str) -> str:
+    """An SSE data line without what differs between two servers (ids, timestamps)."""
+    if line == "data: [DONE]":
+        return line
+    event = json.loads(line.removeprefix("data: "))
+    return json.dumps({key: value for key, value in event.items() if key not in {"id", "created"}}, sort_keys=True)
