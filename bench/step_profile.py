@@ -90,7 +90,7 @@ def chat_prompts(generator: HuggingFaceGenerator, count: int) -> list[list[int]]
 
 async def decode(engine: BatchingGenerator, prompts: list[list[int]], tokens: int) -> int:
     """Decode ``tokens`` greedy tokens after each prompt, all at once; how many came."""
-    params = GenerationParams(temperature=0, max_new_tokens=tokens, ignore_eos=True)
+    params = GenerationParams(temperature=0, max_new_tokens=tokens, options={"ignore_eos": True})
 
     async def one(prompt_ids: list[int]) -> int:
         return sum([len(step.token_ids) async for step in engine.generate(prompt_ids, params)])

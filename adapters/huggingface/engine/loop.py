@@ -117,6 +117,8 @@ class EngineLoop:
         device = self.forward.model.device
         length = self.speculation.draft_length(len(batch.rows))
         drafts = [self._draft(row, length) for row in batch.rows]
+        if 2 * sum(map(len, drafts)) < len(drafts) * max(map(len, drafts)):
+            drafts = [[] for _ in drafts]  # most extra positions would be padding: not worth a wider pass
         fed = 1 + max(map(len, drafts))
         ids = torch.tensor(
             [
