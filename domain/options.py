@@ -48,6 +48,9 @@ class Option:
     """A value that changes nothing; with ``batched=False``, any other value takes the request out of the batch."""
     batched: bool = True
     """The batching engine decodes requests that set it (beam search and guidance need ``generate``'s own loop)."""
+    declared: bool = False
+    """A field of ``GenerationParams`` that each dialect declares itself (``option_field``), never read from the
+    request's other fields: a dialect without it (Anthropic's has no ``presence_penalty``) does not offer it."""
 
     @property
     def requirement(self) -> str:
@@ -128,11 +131,37 @@ MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 
 OPTIONS: tuple[Option, ...] = (
     # OpenAI's sampling options: the dialects declare these fields themselves, with this table's range.
-    Option(name="temperature", kind=Kind.NUMBER, low=0, doc="0 is greedy decoding; higher is more random"),
-    Option(name="top_p", kind=Kind.NUMBER, low=0, high=1, sampling=True, doc="nucleus sampling's probability mass"),
-    Option(name="presence_penalty", kind=Kind.NUMBER, low=-2, high=2, doc="subtracted once per token already used"),
-    Option(name="frequency_penalty", kind=Kind.NUMBER, low=-2, high=2, doc="subtracted per use of a token"),
-    Option(name="seed", kind=Kind.INTEGER, low=MIN_SEED, high=MAX_SEED, doc="seeds sampling: same seed, same text"),
+    Option(
+        name="temperature", declared=True, kind=Kind.NUMBER, low=0, doc="0 is greedy decoding; higher is more random"
+    ),
+    Option(
+        name="top_p",
+        declared=True,
+        kind=Kind.NUMBER,
+        low=0,
+        high=1,
+        sampling=True,
+        doc="nucleus sampling's probability mass",
+    ),
+    Option(
+        name="presence_penalty",
+        declared=True,
+        kind=Kind.NUMBER,
+        low=-2,
+        high=2,
+        doc="subtracted once per token already used",
+    ),
+    Option(
+        name="frequency_penalty", declared=True, kind=Kind.NUMBER, low=-2, high=2, doc="subtracted per use of a token"
+    ),
+    Option(
+        name="seed",
+        declared=True,
+        kind=Kind.INTEGER,
+        low=MIN_SEED,
+        high=MAX_SEED,
+        doc="seeds sampling: same seed, same text",
+    ),
     # HuggingFace GenerationConfig's options, read from the request's other fields (the OpenAI SDK's extra_body).
     Option(name="top_k", kind=Kind.INTEGER, low=0, sampling=True, doc="sample among the k likeliest (0: off)"),
     Option(name="typical_p", kind=Kind.NUMBER, low=0, high=1, open_low=True, sampling=True, doc="typical sampling"),
@@ -165,9 +194,10 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 _BY_NAME = {name: option for option in OPTIONS for name in (option.name, *option.aliases)}
+_READ = {name: option for name, option in _BY_NAME.items() if not option.declared}
 
-OPTION_NAMES = frozenset(_BY_NAME)
-"""Every name the table reads from a request: the options' own names and their aliases."""
+OPTION_NAMES = frozenset(_READ)
+"""Every name the table reads from a request's other fields: the options' own names and their aliases."""
 
 
 def option(name: str) -> Option:
@@ -183,7 +213,7 @@ def read_options(fields: Mapping[str, object]) -> tuple[dict[str, object], dict[
     options: dict[str, object] = {}
     others: dict[str, object] = {}
     for name, value in fields.items():
-        row = _BY_NAME.get(name)
+        row = _READ.get(name)
         if row is None:
             others[name] = value
         elif value is not None:

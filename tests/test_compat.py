@@ -117,19 +117,6 @@ def test_torch_onednn_ops_are_where_the_compat_module_calls_them():
     assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-5), "mkldnn._linear_pointwise changed its meaning"
 
 
-def test_litestar_schema_creator_is_where_the_compat_module_imports_it():
-    from litestar.plugins.attrs import AttrsSchemaPlugin  # noqa: PLC0415
-    from litestar.typing import FieldDefinition  # noqa: PLC0415
-
-    from entrypoints.http.litestar_compat import SchemaCreator  # noqa: PLC0415
-
-    hook(SchemaCreator, "__init__", "plugins")
-    hook(SchemaCreator, "for_field_definition", "field_definition")
-    creator = SchemaCreator(plugins=[AttrsSchemaPlugin()])
-    assert creator.for_field_definition(FieldDefinition.from_annotation(int)) is not None
-    hook(creator.schema_registry, "generate_components_schemas")
-
-
 def test_no_module_outside_the_compat_modules_touches_a_librarys_private_names():
     private = re.compile(r"(litestar\._\w|torch\.ops\.\w+\._\w|\bmodel\._\w|generation_config\._\w|config\._\w)")
     offenders = [

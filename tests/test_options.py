@@ -44,7 +44,7 @@ def test_every_option_has_a_value_it_refuses() -> None:
 @pytest.mark.parametrize("name", sorted(OUTSIDE))
 def test_a_value_outside_an_options_range_is_refused_naming_it(name: str) -> None:
     with pytest.raises(InvalidRequestError) as raised:
-        read_options({name: OUTSIDE[name]})
+        option(name).check(OUTSIDE[name])
     assert raised.value.param == name
     assert raised.value.message.startswith(f"`{name}` must ")
     assert raised.value.message.endswith(f", got {OUTSIDE[name]!r}.")
@@ -66,16 +66,22 @@ def test_a_value_outside_an_options_range_is_refused_naming_it(name: str) -> Non
 )
 def test_one_message_style(name: str, value: object, message: str) -> None:
     with pytest.raises(InvalidRequestError) as raised:
-        read_options({name: value})
+        option(name).check(value, sent_as=name)
     assert raised.value.message == message
     assert raised.value.param == name
 
 
 def test_options_are_split_from_other_fields_and_typed() -> None:
-    options, others = read_options({"top_k": 3, "min_p": 0, "bad_words_ids": [[1, 2]], "frobnicate": 1, "top_p": None})
+    fields = {"top_k": 3, "min_p": 0, "bad_words_ids": [[1, 2]], "frobnicate": 1, "typical_p": None}
+    options, others = read_options(fields)
     assert options == {"top_k": 3, "min_p": 0.0, "bad_words_ids": ((1, 2),)}
     assert isinstance(options["min_p"], float)
     assert others == {"frobnicate": 1}
+
+
+def test_options_a_dialect_declares_itself_are_not_read_from_other_fields() -> None:
+    """Anthropic's Messages API has no presence_penalty: sent there, it is an unknown field, not an option."""
+    assert read_options({"presence_penalty": 1.0, "top_k": 2}) == ({"top_k": 2}, {"presence_penalty": 1.0})
 
 
 def test_an_alias_lands_under_the_options_own_name_and_two_names_at_once_are_refused() -> None:

@@ -1,15 +1,16 @@
 """Request bodies in the published OpenAPI schema, described from the wire types the handlers structure themselves.
 
 The handlers read and structure their bodies with the wire converter, so Litestar cannot infer the request body;
-each POST handler gets an ``operation_class`` that publishes the schema Litestar's own generator (the one that
-describes the responses) makes for the wire type, inlined, with the ranges the fields enforce.
+each POST handler gets an ``operation_class`` that publishes the schema of the wire type, written here from its
+attrs fields (Litestar's public spec types only), inlined, with the ranges the fields enforce.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import enum
 import functools
+import types
 import typing
 from typing import Any
 
@@ -23,11 +24,8 @@ from litestar.openapi.spec import (
     RequestBody,
     Schema,
 )
-from litestar.plugins.attrs import AttrsSchemaPlugin
-from litestar.typing import FieldDefinition
 
-from domain.options import OPTIONS, Kind, Option
-from entrypoints.http.litestar_compat import SchemaCreator
+from domain.options import OPTION_NAMES, Kind, Option, option
 
 SSE = OpenAPIMediaType(
     schema=Schema(
@@ -74,44 +72,62 @@ def body_operation(kind: type[Any], *, streams: bool = False, events: OpenAPIMed
 
 @functools.cache
 def request_schema(kind: type[Any]) -> Schema:
-    """The inlined schema of ``kind`` and everything it refers to, with the ranges its fields enforce."""
-    creator = SchemaCreator(plugins=[AttrsSchemaPlugin()])
-    root = creator.for_field_definition(FieldDefinition.from_annotation(kind))
-    schemas = creator.schema_registry.generate_components_schemas()
-    for described in _attrs_classes(kind):
-        schema = schemas.get(described.__name__)
-        properties = (schema.properties or {}) if isinstance(schema, Schema) else {}
-        for field in attrs.fields(described):
-            row = field.metadata.get("option")
-            limits = field.metadata.get("schema") or (_limits(row) if row is not None else None)
-            if limits and isinstance(properties.get(field.name), Schema):
-                _constrain(properties[field.name], limits)  # type: ignore[arg-type]
-        if getattr(described, "reads_options", False) and isinstance(schema, Schema):
-            schema.properties = properties | {
-                name: _option_schema(row)
-                for row in OPTIONS
-                for name in (row.name, *row.aliases)
-                if name not in properties
-            }
-    inlined = _inline(root, schemas)
-    assert isinstance(inlined, Schema)  # noqa: S101  an attrs class always gives an object schema
-    return inlined
+    """The inlined JSON schema of the wire type ``kind``: its fields, their types, the ranges they enforce.
+
+    Written from the attrs classes the handlers structure bodies into, with Litestar's public spec types only.
+    """
+    return _type_schema(kind, frozenset())
 
 
-def _inline(node: Any, schemas: dict[str, Schema]) -> Any:  # noqa: ANN401  walks the spec's dataclasses
-    """``node`` with every ``$ref`` to ``schemas`` replaced by a copy of what it names."""
-    if isinstance(node, Reference):
-        return _inline(copy.deepcopy(schemas[node.ref.rsplit("/", 1)[-1]]), schemas)
-    if isinstance(node, list):
-        return [_inline(item, schemas) for item in node]
-    if isinstance(node, dict):
-        return {key: _inline(value, schemas) for key, value in node.items()}
-    if isinstance(node, Schema):
-        for field in dataclasses.fields(node):
-            value = getattr(node, field.name)
-            if isinstance(value, Reference | Schema | list | dict):
-                setattr(node, field.name, _inline(value, schemas))
-    return node
+_SCALARS = {
+    str: OpenAPIType.STRING,
+    int: OpenAPIType.INTEGER,
+    float: OpenAPIType.NUMBER,
+    bool: OpenAPIType.BOOLEAN,
+    type(None): OpenAPIType.NULL,
+}
+
+
+def _type_schema(annotation: Any, outer: frozenset[type[Any]]) -> Schema:  # noqa: ANN401, PLR0911  one per kind
+    """The schema of one annotation; ``outer`` holds the attrs classes being described (a cycle is left open)."""
+    origin = typing.get_origin(annotation)
+    arguments = typing.get_args(annotation)
+    if annotation in _SCALARS:
+        return Schema(type=_SCALARS[annotation])
+    if origin in (typing.Union, types.UnionType):
+        return Schema(one_of=[_type_schema(arm, outer) for arm in arguments])
+    if origin is typing.Literal:
+        kinds = {_SCALARS[type(value)] for value in arguments}
+        return Schema(type=kinds.pop() if len(kinds) == 1 else None, enum=list(arguments))
+    if origin is list:
+        return Schema(type=OpenAPIType.ARRAY, items=_type_schema(arguments[0], outer))
+    if origin is dict:
+        return Schema(type=OpenAPIType.OBJECT, additional_properties=_type_schema(arguments[1], outer))
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return Schema(type=OpenAPIType.STRING, enum=[member.value for member in annotation])
+    if attrs.has(annotation) and annotation not in outer:
+        return _object_schema(annotation, outer | {annotation})
+    return Schema()  # Any, or a class already being described
+
+
+def _object_schema(kind: type[Any], outer: frozenset[type[Any]]) -> Schema:
+    """An attrs class as an object: a property per field, the fields without a default required."""
+    hints = typing.get_type_hints(kind)
+    properties: dict[str, Schema | Reference] = {}
+    required = []
+    for field in attrs.fields(kind):
+        schema = _type_schema(hints[field.name], outer)
+        row = field.metadata.get("option")
+        limits = field.metadata.get("schema") or (_limits(row) if row is not None else None)
+        if limits:
+            _constrain(schema, limits)
+        properties[field.name] = schema
+        if field.default is attrs.NOTHING:
+            required.append(field.name)
+    if getattr(kind, "reads_options", False):
+        named = {name: option(name) for name in sorted(OPTION_NAMES) if name not in properties}
+        properties |= {name: _option_schema(row) for name, row in named.items()}
+    return Schema(type=OpenAPIType.OBJECT, properties=properties, required=required or None, title=kind.__name__)
 
 
 def _limits(row: Option) -> dict[str, float]:
@@ -142,24 +158,3 @@ def _constrain(schema: Schema, limits: dict[str, float]) -> None:
         if isinstance(branch, Schema) and branch.type != OpenAPIType.NULL:
             for name, bound in limits.items():
                 setattr(branch, name, bound)
-
-
-def _attrs_classes(kind: type[Any]) -> list[type[Any]]:
-    """``kind`` and every attrs class reachable through its fields."""
-    seen: list[type[Any]] = []
-    pending = [kind]
-    while pending:
-        current = pending.pop()
-        if current in seen or not attrs.has(current):
-            continue
-        seen.append(current)
-        for annotation in typing.get_type_hints(current).values():
-            pending.extend(_types_in(annotation))
-    return seen
-
-
-def _types_in(annotation: Any) -> list[type[Any]]:  # noqa: ANN401
-    found = [annotation] if isinstance(annotation, type) else []
-    for argument in typing.get_args(annotation):
-        found.extend(_types_in(argument))
-    return found
