@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -16,6 +17,10 @@ from application.tokenization import TokenizationService
 from domain.errors import UnknownModelError
 from domain.ports import ConstraintChecker, Generator
 from entrypoints.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from adapters.huggingface.engine import BatchingGenerator
+    from adapters.huggingface.generator import HuggingFaceGenerator
 
 
 @attrs.frozen
@@ -92,10 +97,18 @@ def build_services(
     )
 
 
-def load_services(settings: ServerSettings) -> Services:
-    """Load the configured HuggingFace model (slow: call it off the event loop) and build the services.
+@attrs.frozen
+class LoadedEngine:
+    """The configured model in its batching engine, and the plain generator beside it (grammars, facts)."""
 
-    Requests decode together in a continuously batched engine; those that cannot share a batch take the plain path.
+    generator: BatchingGenerator
+    plain: HuggingFaceGenerator
+
+
+def load_engine(settings: ServerSettings) -> LoadedEngine:
+    """Load the configured HuggingFace model into a continuously batched engine (slow: call it off the event loop).
+
+    Requests decode together in the engine; those that cannot share a batch take the plain path.
     """
     from adapters.huggingface.engine import (  # noqa: PLC0415  torch loads only when serving
         BatchingGenerator,
@@ -123,13 +136,19 @@ def load_services(settings: ServerSettings) -> Services:
         prefixes=PrefixCache(settings.prefix_cache_mib * 2**20) if settings.prefix_cache_mib else None,
         speculation=Speculation(settings.speculative_tokens),
     )
-    facts = generator.facts
+    return LoadedEngine(generator, plain)
+
+
+def load_services(settings: ServerSettings) -> Services:
+    """Load the configured model (slow: call it off the event loop) and build the services around it."""
+    engine = load_engine(settings)
+    facts = engine.generator.facts
     template = TokenizerTemplate(facts.chat_template, facts.bos_token, facts.eos_token)
     return build_services(
         settings,
-        generator,
+        engine.generator,
         template,
-        close=generator.close,
-        constraints=plain.grammars,
-        draft_tokens=generator.drafts.totals,
+        close=engine.generator.close,
+        constraints=engine.plain.grammars,
+        draft_tokens=engine.generator.drafts.totals,
     )

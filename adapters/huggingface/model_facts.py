@@ -76,6 +76,25 @@ class ModelFacts:
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         """Token ids of ``text``."""
+        return TokenizerText(self.tokenizer).encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool) -> str:
+        """Text of ``token_ids``."""
+        return TokenizerText(self.tokenizer).decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """The tokenizer's own string for each token (``convert_ids_to_tokens``)."""
+        return TokenizerText(self.tokenizer).token_strings(token_ids)
+
+
+@attrs.frozen
+class TokenizerText:
+    """A tokenizer's text side, without its model: what a process that only tokenizes (Ray's ingress) needs."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """Token ids of ``text``."""
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool) -> str:
@@ -124,4 +143,4 @@ class TellsModelFacts:
         return self.facts.token_strings(token_ids)
 
 
-__all__ = ["ModelFacts", "TellsModelFacts"]
+__all__ = ["ModelFacts", "TellsModelFacts", "TokenizerText"]

@@ -81,13 +81,13 @@ class ModelSlot:
         log.info("model.ready", model=self.services.model_id, seconds=round(seconds, 2))
 
 
-def health_route(slot: ModelSlot) -> Any:  # noqa: ANN401  a Litestar route handler
-    """``GET /health``: 200 ``ok`` once the model serves, 503 ``loading`` (or ``error``) before."""
+def health_route(slot: ModelSlot, ready: Callable[[], bool] = lambda: True) -> Any:  # noqa: ANN401  a route handler
+    """``GET /health``: 200 ``ok`` once the model serves (and ``ready()``), 503 ``loading`` (or ``error``) before."""
 
     @get("/health", tags=["Health"], operation_id="health", summary="Readiness")
     async def health() -> Response[dict[str, str]]:
         """200 ``ok`` once the model serves, 503 ``loading`` (or ``error``) before."""
-        if slot.services is not None:
+        if slot.services is not None and ready():
             return Response({"status": "ok", "model": slot.services.model_id}, status_code=HTTP_200_OK)
         status = "error" if slot.failure else "loading"
         return Response({"status": status}, status_code=HTTP_503_SERVICE_UNAVAILABLE)
@@ -113,13 +113,16 @@ def create_app(
     loader: Callable[[ServerSettings], Services] = load_services,
     on_load_failure: Callable[[BaseException], None] | None = None,
     drain: Drain | None = None,
+    metrics: Metrics | None = None,
+    ready: Callable[[], bool] = lambda: True,
 ) -> Litestar:
     """Build the server. With ``generator`` (tests) it serves at once; otherwise ``loader`` runs in the lifespan.
 
     The server listens while the model loads: ``/health`` answers 503 ``loading`` and the API a 503 error until then.
-    ``drain`` is shared with the server that drains on a signal (``DrainingServer``).
+    ``drain`` is shared with the server that drains on a signal (``DrainingServer``). ``metrics`` may carry collectors
+    of the caller's (Ray's per-replica gauges); ``ready`` tells whether the engine serves now (a replica is up).
     """
-    metrics = Metrics.create(draft_tokens=lambda: slot.services.draft_tokens() if slot.services else (0, 0))
+    metrics = metrics or Metrics.create(draft_tokens=lambda: slot.services.draft_tokens() if slot.services else (0, 0))
     slot = ModelSlot(settings, loader, on_load_failure, on_loaded=metrics.model_load_seconds.set)
     if generator is not None:
         slot.services = build_services(settings, generator)
@@ -127,7 +130,7 @@ def create_app(
     responses = ResponseStore(settings.responses_store_size)
     return Litestar(
         route_handlers=[
-            health_route(slot),
+            health_route(slot, ready),
             openapi_document,
             metrics_route(metrics),
             ModelsController,
