@@ -78,6 +78,8 @@ class Services:
     memory_bytes: int = 0
     """What the model's weights take in memory (0: not known)."""
     settings: ServerSettings | None = None
+    draft_tokens: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    """Speculative decoding's draft tokens so far: (proposed, accepted)."""
 
     @property
     def busy(self) -> bool:
@@ -94,11 +96,13 @@ def build_services(
     *,
     adapters: AdapterHost | None = None,
     memory_bytes: int = 0,
+    draft_tokens: Callable[[], tuple[int, int]] = lambda: (0, 0),
 ) -> Services:
     """Wire the use cases around ``generator``; the chat template follows the ``--chat-template`` priority.
 
     ``constraints`` checks ``response_format`` schemas and forced tool calls before generation starts. The use
     cases reach the generator through an ``InFlight`` count, which tells whether the model is in use.
+    ``draft_tokens`` counts the speculative draft tokens the generator proposed and accepted.
     """
     tracked = InFlight(generator)
     tokenizer = tokenizer or TokenizerTemplate()
@@ -131,6 +135,7 @@ def build_services(
         adapters=adapters,
         memory_bytes=memory_bytes,
         settings=settings,
+        draft_tokens=draft_tokens,
     )
 
 
@@ -176,7 +181,11 @@ def load_engine(settings: ServerSettings) -> LoadedEngine:
 
     Requests decode together in the engine; those that cannot share a batch take the plain path.
     """
-    from adapters.huggingface.engine import BatchingGenerator, BatchLimits  # noqa: PLC0415  torch loads only when serving
+    from adapters.huggingface.engine import (  # noqa: PLC0415  torch loads only when serving
+        BatchingGenerator,
+        BatchLimits,
+        Speculation,
+    )
     from adapters.huggingface.generator import HuggingFaceGenerator  # noqa: PLC0415
     from adapters.huggingface.loading import load_model  # noqa: PLC0415
     from adapters.huggingface.prefix_cache import PrefixCache  # noqa: PLC0415
@@ -196,6 +205,7 @@ def load_engine(settings: ServerSettings) -> LoadedEngine:
         BatchLimits(settings.max_batch_size, settings.max_queue),
         threads=None if threads is None else ThreadTuner.for_cpu(settings.threads),
         prefixes=PrefixCache(settings.prefix_cache_mib * 2**20) if settings.prefix_cache_mib else None,
+        speculation=Speculation(settings.speculative_tokens),
     )
     return LoadedEngine(generator, plain)
 
@@ -215,4 +225,5 @@ def load_services(settings: ServerSettings) -> Services:
         constraints=engine.plain.grammars,
         adapters=LoraAdapters(engine.plain.model),
         memory_bytes=facts.memory_bytes,
+        draft_tokens=engine.generator.drafts.totals,
     )

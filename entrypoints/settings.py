@@ -70,6 +70,8 @@ class ServerSettings:
     """Torch intra-op threads on the CPU; ``None``: tuned by the batching engine (cores - 1 on the plain path)."""
     prefix_cache_mib: int = 256
     """Memory for the keys and values of prompt blocks reused by later prompts (0 turns prefix caching off)."""
+    speculative_tokens: int = 4
+    """Prompt-lookup draft tokens a row guesses ahead per decoding step, verified in the same pass (0: off)."""
     pack_weights: bool = True
     """On the CPU, reorder linear weights once for oneDNN's kernels (see ``adapters.huggingface.packing``)."""
     chat_template: Path | None = None

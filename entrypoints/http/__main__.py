@@ -271,6 +271,14 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
         help="memory for cached prompt prefixes, reused by prompts that begin alike; 0: off (default: %(default)s)",
     )
     group.add_argument(
+        "--speculative-tokens",
+        type=at_least(0),
+        default=DEFAULTS.speculative_tokens,
+        metavar="K",
+        help="tokens each request guesses ahead from its own prompt and output (prompt lookup), checked in the "
+        "decoding step; the output is unchanged; 0: off (default: %(default)s)",
+    )
+    group.add_argument(
         "--no-pack-weights",
         action="store_false",
         dest="pack_weights",

@@ -101,7 +101,13 @@ def create_app(
     collectors of the caller's (Ray's per-replica gauges); ``ready`` tells whether the engine serves now (a replica
     is up).
     """
-    metrics = metrics or Metrics.create()
+
+    def draft_tokens() -> tuple[int, int]:
+        """Speculative draft tokens (proposed, accepted) of every loaded model's engine."""
+        counts = [entry.services.draft_tokens() for entry in registry.entries if entry.services is not None]
+        return sum(proposed for proposed, _ in counts), sum(accepted for _, accepted in counts)
+
+    metrics = metrics or Metrics.create(draft_tokens=draft_tokens)
     if generator is not None:
         name = settings.served_model_names[0] if settings.served_model_names else generator.model_id
         preloaded = build_services(settings, generator)

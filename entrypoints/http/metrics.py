@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -12,7 +13,9 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from domain.generation import Completion, CompletionStream, TextDelta
 from entrypoints.http.errors import error_body
@@ -43,9 +46,10 @@ class Metrics:
     model_loaded: Gauge
 
     @classmethod
-    def create(cls) -> Metrics:
-        """A fresh registry with every instrument registered."""
+    def create(cls, draft_tokens: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> Metrics:
+        """A fresh registry with every instrument registered; ``draft_tokens`` is read at each scrape."""
         registry = CollectorRegistry()
+        registry.register(DraftTokens(draft_tokens))
         endpoint = ("endpoint",)
         return cls(
             registry=registry,
@@ -143,6 +147,27 @@ class Metrics:
         finally:
             (self.waiting if previous is None else self.running).dec()
             await events.aclose()
+
+
+@attrs.frozen
+class DraftTokens(Collector):
+    """Speculative decoding's draft tokens, proposed and accepted, as the engine counts them (vLLM's two counters)."""
+
+    counts: Callable[[], tuple[int, int]]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """Both counters, read from the engine now."""
+        proposed, accepted = self.counts()
+        yield CounterMetricFamily(
+            f"{PREFIX}_spec_decode_draft_tokens",
+            "Draft tokens speculative decoding proposed (guessed from the prompt and output) and verified.",
+            value=proposed,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_spec_decode_accepted_tokens",
+            "Draft tokens that equalled the token decoding picked, each one forward pass saved.",
+            value=accepted,
+        )
 
 
 class MetricsMiddleware(ASGIMiddleware):

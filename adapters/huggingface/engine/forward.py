@@ -32,9 +32,12 @@ class Forward:
         mask: torch.Tensor,
         cache: DynamicCache | None,
         adapters: Sequence[str | None] = (),
+        *,
+        keep: int = 1,
     ) -> torch.Tensor:
-        """The model's logits for the last position of each row, as float32 (what ``generate`` samples from).
+        """The model's logits for the last ``keep`` positions of each row, ``[rows, keep, vocab]`` in float32.
 
+        Float32 is what ``generate`` samples from; only those positions go through the output projection.
         ``adapters``: each row's LoRA adapter (``None``: the base model); none given, every row is the base model's.
         """
         tuning = (ids.shape[1] > 1, ids.numel().bit_length())  # prefill or decode, and the size of the work
@@ -50,10 +53,10 @@ class Forward:
                 attention_mask=None if bool(mask.all()) else mask,
                 cache=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=keep,
                 return_dict=True,
             )
-        logits: torch.Tensor = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+        logits: torch.Tensor = outputs.logits[:, -keep:].to(copy=True, dtype=torch.float32)
         if self.threads is not None:
             self.threads.record(tuning, torch.get_num_threads(), (time.perf_counter() - started) / ids.numel())
         return logits

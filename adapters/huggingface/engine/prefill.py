@@ -57,7 +57,7 @@ def prefill_group(forward: Forward, group: list[Row]) -> tuple[DynamicCache, tor
         cached = prefix_kv([row.reused for row in group], prefix_width).to(device)
         for layer, (keys, values) in zip(cache_layers(cache), cached, strict=True):
             layer.update(keys, values)
-    return cache, mask, forward(ids, positions, mask, cache, [row.params.adapter for row in group])
+    return cache, mask, forward(ids, positions, mask, cache, [row.params.adapter for row in group])[:, -1]
 
 
 def remember_prefixes(prefixes: PrefixCache, group: list[Row], cache: DynamicCache, mask: torch.Tensor) -> bool:
