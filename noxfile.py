@@ -1,4 +1,4 @@
-"""Sessions: ``nox`` runs lint, typecheck and the fast tests; ``nox -s slow`` adds the embedded model."""
+"""Sessions: ``nox`` runs lint, typecheck and the fast tests; ``-s slow`` the embedded model; ``-s ray`` Ray Serve."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def install_project(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Fast suite: fake generator, tiny real models built by the tests, live server with the OpenAI SDK."""
     install_project(session)
-    session.run("pytest", "-m", "not slow", *session.posargs)
+    session.run("pytest", "-m", "not slow and not ray", *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -33,6 +33,14 @@ def slow(session: nox.Session) -> None:
     """Checks on the embedded SmolLM2 model (converts its GGUF once, then serves it)."""
     install_project(session)
     session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def ray(session: nox.Session) -> None:
+    """Ray Serve scale-out on a tiny model: 2 replicas on local Ray, prefix routing, a killed replica, SIGTERM."""
+    session.install(CPU_TORCH)
+    session.install("-e", ".[ray,test]")
+    session.run("pytest", "-m", "ray", "-p", "no:cacheprovider", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -16,6 +16,7 @@ from domain.generation import (
     Completion,
     CompletionStream,
     FinishReason,
+    GeneratedTokens,
     GenerationParams,
     LogprobEntry,
     TextDelta,
@@ -176,7 +177,9 @@ class TextGeneration:
         matched: str | None = None
         cached = 0
         if params.max_new_tokens != 0:
-            async with contextlib.aclosing(self.generator.generate(job.prompt.token_ids, params)) as steps:
+            async with contextlib.aclosing(
+                one_token_each(self.generator.generate(job.prompt.token_ids, params))
+            ) as steps:
                 async for step in steps:
                     cached = max(cached, step.cached_tokens)
                     if params.logprobs is not None:
@@ -258,6 +261,27 @@ class TextGeneration:
     def _log(self, event: str, **fields: object) -> None:
         """Log ``event``; when content logging is off, without its texts and token ids (counts stay)."""
         log.info(event, **(fields if self.log_content else {k: v for k, v in fields.items() if k not in CONTENT}))
+
+
+async def one_token_each(steps: AsyncGenerator[GeneratedTokens, None]) -> AsyncGenerator[GeneratedTokens, None]:
+    """``steps`` with each step of several tokens (a speculative draft's) split into one step per token.
+
+    Stop sequences, text offsets of logprobs and usage then come out as they do when tokens arrive one by one:
+    nothing after the token that completes a stop sequence is counted. Closing this stream closes ``steps``.
+    """
+    async with contextlib.aclosing(steps):
+        async for step in steps:
+            if len(step.token_ids) <= 1:
+                yield step
+                continue
+            last = len(step.token_ids) - 1
+            for index, token in enumerate(step.token_ids):
+                yield GeneratedTokens(
+                    token_ids=(token,),
+                    finish_reason=step.finish_reason if index == last else None,
+                    logprobs=step.logprobs[index : index + 1],
+                    cached_tokens=step.cached_tokens,
+                )
 
 
 def _cached_tokens(jobs: Sequence[ChoiceJob], choices: dict[int, Choice]) -> int:

@@ -74,6 +74,8 @@ class GenerationParams:
     """Token ids that end generation like end-of-sequence (vLLM's)."""
     allowed_token_ids: tuple[int, ...] | None = None
     """Only these token ids may be generated (vLLM's); ``None``: any."""
+    adapter: str | None = None
+    """The LoRA adapter the model runs with (``None``: the base model); set from the request's model name."""
     options: Mapping[str, object] = attrs.field(factory=dict)
     """The table's options (``domain.options``) the request set, checked, under their own names: ``top_k``..."""
     extra: Mapping[str, object] = attrs.field(factory=dict)

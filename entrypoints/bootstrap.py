@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -12,10 +14,14 @@ from adapters.stop_sequences import StopSequences
 from application.chat import ChatService
 from application.completion import CompletionService
 from application.generation import TextGeneration
+from application.in_flight import InFlight
 from application.tokenization import TokenizationService
-from domain.errors import UnknownModelError
 from domain.ports import ConstraintChecker, Generator
 from entrypoints.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from adapters.huggingface.engine import BatchingGenerator
+    from adapters.huggingface.generator import HuggingFaceGenerator
 
 
 @attrs.frozen
@@ -25,6 +31,27 @@ class TokenizerTemplate:
     chat_template: str | None = None
     bos_token: str | None = None
     eos_token: str | None = None
+
+
+class AdapterHost(Protocol):
+    """Where a loaded model takes LoRA adapters (``LoraAdapters``): attached under a key, run by row."""
+
+    def attach(self, key: str, adapter: Any) -> None:  # noqa: ANN401  the host's own adapter type
+        """Apply ``adapter`` to the model under ``key``; ``InvalidRequestError`` when it does not fit."""
+        ...
+
+    def detach(self, key: str) -> None:
+        """Remove the adapter ``key`` from the model."""
+        ...
+
+
+class AdapterSource(Protocol):
+    """A LoRA adapter read from disk (``AdapterFiles``)."""
+
+    @property
+    def base_model(self) -> str | None:
+        """The model it was trained on, as its config names it."""
+        ...
 
 
 @attrs.frozen
@@ -40,13 +67,24 @@ class Services:
     """Releases what the services hold (the generator's worker thread)."""
     aliases: tuple[str, ...] = ()
     """Every name the model answers to (``model_id`` first)."""
+    in_flight: InFlight | None = None
+    """The generator the use cases call, which counts the requests it serves (``None`` only in hand-made ones)."""
+    generator: Generator | None = None
+    """The generator itself, which adapters' services wrap."""
+    template: TokenizerTemplate = attrs.field(factory=TokenizerTemplate)
+    constraints: ConstraintChecker | None = None
+    adapters: AdapterHost | None = None
+    """Where LoRA adapters attach (``None``: the model takes none)."""
+    memory_bytes: int = 0
+    """What the model's weights take in memory (0: not known)."""
+    settings: ServerSettings | None = None
+    draft_tokens: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    """Speculative decoding's draft tokens so far: (proposed, accepted)."""
 
-    def check_model(self, name: str) -> None:
-        """Raise ``UnknownModelError`` (a 404) unless ``name`` is one of the model's names."""
-        if name in (self.model_id, *self.aliases):
-            return
-        msg = f"The model '{name}' does not exist."
-        raise UnknownModelError(msg, param="model")
+    @property
+    def busy(self) -> bool:
+        """Whether a request uses the model now."""
+        return self.in_flight is not None and self.in_flight.running > 0
 
 
 def build_services(
@@ -55,11 +93,18 @@ def build_services(
     tokenizer: TokenizerTemplate | None = None,
     close: Callable[[], None] = lambda: None,
     constraints: ConstraintChecker | None = None,
+    *,
+    adapters: AdapterHost | None = None,
+    memory_bytes: int = 0,
+    draft_tokens: Callable[[], tuple[int, int]] = lambda: (0, 0),
 ) -> Services:
     """Wire the use cases around ``generator``; the chat template follows the ``--chat-template`` priority.
 
-    ``constraints`` checks ``response_format`` schemas and forced tool calls before generation starts.
+    ``constraints`` checks ``response_format`` schemas and forced tool calls before generation starts. The use
+    cases reach the generator through an ``InFlight`` count, which tells whether the model is in use.
+    ``draft_tokens`` counts the speculative draft tokens the generator proposed and accepted.
     """
+    tracked = InFlight(generator)
     tokenizer = tokenizer or TokenizerTemplate()
     override = settings.chat_template.read_text(encoding="utf-8") if settings.chat_template else None
     renderer = JinjaTemplateRenderer.choose(
@@ -69,7 +114,7 @@ def build_services(
         eos_token=tokenizer.eos_token,
     )
     generation = TextGeneration(
-        generator=generator,
+        generator=tracked,
         stop_policy=StopSequences(settings.stop_sequences),
         log_content=settings.log_content,
         constraints=constraints,
@@ -81,17 +126,66 @@ def build_services(
         created=int(time.time()),
         chat=ChatService(renderer=renderer, generation=generation),
         completion=CompletionService(generation=generation),
-        tokenization=TokenizationService(generator=generator, renderer=renderer),
+        tokenization=TokenizationService(generator=tracked, renderer=renderer),
         close=close,
+        in_flight=tracked,
+        generator=generator,
+        template=tokenizer,
+        constraints=constraints,
+        adapters=adapters,
+        memory_bytes=memory_bytes,
+        settings=settings,
+        draft_tokens=draft_tokens,
     )
 
 
-def load_services(settings: ServerSettings) -> Services:
-    """Load the configured HuggingFace model (slow: call it off the event loop) and build the services.
+def adapter_services(base: Services, name: str, key: str) -> Services:
+    """The use cases for the LoRA adapter attached to ``base``'s model under ``key``, served as ``name``."""
+    from adapters.huggingface.lora import AdapterGenerator  # noqa: PLC0415  torch loads only when serving
 
-    Requests decode together in a continuously batched engine; those that cannot share a batch take the plain path.
+    if base.generator is None or base.settings is None:
+        msg = "these services were not built by build_services"
+        raise ValueError(msg)
+    generator = AdapterGenerator(base.generator, key, name)  # type: ignore[arg-type]  # a HuggingFace generator
+    settings = attrs.evolve(base.settings, served_model_names=(name,))
+    return build_services(settings, generator, base.template, constraints=base.constraints)
+
+
+def read_adapter(path: Path) -> AdapterSource:
+    """Read a PEFT LoRA adapter directory (slow-ish: call it off the event loop); 400 when it is not one."""
+    from adapters.huggingface.lora import AdapterFiles  # noqa: PLC0415  torch loads only when serving
+
+    return AdapterFiles.read(path)
+
+
+def model_name(source: str | None) -> str:
+    """The name a model is served under by default: its own (the directory's, the hub id, the GGUF file's)."""
+    from adapters.huggingface.loading import DEFAULT_MODEL_ID, ModelNotFoundError, resolve_model  # noqa: PLC0415
+
+    try:
+        return resolve_model(source).model_id
+    except ModelNotFoundError:
+        return DEFAULT_MODEL_ID if source is None else Path(source).name or source
+
+
+@attrs.frozen
+class LoadedEngine:
+    """The configured model in its batching engine, and the plain generator beside it (grammars, facts)."""
+
+    generator: BatchingGenerator
+    plain: HuggingFaceGenerator
+
+
+def load_engine(settings: ServerSettings) -> LoadedEngine:
+    """Load the configured HuggingFace model into a continuously batched engine (slow: call it off the event loop).
+
+    Requests decode together in the engine; those that cannot share a batch take the plain path.
     """
-    from adapters.huggingface.engine import BatchingGenerator, BatchLimits  # noqa: PLC0415  torch loads only when serving
+    from adapters.huggingface.engine import (  # noqa: PLC0415  torch loads only when serving
+        BatchingGenerator,
+        BatchLimits,
+        Speculation,
+    )
     from adapters.huggingface.generator import HuggingFaceGenerator  # noqa: PLC0415
     from adapters.huggingface.loading import load_model  # noqa: PLC0415
     from adapters.huggingface.prefix_cache import PrefixCache  # noqa: PLC0415
@@ -112,7 +206,25 @@ def load_services(settings: ServerSettings) -> Services:
         BatchLimits(settings.max_batch_size, settings.max_queue),
         threads=None if threads is None else ThreadTuner.for_cpu(settings.threads),
         prefixes=PrefixCache(settings.prefix_cache_mib * 2**20) if settings.prefix_cache_mib else None,
+        speculation=Speculation(settings.speculative_tokens),
     )
-    facts = generator.facts
+    return LoadedEngine(generator, plain)
+
+
+def load_services(settings: ServerSettings) -> Services:
+    """Load the configured model (slow: call it off the event loop) and build the services around it."""
+    from adapters.huggingface.lora import LoraAdapters  # noqa: PLC0415  torch loads only when serving
+
+    engine = load_engine(settings)
+    facts = engine.generator.facts
     template = TokenizerTemplate(facts.chat_template, facts.bos_token, facts.eos_token)
-    return build_services(settings, generator, template, close=generator.close, constraints=plain.grammars)
+    return build_services(
+        settings,
+        engine.generator,
+        template,
+        close=engine.generator.close,
+        constraints=engine.plain.grammars,
+        adapters=LoraAdapters(engine.plain.model),
+        memory_bytes=facts.memory_bytes,
+        draft_tokens=engine.generator.drafts.totals,
+    )

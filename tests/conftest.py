@@ -34,3 +34,14 @@ def live_url(fake: FakeGenerator, settings: ServerSettings) -> Iterator[str]:
     """Base URL of a real server (uvicorn, loopback) backed by the FakeGenerator."""
     with serve(create_app(settings, generator=fake)) as base:
         yield base
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``ray`` start a Ray cluster (minutes): they run only when ``-m`` names them (``nox -s ray``)."""
+    selection = config.getoption("markexpr") or ""
+    if "ray" in selection.replace("not ray", ""):
+        return
+    skip = pytest.mark.skip(reason="starts a Ray cluster: run with -m ray (nox -s ray)")
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(skip)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncGenerator, Sequence
 
 import attrs
@@ -45,6 +46,8 @@ class FakeGenerator:
     """What the first step says a prefix cache held of the prompt (at most the prompt but its last token)."""
     replies: list[str] = attrs.Factory(list)
     """Answers for the next calls, one each, in order; ``reply`` once they are used up (a scripted conversation)."""
+    hold: threading.Event | None = None
+    """When given, every token after the first waits until it is set (a stream a test keeps open)."""
 
     def prompt_text(self, call: int = -1) -> str:
         """The prompt of a recorded call, as text."""
@@ -80,6 +83,8 @@ class FakeGenerator:
                     return
                 if self.step_delay:
                     await asyncio.sleep(self.step_delay)
+                while self.hold is not None and count > 1 and not self.hold.is_set():  # noqa: ASYNC110  a thread's event
+                    await asyncio.sleep(0.01)
                 if self.fail_after is not None and count > self.fail_after:
                     msg = "the fake model broke down"
                     raise GenerationError(msg)

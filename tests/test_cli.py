@@ -53,7 +53,7 @@ def test_defaults_match_the_documented_ones() -> None:
     assert invocation.text is None
     assert invocation.settings == ClientSettings()
     settings = invocation.settings
-    assert (settings.url, settings.model, settings.max_tokens) == ("http://localhost:8000/v1", "inference-server", 512)
+    assert (settings.url, settings.model, settings.max_tokens) == ("http://localhost:8000/v1", None, 512)
     assert (settings.temperature, settings.top_p, settings.api_key, settings.stream) == (0.7, 1.0, "not-needed", True)
 
 
@@ -226,12 +226,12 @@ def test_unset_huggingface_options_are_not_sent(
 def test_health_prints_the_status_json(capsys: pytest.CaptureFixture[str], url: str, argv: list[str]) -> None:
     status, out, _ = run_cli(capsys, "--url", url, *argv)
     assert status == 0
-    assert json.loads(out) == {"status": "ok", "model": "fake-model"}
+    assert json.loads(out) == {"status": "ok", "model": "fake-model", "models": {"fake-model": "loaded"}}
 
 
 @pytest.mark.parametrize("argv", [["models"], ["--list-models"]])
 def test_models_lists_the_served_model(capsys: pytest.CaptureFixture[str], url: str, argv: list[str]) -> None:
-    assert run_cli(capsys, "--url", url, *argv) == (0, "fake-model\n", "")
+    assert run_cli(capsys, "--url", url, *argv) == (0, "fake-model\tloaded\n", "")
 
 
 # Failures: one line on stderr, a non-zero status, no traceback ------------------------------------------------------

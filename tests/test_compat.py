@@ -146,7 +146,9 @@ def test_torch_int4_cpu_ops_are_where_the_compat_module_calls_them():
 
 
 def test_no_module_outside_the_compat_modules_touches_a_librarys_private_names():
-    private = re.compile(r"(litestar\._\w|torch\.ops\.\w+\._\w|\bmodel\._\w|generation_config\._\w|config\._\w)")
+    private = re.compile(
+        r"(litestar\._\w|torch\.ops\.\w+\._\w|\bmodel\._\w|generation_config\._\w|config\._\w|ray\.[\w.]*\._\w)"
+    )
     offenders = [
         f"{path.relative_to(ROOT)}:{number}"
         for layer in LAYERS
@@ -156,3 +158,17 @@ def test_no_module_outside_the_compat_modules_touches_a_librarys_private_names()
         if private.search(line) and not line.lstrip().startswith(("#", '"', "``"))
     ]
     assert offenders == [], "private library API outside a *_compat.py module"
+
+
+def test_ray_request_router_keeps_the_members_the_prefix_router_reads():
+    pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
+    from ray.serve.request_router import RequestRouter  # noqa: PLC0415  only with the [ray] extra
+
+    from adapters.ray import ray_compat  # noqa: PLC0415
+
+    hook(RequestRouter, ray_compat.PROBE_QUEUE_LENS, "replicas", "backoff_index")
+    for hook_name in ray_compat.HOOKS:
+        assert hook_name in inspect.getsource(RequestRouter), f"RequestRouter.{hook_name} is gone: mend ray_compat"
+    hook(RequestRouter, "on_request_routed", "pending_request", "replica_id", "result")
+    hook(RequestRouter, "update_replicas", "replicas")
+    hook(RequestRouter, "choose_replicas", "candidate_replicas", "pending_request")

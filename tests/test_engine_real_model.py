@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from adapters.huggingface.engine import BatchingGenerator, BatchLimits
+from adapters.huggingface.engine import BatchingGenerator, BatchLimits, Speculation
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.loading import load_model
 from tests.fakes import generation_params
@@ -73,3 +73,31 @@ def test_seeded_sampling_through_the_engine_equals_the_plain_generator(generator
 
     expected, together = asyncio.run(run())
     assert together == expected
+
+
+def test_prompt_lookup_speculation_leaves_the_output_unchanged(generators):
+    plain, _ = generators
+    engine = BatchingGenerator(
+        HuggingFaceGenerator(plain.model, plain.tokenizer, model_id=plain.model_id),
+        BatchLimits(max_batch_size=8),
+        speculation=Speculation(4),
+    )
+    passage = "The old lighthouse stood at the end of the rocky point, its white paint peeling in the salty wind."
+    prompt = list(
+        plain.tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Repeat this sentence exactly:\n\n{passage}"}], add_generation_prompt=True
+        )["input_ids"]
+    )
+    seeded = generation_params(temperature=0.8, top_p=0.95, seed=2024, max_new_tokens=32)
+
+    async def run():
+        expected = [await tokens(plain, prompt, GREEDY), await tokens(plain, prompt, seeded)]
+        together = await asyncio.gather(tokens(engine, prompt, GREEDY), tokens(engine, prompt, seeded))
+        return expected, together
+
+    try:
+        expected, together = asyncio.run(run())
+    finally:
+        engine.close()
+    assert together == expected
+    assert engine.drafts.accepted > 0

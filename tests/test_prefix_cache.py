@@ -95,3 +95,26 @@ def test_the_prefix_cache_and_packing_flags_reach_the_settings(capsys):
     with pytest.raises(SystemExit):
         parse_settings(["--prefix-cache-mib", "-1"])
     assert "--prefix-cache-mib: must be at least 0" in capsys.readouterr().err
+
+
+def test_blocks_never_cross_adapters() -> None:
+    cache = PrefixCache(budget_bytes=10**6, block_tokens=2)
+    prompt = [1, 2, 3, 4, 5]
+    cache.insert(prompt, [], kv_of(prompt), adapter="pirate#0")
+    assert cache.match(prompt) == []
+    assert cache.match(prompt, adapter="poet#1") == []
+    assert [b.tokens for b in cache.match(prompt, adapter="pirate#0")] == [(1, 2), (3, 4)]
+    cache.insert(prompt, [], kv_of(prompt))
+    assert cache.cached_tokens(prompt) == 4
+    assert cache.blocks == 4
+
+
+def test_an_adapters_blocks_are_evicted_like_any_others() -> None:
+    cache = PrefixCache(budget_bytes=2 * block_bytes(2), block_tokens=2)
+    prompt = [1, 2, 3, 4, 5]
+    cache.insert(prompt, [], kv_of(prompt), adapter="pirate#0")
+    cache.insert(prompt, [], kv_of(prompt))
+    assert cache.blocks == 2
+    assert cache.held_bytes == 2 * block_bytes(2)
+    assert cache.match(prompt, adapter="pirate#0") == []
+    assert len(cache.match(prompt)) == 2

@@ -81,7 +81,9 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def build_tiny_model(directory: Path, *, vocab_size: int = 400, seed: int = 0, context_length: int = 256) -> Path:
+def build_tiny_model(
+    directory: Path, *, vocab_size: int = 400, seed: int = 0, context_length: int = 256, hidden_size: int = 32
+) -> Path:
     """Save a tiny random ``LlamaForCausalLM`` and its tokenizer into ``directory``; return ``directory``.
 
     Loadable with ``AutoModelForCausalLM.from_pretrained(directory)`` and ``AutoTokenizer.from_pretrained(directory)``.
@@ -91,8 +93,8 @@ def build_tiny_model(directory: Path, *, vocab_size: int = 400, seed: int = 0, c
     tokenizer = build_tokenizer(vocab_size)
     tokenizer.model_max_length = context_length
     config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -108,4 +110,31 @@ def build_tiny_model(directory: Path, *, vocab_size: int = 400, seed: int = 0, c
         model = LlamaForCausalLM(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_lora(
+    directory: Path,
+    base: Path,
+    *,
+    seed: int = 0,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"),
+    rank: int = 4,
+) -> Path:
+    """Save a tiny PEFT LoRA adapter for the tiny model at ``base`` into ``directory``; return ``directory``.
+
+    PEFT starts ``lora_B`` at zero (the adapter changes nothing until trained); here both matrices are random and
+    seeded, so the adapter changes the model's output.
+    """
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415  only tests make adapters
+
+    model = LlamaForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0)
+    peft_model = get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.5)
+    peft_model.save_pretrained(directory)
     return directory

@@ -21,6 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from adapters.huggingface.constraints import GrammarCompiler
 from adapters.huggingface.delivery import ThreadToLoop
+from adapters.huggingface.lora import selecting
 from adapters.huggingface.model_facts import ModelFacts, TellsModelFacts
 from adapters.huggingface.processors import LogprobRecorder, request_processors, token_logprob
 from domain.errors import ContextLengthExceededError, DomainError, GenerationError, InvalidRequestError
@@ -317,6 +318,7 @@ class HuggingFaceGenerator(TellsModelFacts):
             cancelled=cancelled,
             streamer=None if beams else _QueueStreamer(steps, cancelled, recorder),
             processors=processors,
+            adapter=params.adapter,
         )
         future = self._executor.submit(self._run, job)
         future.add_done_callback(lambda _: steps.put(None))
@@ -333,19 +335,22 @@ class HuggingFaceGenerator(TellsModelFacts):
                 with contextlib.suppress(Exception):
                     await asyncio.wrap_future(future)
 
-    async def score(self, token_ids: Sequence[int], *, top: int) -> list[TokenLogprob]:
-        """Log-probability of each of ``token_ids[1:]`` given what precedes it: one forward pass on the worker."""
+    async def score(self, token_ids: Sequence[int], *, top: int, adapter: str | None = None) -> list[TokenLogprob]:
+        """Log-probability of each of ``token_ids[1:]`` given what precedes it: one forward pass on the worker.
+
+        ``adapter``: the LoRA adapter to score with (``None``: the base model).
+        """
         if len(token_ids) < 2:  # noqa: PLR2004  the first token has no context to be scored in
             return []
         if len(token_ids) > self.context_length:
             msg = f"{len(token_ids)} tokens do not fit in the context window of {self.context_length}."
             raise ContextLengthExceededError(msg, param="prompt")
-        future = self._executor.submit(self._score, tuple(token_ids), top)
+        future = self._executor.submit(self._score, tuple(token_ids), top, adapter)
         return await asyncio.wrap_future(future)
 
-    def _score(self, token_ids: tuple[int, ...], top: int) -> list[TokenLogprob]:
+    def _score(self, token_ids: tuple[int, ...], top: int, adapter: str | None) -> list[TokenLogprob]:
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), selecting(adapter):
             logits = self.model(input_ids=ids).logits[0, :-1].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         return [token_logprob(row, token, top) for row, token in zip(logprobs, token_ids[1:], strict=True)]
@@ -370,7 +375,7 @@ class HuggingFaceGenerator(TellsModelFacts):
             kwargs["tokenizer"] = self.tokenizer
         if (job.config.num_beam_groups or 1) > 1:
             kwargs |= {"custom_generate": str(GROUP_BEAM_SEARCH_REPO), "trust_remote_code": True}
-        with self._seeded(job.seed):
+        with self._seeded(job.seed), selecting(job.adapter):
             output = self.model.generate(input_ids, **kwargs)  # type: ignore[operator]
         return [int(token) for token in output[0, len(job.prompt_ids) :].tolist()]
 
@@ -398,6 +403,7 @@ class _Job:
     cancelled: threading.Event
     streamer: _QueueStreamer | None
     processors: LogitsProcessorList
+    adapter: str | None = None
 
 
 class _QueueStreamer(BaseStreamer):

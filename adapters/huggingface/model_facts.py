@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
+import torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -74,6 +75,39 @@ class ModelFacts:
         ids.append(self.tokenizer.eos_token_id)
         return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
+    @property
+    def memory_bytes(self) -> int:
+        """What the model's tensors take in memory: parameters, buffers and packed weights, each counted once."""
+        seen: dict[tuple[int, str], int] = {}
+        for module in self.model.modules():
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            tensors += [value for value in vars(module).values() if isinstance(value, torch.Tensor)]
+            for tensor in tensors:
+                if tensor.device.type == "meta":
+                    continue
+                where = id(tensor) if tensor.layout != torch.strided else tensor.data_ptr()  # oneDNN's have none
+                seen[where, str(tensor.device)] = tensor.numel() * tensor.element_size()
+        return sum(seen.values())
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """Token ids of ``text``."""
+        return TokenizerText(self.tokenizer).encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool) -> str:
+        """Text of ``token_ids``."""
+        return TokenizerText(self.tokenizer).decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """The tokenizer's own string for each token (``convert_ids_to_tokens``)."""
+        return TokenizerText(self.tokenizer).token_strings(token_ids)
+
+
+@attrs.frozen
+class TokenizerText:
+    """A tokenizer's text side, without its model: what a process that only tokenizes (Ray's ingress) needs."""
+
+    tokenizer: PreTrainedTokenizerBase
+
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         """Token ids of ``text``."""
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
@@ -124,4 +158,4 @@ class TellsModelFacts:
         return self.facts.token_strings(token_ids)
 
 
-__all__ = ["ModelFacts", "TellsModelFacts"]
+__all__ = ["ModelFacts", "TellsModelFacts", "TokenizerText"]

@@ -7,6 +7,9 @@ it) and a new prompt starts its prefill after the longest run of cached blocks i
 always computed, since its logits pick the first new token. Least recently used blocks go first when the cache is
 over its budget; a run of blocks is touched from its end, so a parent is always more recent than its children and
 the oldest block is never one whose children are still cached. vLLM calls the same idea automatic prefix caching.
+
+Keys and values also depend on the LoRA adapter a prompt runs with: each adapter (and the base model, ``None``)
+has its own tree, so cached blocks never cross adapters.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class PrefixBlock:
     kv: torch.Tensor
     parent: PrefixBlock | None
     children: dict[tuple[int, ...], PrefixBlock] = attrs.field(factory=dict)
+    adapter: str | None = None
+    """The LoRA adapter the keys and values were computed with (``None``: the base model)."""
 
     @property
     def nbytes(self) -> int:
@@ -42,7 +47,8 @@ class PrefixCache:
 
     budget_bytes: int
     block_tokens: int = 16
-    _roots: dict[tuple[int, ...], PrefixBlock] = attrs.field(init=False, factory=dict)
+    _roots: dict[tuple[str | None, tuple[int, ...]], PrefixBlock] = attrs.field(init=False, factory=dict)
+    """First blocks, by adapter and tokens."""
     _recent: collections.OrderedDict[PrefixBlock, None] = attrs.field(init=False, factory=collections.OrderedDict)
     """Every cached block, least recently used first."""
     held_bytes: int = attrs.field(init=False, default=0)
@@ -59,19 +65,21 @@ class PrefixCache:
         """How many blocks are cached."""
         return len(self._recent)
 
-    def match(self, tokens: Sequence[int]) -> list[PrefixBlock]:
+    def match(self, tokens: Sequence[int], *, adapter: str | None = None) -> list[PrefixBlock]:
         """The cached blocks ``tokens`` begins with, leaving at least its last token to compute; touches them."""
-        blocks = self._walk(tokens)
+        blocks = self._walk(tokens, adapter)
         self._touch(blocks)
         self.looked_up_tokens += len(tokens)
         self.reused_tokens += len(blocks) * self.block_tokens
         return blocks
 
-    def cached_tokens(self, tokens: Sequence[int]) -> int:
+    def cached_tokens(self, tokens: Sequence[int], *, adapter: str | None = None) -> int:
         """How many of ``tokens`` `match` would reuse now (without touching anything)."""
-        return len(self._walk(tokens)) * self.block_tokens
+        return len(self._walk(tokens, adapter)) * self.block_tokens
 
-    def insert(self, tokens: Sequence[int], known: Sequence[PrefixBlock], kv: torch.Tensor) -> None:
+    def insert(
+        self, tokens: Sequence[int], known: Sequence[PrefixBlock], kv: torch.Tensor, *, adapter: str | None = None
+    ) -> None:
         """Cache the full blocks of ``tokens`` after the ``known`` ones, then evict down to the budget.
 
         ``kv`` holds the keys and values of every token of ``tokens``: ``[layers, 2, kv_heads, tokens, head_dim]``.
@@ -80,13 +88,17 @@ class PrefixCache:
         chain = list(known)
         for start in range(len(known) * self.block_tokens, len(tokens) - self.block_tokens + 1, self.block_tokens):
             key = tuple(tokens[start : start + self.block_tokens])
-            siblings = self._roots if parent is None else parent.children
-            block = siblings.get(key)
+            block = self._roots.get((adapter, key)) if parent is None else parent.children.get(key)
             if block is None:
-                block = PrefixBlock(key, kv[:, :, :, start : start + self.block_tokens].clone(), parent)
+                block = PrefixBlock(
+                    key, kv[:, :, :, start : start + self.block_tokens].clone(), parent, adapter=adapter
+                )
                 if block.nbytes > self.budget_bytes:
                     return
-                siblings[key] = block
+                if parent is None:
+                    self._roots[adapter, key] = block
+                else:
+                    parent.children[key] = block
                 self.held_bytes += block.nbytes
             chain.append(block)
             parent = block
@@ -99,16 +111,15 @@ class PrefixCache:
         self._recent.clear()
         self.held_bytes = 0
 
-    def _walk(self, tokens: Sequence[int]) -> list[PrefixBlock]:
+    def _walk(self, tokens: Sequence[int], adapter: str | None) -> list[PrefixBlock]:
         """The cached run of blocks ``tokens`` begins with; its last token is never in one (it stays to compute)."""
         blocks: list[PrefixBlock] = []
-        children = self._roots
         for start in range(0, len(tokens) - self.block_tokens, self.block_tokens):
-            block = children.get(tuple(tokens[start : start + self.block_tokens]))
+            key = tuple(tokens[start : start + self.block_tokens])
+            block = self._roots.get((adapter, key)) if not blocks else blocks[-1].children.get(key)
             if block is None:
                 break
             blocks.append(block)
-            children = block.children
         return blocks
 
     def _touch(self, chain: Sequence[PrefixBlock]) -> None:
@@ -120,8 +131,11 @@ class PrefixCache:
     def _evict(self) -> None:
         while self.held_bytes > self.budget_bytes and self._recent:
             block, _ = self._recent.popitem(last=False)
-            siblings = self._roots if block.parent is None else block.parent.children
-            siblings.pop(block.tokens, None)  # a leaf: `_touch` keeps parents more recent than their children
+            # a leaf: `_touch` keeps parents more recent than their children
+            if block.parent is None:
+                self._roots.pop((block.adapter, block.tokens), None)
+            else:
+                block.parent.children.pop(block.tokens, None)
             self.held_bytes -= block.nbytes
 
 

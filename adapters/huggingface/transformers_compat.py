@@ -143,6 +143,24 @@ class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transforme
         self._views = (self.keys, self.values)
         return self.keys, self.values
 
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` columns, in the same buffers: the next update writes after them."""
+        keys, values = layer_kv(self)
+        replaced = self._views is None or self._views[0] is not keys
+        self.keys, self.values = keys[:, :, :max_length], values[:, :, :max_length]
+        if not replaced:
+            self._views = (self.keys, self.values)
+
+
+def crop_cache(cache: DynamicCache, columns: int) -> None:
+    """Cut every layer of ``cache`` to its first ``columns`` columns (drafted tokens that were not kept)."""
+    for layer in cache_layers(cache):
+        if isinstance(layer, GrowingLayer):
+            layer.crop(columns)
+        else:
+            keys, values = layer_kv(layer)
+            layer.keys, layer.values = keys[:, :, :columns], values[:, :, :columns]
+
 
 def growing_cache(config: PretrainedConfig) -> DynamicCache:
     """An empty cache for ``config``'s layers, each a `GrowingLayer`."""
@@ -170,6 +188,7 @@ def layer_kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
 __all__ = [
     "GrowingLayer",
     "cache_layers",
+    "crop_cache",
     "eos_token_tensor",
     "growing_cache",
     "has_plain_layers",

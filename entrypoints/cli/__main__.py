@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from entrypoints.cli.commands import INTERRUPTED, run_chat_once, run_complete, run_health, run_models
+from entrypoints.cli.commands import INTERRUPTED, run_chat_once, run_complete, run_health, run_models, with_model
 from entrypoints.cli.errors import EXPECTED_ERRORS, describe_error
 from entrypoints.cli.options import Command, Invocation, parse_invocation
 from entrypoints.cli.repl import run_interactive
@@ -36,9 +36,10 @@ def run(invocation: Invocation) -> int:
     settings, text = invocation.settings, invocation.text
     match invocation.command:
         case Command.CHAT:
+            settings = with_model(settings)
             return run_interactive(settings) if text is None else run_chat_once(settings, text)
         case Command.COMPLETE:
-            return run_complete(settings, text or "")
+            return run_complete(with_model(settings), text or "")
         case Command.HEALTH:
             return run_health(settings)
         case Command.MODELS:

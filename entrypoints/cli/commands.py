@@ -165,11 +165,23 @@ def run_complete(settings: ClientSettings, prompt: str) -> int:
 
 
 def run_models(settings: ClientSettings) -> int:
-    """``models``: the served model ids, one a line."""
+    """``models``: the served model ids, one a line, each with whether it is loaded (and an adapter's base)."""
     with connect(settings) as client:
         for model in client.models.list():
-            print(model.id)
+            extra = model.model_extra or {}
+            status = f"\t{extra['status']}" if isinstance(extra.get("status"), str) else ""
+            parent = f"\tLoRA on {extra['parent']}" if isinstance(extra.get("parent"), str) else ""
+            print(f"{model.id}{status}{parent}")
     return 0
+
+
+def with_model(settings: ClientSettings) -> ClientSettings:
+    """``settings`` naming a model: ``--model``, else the server's first (its default)."""
+    if settings.model is not None:
+        return settings
+    with connect(settings) as client:
+        first = next(iter(client.models.list()), None)
+    return attrs.evolve(settings, model=first.id if first is not None else "default")
 
 
 def run_health(settings: ClientSettings) -> int:

@@ -47,7 +47,8 @@ class ClientSettings:
     url: str = DEFAULT_URL
     """The server's OpenAI base URL, ``/v1`` included."""
     api_key: str = PLACEHOLDER_API_KEY
-    model: str = "inference-server"
+    model: str | None = None
+    """``None``: the server's first model (its default)."""
     max_tokens: int = 512
     temperature: float = 0.7
     top_p: float = 1.0
@@ -164,7 +165,7 @@ def _add_options(parser: argparse.ArgumentParser, environ: Mapping[str, str], *,
         "--model",
         default=default(DEFAULTS.model),
         metavar="NAME",
-        help=f"model name to send (default: {DEFAULTS.model})",
+        help="model name to send (default: the server's first model, as `models` lists them)",
     )
 
     generation = parser.add_argument_group("generation")

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import attrs
 import structlog
 import uvicorn
 
@@ -18,8 +19,11 @@ from entrypoints.http.app import create_app
 from entrypoints.http.lifecycle import Drain, DrainingServer
 from entrypoints.http.security import warn_if_exposed
 from entrypoints.logs import configure_logging
-from entrypoints.settings import ServerSettings
+from entrypoints.models_config import ModelsConfig, ModelsConfigError, read_models_config
+from entrypoints.models_dir import model_files
+from entrypoints.settings import LoraChoice, ModelChoice, ServerSettings
 
+DEVICES = ("auto", "cuda", "cpu")
 DTYPE_CHOICES = ("fp32", "float32", "fp16", "half", "float16", "bf16", "bfloat16", "fp64", "double", "float64")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 API_KEY_VARIABLE = "HF_OPENAI_SERVER_API_KEY"
@@ -75,6 +79,38 @@ def name(text: str) -> str:
     return text
 
 
+def existing_directory(text: str) -> Path:
+    """An argparse type: the path of a directory that exists."""
+    path = Path(text)
+    if not path.is_dir():
+        msg = f"no such directory: {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return path
+
+
+def model_choice(text: str) -> ModelChoice:
+    """An argparse type: ``MODEL`` or ``NAME=MODEL`` (a name has no ``/``; a hub id or path has no ``=``)."""
+    label, equals, source = text.partition("=")
+    if equals and label.strip() and "/" not in label and os.sep not in label:
+        if not source.strip():
+            msg = f"no model after {label}=: {text}"
+            raise argparse.ArgumentTypeError(msg)
+        return ModelChoice(name=label, source=source)
+    return ModelChoice(source=text)
+
+
+def lora_choice(text: str) -> LoraChoice:
+    """An argparse type: ``NAME=PATH`` of a PEFT LoRA adapter directory."""
+    label, equals, path = text.partition("=")
+    if not (equals and label.strip() and path.strip()):
+        msg = f"expected NAME=PATH: {text}"
+        raise argparse.ArgumentTypeError(msg)
+    if not (Path(path) / "adapter_config.json").is_file():
+        msg = f"no PEFT adapter at {path} (adapter_config.json is missing)"
+        raise argparse.ArgumentTypeError(msg)
+    return LoraChoice(name=label, path=Path(path))
+
+
 def existing_file(text: str) -> Path:
     """An argparse type: the path of a file that exists."""
     path = Path(text)
@@ -90,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m entrypoints.http", description="OpenAI-compatible server for a HuggingFace model."
     )
     _model_flags(parser)
+    _budget_flags(parser)
     _engine_flags(parser)
     _logging_flags(parser)
     _operations_flags(parser)
@@ -100,8 +137,37 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
-        default=DEFAULTS.model,
-        help="hub id in the local HF cache, local directory, or .gguf file (default: embedded SmolLM2-135M-Instruct)",
+        action="append",
+        type=model_choice,
+        default=[],
+        metavar="[NAME=]MODEL",
+        help="hub id in the local HF cache, local directory, or .gguf file, served as NAME (default: its own name); "
+        "repeatable: the first is the default model (default: embedded SmolLM2-135M-Instruct)",
+    )
+    group.add_argument(
+        "--models-dir",
+        type=existing_directory,
+        default=DEFAULTS.models_dir,
+        metavar="DIR",
+        help="serve every model directory (with config.json) and .gguf file in DIR under its own name; "
+        "looked at again when a name is not found",
+    )
+    group.add_argument(
+        "--lora",
+        action="append",
+        type=lora_choice,
+        default=[],
+        metavar="NAME=PATH",
+        help="serve the PEFT LoRA adapter directory PATH as the model NAME, on the model its config names "
+        "(else the first model); repeatable",
+    )
+    group.add_argument(
+        "--models-config",
+        type=existing_file,
+        default=None,
+        metavar="FILE",
+        help="TOML file with per-model options ([models.NAME]: path, chat_template, stop_sequences, dtype, device) "
+        "and adapters ([loras.NAME]: path, base)",
     )
     group.add_argument(
         "--served-model-name",
@@ -113,9 +179,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         help="a name clients use for the model (repeatable; the first is the id responses report; "
         "default: the model's own name)",
     )
-    group.add_argument(
-        "--device", choices=("auto", "cuda", "cpu"), default=DEFAULTS.device, help="(default: %(default)s)"
-    )
+    group.add_argument("--device", choices=DEVICES, default=DEFAULTS.device, help="(default: %(default)s)")
     group.add_argument(
         "--dtype",
         type=str.lower,
@@ -138,6 +202,41 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--cache-dir", type=Path, default=DEFAULTS.cache_dir, help="where converted GGUF snapshots are kept"
+    )
+
+
+def _budget_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models in memory")
+    group.add_argument(
+        "--max-loaded-models",
+        type=at_least(1),
+        default=DEFAULTS.max_loaded_models,
+        metavar="N",
+        help="models held in memory at once; loading another unloads the least recently used idle one "
+        "(default: no limit)",
+    )
+    group.add_argument(
+        "--max-model-memory",
+        type=positive_number,
+        default=DEFAULTS.max_model_memory_gib,
+        dest="max_model_memory_gib",
+        metavar="GIB",
+        help="memory the loaded models' weights may take together (default: no limit)",
+    )
+    group.add_argument(
+        "--model-idle-timeout",
+        type=positive_number,
+        default=DEFAULTS.model_idle_timeout,
+        metavar="SECONDS",
+        help="unload a model unused this long; preloaded ones stay (default: never)",
+    )
+    group.add_argument(
+        "--preload",
+        action="append",
+        type=name,
+        default=None,
+        metavar="NAME",
+        help="load NAME at start, and keep it loaded when idle (repeatable; default: the first model)",
     )
 
 
@@ -171,6 +270,14 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS.prefix_cache_mib,
         metavar="MIB",
         help="memory for cached prompt prefixes, reused by prompts that begin alike; 0: off (default: %(default)s)",
+    )
+    group.add_argument(
+        "--speculative-tokens",
+        type=at_least(0),
+        default=DEFAULTS.speculative_tokens,
+        metavar="K",
+        help="tokens each request guesses ahead from its own prompt and output (prompt lookup), checked in the "
+        "decoding step; the output is unchanged; 0: off (default: %(default)s)",
     )
     group.add_argument(
         "--no-pack-weights",
@@ -263,11 +370,27 @@ def _operations_flags(parser: argparse.ArgumentParser) -> None:
 
 def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerSettings:
     """Settings from the command line, and API keys also from ``HF_OPENAI_SERVER_API_KEY`` (comma-separated)."""
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
     environ = os.environ if environ is None else environ
     from_environment = [key.strip() for key in environ.get(API_KEY_VARIABLE, "").split(",") if key.strip()]
+    config = ModelsConfig()
+    if args["models_config"] is not None:
+        try:
+            config = read_models_config(args["models_config"])
+        except ModelsConfigError as error:
+            parser.error(str(error))
+    bad = [o for o in config.options if o.dtype not in (None, *DTYPE_CHOICES) or o.device not in (None, *DEVICES)]
+    if bad:
+        parser.error(f"--models-config [models.{bad[0].name}]: dtype must be one of {DTYPE_CHOICES}, device {DEVICES}")
+    models = (*args["model"], *(m for m in config.served if m.name not in {c.name for c in args["model"]}))
     return ServerSettings(
         **{key: value for key, value in args.items() if key not in RENAMED},
+        model=models[0].source if models else None,
+        models=models,
+        model_options=config.options,
+        loras=(*args["lora"], *config.loras),
+        preload=None if args["preload"] is None else tuple(args["preload"]),
         served_model_names=tuple(dict.fromkeys(args["served_model_name"])),
         stop_sequences=tuple(args["stop_sequences"]),
         api_keys=tuple(dict.fromkeys([*args["api_key"], *from_environment])),
@@ -276,8 +399,50 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     )
 
 
-RENAMED = frozenset({"served_model_name", "stop_sequences", "api_key", "cors_origin", "sse_keepalive"})
+RENAMED = frozenset(
+    {
+        "served_model_name",
+        "stop_sequences",
+        "api_key",
+        "cors_origin",
+        "sse_keepalive",
+        "model",
+        "lora",
+        "models_config",
+        "preload",
+    }
+)
 """Flags whose value the settings take in another name or shape (a tuple, ``None`` for 0)."""
+
+
+def named_models(settings: ServerSettings) -> ServerSettings:
+    """``settings`` with every model found and named (``ModelNotFoundError``), or ``ValueError`` saying what clashes.
+
+    With ``--models-dir`` and no ``--model``, the directory's models are served, the first in name order first.
+    """
+    choices = list(settings.models)
+    if not choices and settings.models_dir is not None:
+        choices = [
+            ModelChoice(name=label, source=str(path)) for label, path in model_files(settings.models_dir).items()
+        ]
+        if not choices:
+            msg = f"no models in {settings.models_dir}: put model directories (with config.json) or .gguf files there"
+            raise ValueError(msg)
+    choices = choices or [ModelChoice()]
+    named = [attrs.evolve(c, name=c.name or resolve_model(c.source).model_id) for c in choices]
+    for choice in named[1:]:
+        resolve_model(choice.source)
+    named[0] = attrs.evolve(named[0], name=(*settings.served_model_names, named[0].name)[0])
+    names = [n.name for n in named] + [lora.name for lora in settings.loras]
+    clashes = sorted({n for n in names if names.count(n) > 1 and n is not None})
+    if clashes:
+        msg = f"these names are given to more than one model or adapter: {', '.join(clashes)}"
+        raise ValueError(msg)
+    unknown = sorted(set(settings.preload or ()) - set(names) - set(settings.served_model_names))
+    if unknown:
+        msg = f"--preload names no served model: {', '.join(unknown)}"
+        raise ValueError(msg)
+    return attrs.evolve(settings, models=tuple(named), model=named[0].source)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -286,8 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, log_format=settings.log_format)
     log = structlog.get_logger("entrypoints.http")
     try:
-        source = resolve_model(settings.model)
-    except ModelNotFoundError as error:
+        settings = named_models(settings)
+    except (ModelNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)  # noqa: T201  the one line the user reads
         return 2
     failures: list[BaseException] = []
@@ -310,8 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     server = DrainingServer(config, drain)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    served = settings.served_model_names[0] if settings.served_model_names else source.model_id
-    log.info("server.starting", url=f"http://{host}:{settings.port}/v1", model=served)
+    served = [choice.name for choice in settings.models]
+    log.info("server.starting", url=f"http://{host}:{settings.port}/v1", models=served)
     warn_if_exposed(settings)
     server.run()
     if failures:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import structlog
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, post
 
 from application.generation import complete
 from domain.errors import InvalidRequestError
@@ -25,7 +25,7 @@ from entrypoints.http.openai_answers import (
     completion_chunks,
     text_completion,
 )
-from entrypoints.http.openai_bodies import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList
+from entrypoints.http.openai_bodies import ChatCompletionResponse, CompletionResponse
 from entrypoints.http.openai_requests import ChatCompletionRequest, CompletionRequest
 from entrypoints.http.openapi import body_operation
 from entrypoints.http.refusals import ClientDisconnectedError
@@ -146,25 +146,6 @@ async def _after(first: asyncio.Future[CompletionEvent], events: CompletionStrea
     async with contextlib.aclosing(events):
         async for event in events:
             yield event
-
-
-class ModelsController(Controller):
-    """``/v1/models``: https://platform.openai.com/docs/api-reference/models."""
-
-    path = "/v1/models"
-    tags = ["Models"]  # noqa: RUF012  Litestar reads it from the class
-
-    @get(operation_id="listModels", summary="List the served model")
-    async def list_models(self, services: Services) -> ModelList:
-        """The one model this server serves."""
-        return ModelList([ModelCard(services.model_id, services.created)])
-
-    @get("/{model:path}", operation_id="retrieveModel", summary="Retrieve the served model")
-    async def retrieve_model(self, model: str, services: Services) -> ModelCard:
-        """The model named ``model`` (the served id or one of its ``--served-model-name`` aliases); else a 404."""
-        name = model.lstrip("/")
-        services.check_model(name)
-        return ModelCard(name, services.created)
 
 
 class ChatController(Controller):

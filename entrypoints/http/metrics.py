@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -12,7 +13,9 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from domain.generation import Completion, CompletionStream, TextDelta
 from entrypoints.http.errors import error_body
@@ -39,11 +42,14 @@ class Metrics:
     running: Gauge
     waiting: Gauge
     model_load_seconds: Gauge
+    model_requests: Counter
+    model_loaded: Gauge
 
     @classmethod
-    def create(cls) -> Metrics:
-        """A fresh registry with every instrument registered."""
+    def create(cls, draft_tokens: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> Metrics:
+        """A fresh registry with every instrument registered; ``draft_tokens`` is read at each scrape."""
         registry = CollectorRegistry()
+        registry.register(DraftTokens(draft_tokens))
         endpoint = ("endpoint",)
         return cls(
             registry=registry,
@@ -93,9 +99,23 @@ class Metrics:
                 registry=registry,
             ),
             model_load_seconds=Gauge(
-                f"{PREFIX}_model_load_seconds", "How long loading the model took.", registry=registry
+                f"{PREFIX}_model_load_seconds", "How long the latest model load took.", registry=registry
+            ),
+            model_requests=Counter(
+                f"{PREFIX}_model_requests", "Requests served, by model or adapter name.", ("model",), registry=registry
+            ),
+            model_loaded=Gauge(
+                f"{PREFIX}_model_loaded",
+                "1 while the model is in memory, 0 once unloaded.",
+                ("model",),
+                registry=registry,
             ),
         )
+
+    def loaded(self, model: str, seconds: float) -> None:
+        """Record that ``model`` loaded, in ``seconds``."""
+        self.model_load_seconds.set(seconds)
+        self.model_loaded.labels(model).set(1)
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The registry in the text format ``accept`` asks for (Prometheus text 0.0.4 by default)."""
@@ -127,6 +147,27 @@ class Metrics:
         finally:
             (self.waiting if previous is None else self.running).dec()
             await events.aclose()
+
+
+@attrs.frozen
+class DraftTokens(Collector):
+    """Speculative decoding's draft tokens, proposed and accepted, as the engine counts them (vLLM's two counters)."""
+
+    counts: Callable[[], tuple[int, int]]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """Both counters, read from the engine now."""
+        proposed, accepted = self.counts()
+        yield CounterMetricFamily(
+            f"{PREFIX}_spec_decode_draft_tokens",
+            "Draft tokens speculative decoding proposed (guessed from the prompt and output) and verified.",
+            value=proposed,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_spec_decode_accepted_tokens",
+            "Draft tokens that equalled the token decoding picked, each one forward pass saved.",
+            value=accepted,
+        )
 
 
 class MetricsMiddleware(ASGIMiddleware):

@@ -337,6 +337,11 @@ class ModelCard:
     created: int
     owned_by: str = "hf-openai-server"
     object: str = "model"
+    status: str = "loaded"
+    """``loaded``, ``loading``, ``unloaded`` (loads on its first request) or ``failed``."""
+    loaded: bool = True
+    parent: str | None = None
+    """For a LoRA adapter, its base model (as vLLM reports it)."""
 
 
 @attrs.frozen

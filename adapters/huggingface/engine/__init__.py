@@ -11,12 +11,14 @@ built with transformers' own machinery, so a request decodes as it would alone t
 - `rows`: one request's set-up, sampling and ending;
 - `prefill`: grouping prompts, the cached/computed column layout, remembering prompt blocks;
 - `kv_batch`: the running rows' left-padded cache, which rows join and leave;
-- `forward`: one forward pass, with the thread tuner.
+- `forward`: one forward pass, with the thread tuner;
+- `speculative`: prompt-lookup drafts, checked in the decoding step, and their counts.
 """
 
 from __future__ import annotations
 
 from adapters.huggingface.engine.generator import BatchingGenerator
 from adapters.huggingface.engine.scheduler import BatchLimits
+from adapters.huggingface.engine.speculative import Speculation
 
-__all__ = ["BatchLimits", "BatchingGenerator"]
+__all__ = ["BatchLimits", "BatchingGenerator", "Speculation"]

@@ -15,6 +15,7 @@ from adapters.huggingface.engine.forward import Forward
 from adapters.huggingface.engine.loop import EngineLoop
 from adapters.huggingface.engine.rows import Row
 from adapters.huggingface.engine.scheduler import BatchLimits, Scheduler
+from adapters.huggingface.engine.speculative import DraftCounts, Speculation
 from adapters.huggingface.model_facts import ModelFacts, TellsModelFacts
 from adapters.huggingface.transformers_compat import has_plain_layers
 from domain.errors import QueueFullError
@@ -49,6 +50,8 @@ class BatchingGenerator(TellsModelFacts):
     threads: ThreadTuner | None = None
     """Picks torch's CPU thread count for each forward pass; ``None`` leaves torch's setting alone (GPUs)."""
     _prefixes: PrefixCache | None = attrs.field(default=None, alias="prefixes")
+    speculation: Speculation = attrs.field(factory=Speculation)
+    """Prompt-lookup drafts: how many tokens a row guesses ahead (``tokens=0``: none)."""
     _scheduler: Scheduler = attrs.field(init=False)
     _engine: EngineLoop = attrs.field(init=False)
     _unbatched: int = attrs.field(init=False, default=0)
@@ -66,12 +69,18 @@ class BatchingGenerator(TellsModelFacts):
             self.tokenizer,
             self._scheduler,
             prefixes=self._prefixes,
+            speculation=self.speculation,
         )
 
     @property
     def prefixes(self) -> PrefixCache | None:
         """Keys and values of prompt blocks seen before, reused by later prompts that begin with them."""
         return self._engine.prefixes
+
+    @property
+    def drafts(self) -> DraftCounts:
+        """Draft tokens proposed and kept since the engine started."""
+        return self._engine.drafts
 
     # --- the model facts, shared with the plain generator -------------------------------------------------------
 
@@ -94,9 +103,9 @@ class BatchingGenerator(TellsModelFacts):
         """The validated ``GenerationConfig`` for a request (see ``HuggingFaceGenerator.generation_config``)."""
         return self.plain.generation_config(params, prompt_length=prompt_length)
 
-    async def score(self, token_ids: Sequence[int], *, top: int) -> list[TokenLogprob]:
+    async def score(self, token_ids: Sequence[int], *, top: int, adapter: str | None = None) -> list[TokenLogprob]:
         """Log-probability of each of ``token_ids[1:]`` given what precedes it, on the plain generator's thread."""
-        return await self.plain.score(token_ids, top=top)
+        return await self.plain.score(token_ids, top=top, adapter=adapter)
 
     # --- generation -------------------------------------------------------------------------------------------
 

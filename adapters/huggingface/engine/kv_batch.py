@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from adapters.huggingface.engine.rows import Row
-from adapters.huggingface.transformers_compat import cache_layers, layer_kv
+from adapters.huggingface.transformers_compat import cache_layers, crop_cache, layer_kv
 
 
 @attrs.define
@@ -19,7 +19,10 @@ class KVBatch:
     rows: list[Row] = attrs.field(factory=list)
     cache: DynamicCache | None = None
     mask: torch.Tensor | None = None
-    """``[rows, columns]``: 1 where the cache holds a real token, 0 on the left padding."""
+    """``[rows, columns]``: 1 where the cache holds a real token, 0 on left padding and rejected draft tokens."""
+
+    HOLES = 64
+    """Masked columns between real ones (rejected draft tokens) past which `compact` closes them up."""
 
     def add(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Merge prefilled ``rows`` (their cache and mask) in, padding on the left whichever side is shorter."""
@@ -51,17 +54,46 @@ class KVBatch:
             layer.values = values.index_select(0, index)[:, :, first:]
         self.rows = [self.rows[i] for i in keep]
 
-    def step_mask(self) -> torch.Tensor:
-        """The attention mask of a decoding step: the cached columns and the token being fed."""
+    def step_mask(self, fed: int = 1) -> torch.Tensor:
+        """The attention mask of a decoding step: the cached columns and the ``fed`` positions being fed."""
         if self.mask is None:
             msg = "an empty batch has no decoding step"
             raise RuntimeError(msg)
-        return torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        return torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], fed))], dim=1)
 
-    def grow(self) -> None:
-        """One more real column for every row: the step just run appended each row's token to the cache."""
-        if self.mask is not None:
-            self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+    def grow(self, kept: Sequence[int] | None = None, fed: int = 1) -> None:
+        """Account for the step just run, which appended ``fed`` columns of every row to the cache.
+
+        ``kept``: of those, how many each row keeps (the last token and its accepted draft); all, by default. The
+        columns no row keeps are cut off the cache; the others a row rejected are masked, left as holes that
+        `compact` closes once they take more than ``HOLES`` columns.
+        """
+        if self.mask is None or self.cache is None:
+            return
+        rows = self.mask.shape[0]
+        if kept is None or fed == 1:
+            self.mask = torch.cat([self.mask, self.mask.new_ones((rows, fed))], dim=1)
+            return
+        longest = max(kept)
+        counts = torch.tensor(kept, dtype=self.mask.dtype, device=self.mask.device)
+        columns = torch.arange(longest, dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([self.mask, (columns < counts[:, None]).to(self.mask.dtype)], dim=1)
+        crop_cache(self.cache, self.mask.shape[1])
+        self.compact()
+
+    def compact(self) -> None:
+        """Move each row's real columns together on the right once the masked holes between them grow too wide."""
+        if self.mask is None or self.cache is None:
+            return
+        longest = int(self.mask.sum(dim=1).max())
+        if self.mask.shape[1] - longest <= self.HOLES:
+            return
+        order = torch.sort(self.mask, dim=1, stable=True).indices[:, -longest:]  # holes first, real columns in order
+        self.mask = self.mask.gather(1, order)
+        for layer in cache_layers(self.cache):
+            keys, values = layer_kv(layer)
+            index = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+            layer.keys, layer.values = keys.gather(2, index), values.gather(2, index)
 
 
 def pad_left(tensor: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from adapters.huggingface.engine import rows as row_ops
 from adapters.huggingface.engine.kv_batch import KVBatch
 from adapters.huggingface.engine.prefill import groups, prefill_group, remember_prefixes
+from adapters.huggingface.engine.speculative import DraftCounts, Speculation, propose
 from domain.errors import GenerationError
 from domain.generation import GeneratedTokens
 
@@ -35,6 +36,9 @@ class EngineLoop:
     scheduler: Scheduler
     prefixes: PrefixCache | None = None
     """Keys and values of prompt blocks seen before; turned off (``None``) if caching ever fails."""
+    speculation: Speculation = attrs.field(factory=Speculation)
+    drafts: DraftCounts = attrs.field(factory=DraftCounts)
+    """Draft tokens proposed and kept so far."""
     _batch: KVBatch = attrs.field(init=False, factory=KVBatch)
     _thread: threading.Thread | None = attrs.field(init=False, default=None)
 
@@ -76,7 +80,8 @@ class EngineLoop:
 
     def _to_compute(self, row: Row) -> int:
         """Prompt tokens of ``row`` its prefill must compute: those the prefix cache does not hold."""
-        return len(row.prompt_ids) - (self.prefixes.cached_tokens(row.prompt_ids) if self.prefixes else 0)
+        cached = self.prefixes.cached_tokens(row.prompt_ids, adapter=row.params.adapter) if self.prefixes else 0
+        return len(row.prompt_ids) - cached
 
     def _prefill(self, rows: list[Row]) -> None:
         """Prefill newcomers in groups that fit the token budget, sample their first token, and merge them in."""
@@ -93,7 +98,7 @@ class EngineLoop:
             try:
                 if self.prefixes is not None:
                     for row in group:
-                        row.reused = self.prefixes.match(row.prompt_ids)
+                        row.reused = self.prefixes.match(row.prompt_ids, adapter=row.params.adapter)
                 cache, mask, logits = prefill_group(self.forward, group)
             except Exception as error:  # noqa: BLE001  the group's consumers re-raise it
                 row_ops.fail(group, error)
@@ -108,17 +113,42 @@ class EngineLoop:
             log.debug("batching.joined", rows=len(group), running=self.running, reused_tokens=sum(reused))
 
     def _step(self) -> None:
-        """One decoding step for every running row."""
+        """One decoding step for every running row: its last token, and its draft when it has one."""
         batch = self._batch
         device = self.forward.model.device
-        last = torch.tensor([[int(row.ids[0, -1])] for row in batch.rows], dtype=torch.long, device=device)
+        length = self.speculation.draft_length(len(batch.rows))
+        drafts = [self._draft(row, length) for row in batch.rows]
+        if 2 * sum(map(len, drafts)) < len(drafts) * max(map(len, drafts)):
+            drafts = [[] for _ in drafts]  # most extra positions would be padding: not worth a wider pass
+        fed = 1 + max(map(len, drafts))
+        ids = torch.tensor(
+            [
+                [int(row.ids[0, -1]), *draft, *[0] * (fed - 1 - len(draft))]
+                for row, draft in zip(batch.rows, drafts, strict=True)
+            ],
+            dtype=torch.long,
+            device=device,
+        )
         positions = torch.tensor([[row.cached] for row in batch.rows], dtype=torch.long, device=device)
-        logits = self.forward(last, positions, batch.step_mask(), batch.cache)
-        batch.grow()
-        for index, row in enumerate(batch.rows):
-            row.cached += 1
+        if fed > 1:  # a shorter draft's padding repeats its last position, which stays inside the context window
+            lengths = torch.tensor([[len(draft)] for draft in drafts], dtype=torch.long, device=device)
+            positions = positions + torch.minimum(torch.arange(fed, dtype=torch.long, device=device), lengths)
+        adapters = [row.params.adapter for row in batch.rows]
+        logits = self.forward(ids, positions, batch.step_mask(fed), batch.cache, adapters, keep=fed)
+        kept = []
+        for index, (row, draft) in enumerate(zip(batch.rows, drafts, strict=True)):
+            accepted = 0
             if not row.cancelled.is_set():
-                row_ops.advance(row, logits[index : index + 1])
+                accepted = row_ops.advance(row, logits[index], draft=draft)
+                self.drafts.record(len(draft), accepted)
+            row.cached += 1 + accepted
+            kept.append(1 + accepted)
+        batch.grow(kept, fed)
+
+    def _draft(self, row: Row, length: int) -> list[int]:
+        """Up to ``length`` tokens guessed from the row's own text, within what it may still produce."""
+        length = min(length, row.room - 1)
+        return propose(row.ids[0].tolist(), length) if length > 0 else []
 
     def _release_done(self) -> None:
         """Hand finished rows their finish reason and drop them, with abandoned ones, from the batch."""

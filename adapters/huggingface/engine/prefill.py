@@ -57,7 +57,7 @@ def prefill_group(forward: Forward, group: list[Row]) -> tuple[DynamicCache, tor
         cached = prefix_kv([row.reused for row in group], prefix_width).to(device)
         for layer, (keys, values) in zip(cache_layers(cache), cached, strict=True):
             layer.update(keys, values)
-    return cache, mask, forward(ids, positions, mask, cache)
+    return cache, mask, forward(ids, positions, mask, cache, [row.params.adapter for row in group])[:, -1]
 
 
 def remember_prefixes(prefixes: PrefixCache, group: list[Row], cache: DynamicCache, mask: torch.Tensor) -> bool:
@@ -73,7 +73,7 @@ def remember_prefixes(prefixes: PrefixCache, group: list[Row], cache: DynamicCac
                 continue
             columns = mask[index].nonzero().squeeze(1)
             kv = torch.stack([torch.stack([keys[index], values[index]]) for keys, values in layers])
-            prefixes.insert(row.prompt_ids, row.reused, kv.index_select(3, columns))
+            prefixes.insert(row.prompt_ids, row.reused, kv.index_select(3, columns), adapter=row.params.adapter)
     except Exception as error:  # noqa: BLE001  never fail a request for a cache
         log.warning("prefix_cache.disabled", error=str(error))
         prefixes.clear()

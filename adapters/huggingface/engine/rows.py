@@ -20,7 +20,7 @@ from adapters.huggingface.transformers_compat import (
     stopping_criteria,
 )
 from domain.errors import DomainError, GenerationError
-from domain.generation import FinishReason, GeneratedTokens, GenerationParams
+from domain.generation import FinishReason, GeneratedTokens, GenerationParams, TokenLogprob
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -67,6 +67,11 @@ class Row:
         return self.finish_reason is not None or self.cancelled.is_set()
 
     @property
+    def room(self) -> int:
+        """How many tokens the row may still produce (``max_new_tokens`` and the context window decide)."""
+        return int(self.config.max_length) - int(self.ids.shape[-1])
+
+    @property
     def reused_tokens(self) -> int:
         """How many prompt tokens come from the prefix cache."""
         return sum(len(block.tokens) for block in self.reused)
@@ -92,28 +97,45 @@ def prepare(row: Row, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     row.ids = ids
 
 
-def advance(row: Row, logits: torch.Tensor, *, cached_tokens: int = 0) -> None:
-    """Process one row's logits, pick its next token, hand it over, and check whether the row is done.
+def advance(row: Row, logits: torch.Tensor, *, draft: Sequence[int] = (), cached_tokens: int = 0) -> int:
+    """Pick the row's next tokens from ``logits``, hand them over, and check whether the row is done.
 
+    ``logits``: ``[1 + len(draft), vocab]``, position ``j``'s computed after the row's tokens and ``draft[:j]``.
+    Tokens are picked one at a time, exactly as without a draft (the row's processors, its argmax or its random
+    generator); the next position is used only while the token picked equals the draft's, and the row is not done.
+    Returns how many of ``draft`` equalled the tokens picked: those whose keys and values the cache keeps.
     ``cached_tokens``: on the first token, how many prompt tokens came from the prefix cache. A failure ends this
     row alone.
     """
+    accepted = 0
     try:
-        scores = row.processors(cast("torch.LongTensor", row.ids), cast("torch.FloatTensor", logits))
-        if row.config.do_sample:
-            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=row.rng)
-        else:
-            token = torch.argmax(scores, dim=-1, keepdim=True)
-        row.ids = torch.cat([row.ids, token.to(row.ids.dtype)], dim=-1)
-        token_id = int(token)
-        logprobs = () if row.recorder is None else row.recorder.logprobs_of([token_id])
-        step = GeneratedTokens(token_ids=(token_id,), logprobs=logprobs, cached_tokens=cached_tokens)
+        picked: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        for position in range(len(draft) + 1):
+            scores = row.processors(
+                cast("torch.LongTensor", row.ids), cast("torch.FloatTensor", logits[position : position + 1])
+            )
+            if row.config.do_sample:
+                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=row.rng)
+            else:
+                token = torch.argmax(scores, dim=-1, keepdim=True)
+            row.ids = torch.cat([row.ids, token.to(row.ids.dtype)], dim=-1)
+            picked.append(int(token))
+            if row.recorder is not None:
+                logprobs.extend(row.recorder.logprobs_of(picked[-1:]))
+            guessed = position < len(draft) and picked[-1] == draft[position]
+            accepted += guessed
+            if bool(row.stopping(row.ids, scores).any()):
+                row.finish_reason = finish_reason(row.ids[0, len(row.prompt_ids) :].tolist(), row.config)
+                break
+            if not guessed:
+                break
+        step = GeneratedTokens(token_ids=tuple(picked), logprobs=tuple(logprobs), cached_tokens=cached_tokens)
         if not row.deliver(step):
             row.cancelled.set()
-        if bool(row.stopping(row.ids, scores).any()):
-            row.finish_reason = finish_reason(row.ids[0, len(row.prompt_ids) :].tolist(), row.config)
     except Exception as error:  # noqa: BLE001  only this request is at fault
         fail([row], error)
+    return accepted
 
 
 def release(row: Row) -> None:

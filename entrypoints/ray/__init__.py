@@ -1,0 +1,1 @@
+"""``python -m entrypoints.ray``: the same API as ``entrypoints.http``, served by engine replicas on Ray Serve."""

@@ -1,0 +1,211 @@
+"""LoRA adapters on tiny real models: per-row application in one batch, the HTTP endpoints, bad adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from litestar.testing import TestClient
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from adapters.huggingface.lora import AdapterFiles, AdapterGenerator
+from domain.generation import GenerationParams
+from entrypoints.bootstrap import load_services
+from entrypoints.http.app import create_app
+from entrypoints.settings import LoraChoice, ModelChoice, ServerSettings
+from tests.tiny_model import build_tiny_lora, build_tiny_model
+
+KEY = "sk-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PROMPTS = ("The cat eats an apple", "Hello, world! How are", "a dog sees the red book in the garden and")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two different tiny models, two adapters for the first, one for the second (which has other shapes)."""
+    root = tmp_path_factory.mktemp("lora")
+    alpha = build_tiny_model(root / "alpha", seed=0)
+    beta = build_tiny_model(root / "beta", seed=1, hidden_size=48)
+    misfit = build_tiny_lora(root / "misfit", beta, seed=3)  # made for beta, but says it is for alpha
+    config = json.loads((misfit / "adapter_config.json").read_text())
+    (misfit / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(alpha)}))
+    return {
+        "alpha": alpha,
+        "beta": beta,
+        "pirate": build_tiny_lora(root / "pirate", alpha, seed=1),
+        "poet": build_tiny_lora(root / "poet", alpha, seed=2, targets=("k_proj", "o_proj", "up_proj", "lm_head")),
+        "beta-lora": build_tiny_lora(root / "beta-lora", beta, seed=4),
+        "misfit": misfit,
+    }
+
+
+def greedy(max_new_tokens: int = 12) -> GenerationParams:
+    return GenerationParams(temperature=0, max_new_tokens=max_new_tokens, options={"ignore_eos": True})
+
+
+def peft_reference(models: dict[str, Path], adapter: str | None, prompt_ids: list[int], tokens: int) -> list[int]:
+    """What PEFT's own model generates, greedy, for ``adapter`` on alpha (``None``: the base model)."""
+    model = AutoModelForCausalLM.from_pretrained(models["alpha"])
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, models[adapter])
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=tokens)
+    return output[0, len(prompt_ids) :].tolist()
+
+
+async def collect(generator, prompt_ids: list[int], params: GenerationParams) -> list[int]:
+    tokens: list[int] = []
+    async with contextlib.aclosing(generator.generate(prompt_ids, params)) as steps:
+        async for step in steps:
+            tokens.extend(step.token_ids)
+    return tokens
+
+
+def test_base_and_two_adapters_in_one_batch_equal_each_alone_and_peft(models: dict[str, Path]) -> None:
+    services = load_services(ServerSettings(model=str(models["alpha"]), device="cpu"))
+    try:
+        assert services.adapters is not None
+        assert services.generator is not None
+        for name in ("pirate", "poet"):
+            services.adapters.attach(f"{name}#0", _read(models[name]))
+        base = services.generator
+        generators = [base, AdapterGenerator(base, "pirate#0", "pirate"), AdapterGenerator(base, "poet#0", "poet")]  # type: ignore[arg-type]
+        prompts = [base.encode(text, add_special_tokens=True) for text in PROMPTS]
+        batch_sizes: list[int] = []
+        model = services.generator.model  # type: ignore[attr-defined]
+        hook = model.register_forward_pre_hook(
+            lambda _m, _a, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+        )
+
+        async def together() -> list[list[int]]:
+            return list(
+                await asyncio.gather(*(collect(g, p, greedy()) for g, p in zip(generators, prompts, strict=True)))
+            )
+
+        batched = asyncio.run(together())
+        hook.remove()
+        alone = [asyncio.run(collect(g, p, greedy())) for g, p in zip(generators, prompts, strict=True)]
+        assert max(batch_sizes) == 3  # the three rows did decode together
+        assert batched == alone
+        assert len({tuple(tokens) for tokens in alone[:1]} | {tuple(alone[1]), tuple(alone[2])}) == 3
+        for adapter, prompt, tokens in zip((None, "pirate", "poet"), prompts, alone, strict=True):
+            assert tokens == peft_reference(models, adapter, prompt, len(tokens))
+    finally:
+        services.close()
+
+
+def _read(path: Path) -> AdapterFiles:
+    return AdapterFiles.read(path)
+
+
+@pytest.fixture
+def client(models: dict[str, Path]) -> Iterator[TestClient]:
+    settings = ServerSettings(
+        models=(
+            ModelChoice(name="alpha", source=str(models["alpha"])),
+            ModelChoice(name="beta", source=str(models["beta"])),
+        ),
+        loras=(LoraChoice(name="pirate", path=models["pirate"]),),
+        device="cpu",
+        api_keys=(KEY,),
+    )
+    with TestClient(create_app(settings)) as test_client:
+        while test_client.get("/health").status_code != 200:
+            pass
+        yield test_client
+
+
+def complete(client: TestClient, model: str, prompt: str = PROMPTS[0], **extra: object) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True} | extra
+    response = client.post("/v1/completions", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_adapters_are_listed_and_answer_under_their_own_name(client: TestClient) -> None:
+    cards = {card["id"]: card for card in client.get("/v1/models", headers=AUTH).json()["data"]}
+    assert set(cards) == {"alpha", "beta", "pirate"}
+    assert cards["pirate"]["parent"] == "alpha"
+    assert cards["beta"]["status"] == "unloaded"
+    base, pirate = complete(client, "alpha"), complete(client, "pirate")
+    assert pirate["model"] == "pirate"
+    assert base["choices"][0]["text"] != pirate["choices"][0]["text"]
+    assert client.get("/v1/models", headers=AUTH).json()["data"][1]["status"] == "unloaded"  # beta never asked for
+
+
+def test_load_and_unload_an_adapter_at_run_time(client: TestClient, models: dict[str, Path]) -> None:
+    load = {"lora_name": "pirate2", "lora_path": str(models["pirate"])}
+    assert client.post("/v1/load_lora_adapter", json=load).status_code == 401  # behind the API key
+    response = client.post("/v1/load_lora_adapter", json=load, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert complete(client, "pirate2")["choices"] == complete(client, "pirate")["choices"]
+    assert client.post("/v1/load_lora_adapter", json=load, headers=AUTH).status_code == 400  # already served
+    unload = {"lora_name": "pirate2"}
+    assert client.post("/v1/unload_lora_adapter", json=unload, headers=AUTH).status_code == 200
+    gone = client.post("/v1/completions", json={"model": "pirate2", "prompt": "x"}, headers=AUTH)
+    assert (gone.status_code, gone.json()["error"]["code"]) == (404, "model_not_found")
+    assert client.post("/v1/unload_lora_adapter", json=unload, headers=AUTH).status_code == 404
+    assert complete(client, "pirate")["model"] == "pirate"
+
+
+@pytest.mark.parametrize(
+    ("path", "needle"),
+    [
+        ("missing", "adapter_config.json is missing"),
+        ("alpha", "adapter_config.json is missing"),
+        ("misfit", "does not fit"),
+    ],
+)
+def test_a_bad_adapter_path_is_a_400_and_disturbs_nothing(
+    client: TestClient, models: dict[str, Path], path: str, needle: str
+) -> None:
+    before = complete(client, "pirate")
+    lora_path = str(models.get(path, models["alpha"].parent / path))
+    response = client.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": lora_path}, headers=AUTH)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "lora_path"
+    assert needle in response.json()["error"]["message"]
+    assert client.get("/health").status_code == 200
+    assert "bad" not in {card["id"] for card in client.get("/v1/models", headers=AUTH).json()["data"]}
+    assert complete(client, "pirate")["choices"] == before["choices"]
+
+
+@pytest.mark.parametrize(
+    "body", [{"lora_name": "x"}, {"lora_name": " ", "lora_path": "/tmp"}, {"lora_name": "alpha", "lora_path": "/tmp"}]
+)
+def test_a_bad_load_request_body_is_a_400(client: TestClient, body: dict) -> None:
+    response = client.post("/v1/load_lora_adapter", json=body, headers=AUTH)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_cached_prompt_blocks_never_cross_adapters(client: TestClient) -> None:
+    prompt = " ".join(PROMPTS * 2)
+    base_first = complete(client, "alpha", prompt)
+    assert complete(client, "alpha", prompt)["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    pirate = complete(client, "pirate", prompt)
+    assert pirate["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    again = complete(client, "pirate", prompt)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert again["choices"] == pirate["choices"]
+    assert base_first["choices"] != pirate["choices"]
+
+
+def test_an_adapter_goes_on_the_model_its_config_names_loaded_on_demand(
+    client: TestClient, models: dict[str, Path]
+) -> None:
+    load = {"lora_name": "beta-lora", "lora_path": str(models["beta-lora"])}
+    assert client.post("/v1/load_lora_adapter", json=load, headers=AUTH).status_code == 200
+    cards = {card["id"]: card for card in client.get("/v1/models", headers=AUTH).json()["data"]}
+    assert (cards["beta-lora"]["parent"], cards["beta-lora"]["status"]) == ("beta", "unloaded")
+    tuned, base = complete(client, "beta-lora"), complete(client, "beta")
+    assert tuned["model"] == "beta-lora"
+    assert tuned["choices"][0]["text"] != base["choices"][0]["text"]
+    assert complete(client, "alpha")["model"] == "alpha"
