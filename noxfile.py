@@ -45,10 +45,20 @@ def ray(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Throughput against `transformers serve` on the embedded model (minutes; never in CI): bench/throughput.py."""
+    """Throughput against llama.cpp and `transformers serve` on the embedded model (never in CI): bench/throughput.py.
+
+    The first run builds llama.cpp's llama-server from source into ~/.cache (many minutes on two cores).
+    """
     install_project(session)
-    session.install("transformers[serving]")
+    session.install("transformers[serving]", "sentencepiece")  # sentencepiece: llama.cpp's GGUF converter
     session.run("python", "bench/throughput.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def quality(session: nox.Session) -> None:
+    """Log-likelihood of a fixed text in float32, int8 and int4, through /v1/completions echo: bench/quality.py."""
+    install_project(session)
+    session.run("python", "bench/quality.py", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -1,12 +1,15 @@
-"""Throughput of this server against ``transformers serve``, side by side on the same model and machine.
+"""Throughput of this server against llama.cpp and ``transformers serve``, side by side on the same model and machine.
 
-Starts each server in turn on the embedded SmolLM2 (ours converts its GGUF into the snapshot cache once;
-``transformers serve`` is pointed at that snapshot directory, since it cannot download), then sends streaming chat
-requests from a fixed prompt set at each concurrency, a fixed number of requests per cell, and reports:
+Starts every server on the embedded SmolLM2: ours in float32, int8 and int4 (``--quantize``; ours converts its GGUF
+into the snapshot cache once), ``transformers serve`` pointed at that snapshot directory (it cannot download), and
+llama.cpp's ``llama-server`` (built once from source, see ``bench/llama_cpp.py``) on f32 and q8_0 GGUFs converted
+from the snapshot and on the embedded q4_1 file itself. Then it sends streaming chat requests from a fixed prompt
+set at each concurrency, a fixed number of requests per cell, in rounds that alternate the servers, and reports:
 aggregate completion tok/s, median per-stream decode tok/s, time to first token p50/p95, errors, peak RSS of the
-server process, and our ratio to each ``transformers serve`` mode, row by row.
+server process, and the ratios of like to like (float32 to f32, int8 to q8_0, int4 to q4_1, ours to theirs).
 
-    python bench/throughput.py                         # 1, 4 and 16 concurrent streams, all three servers
+    python bench/throughput.py                         # 1, 4 and 16 concurrent streams, every server
+    python bench/throughput.py --only int8 q8_0        # a subset (substring match on the names)
     python bench/throughput.py --readme README.md      # and write the table into README's Performance section
 """
 
@@ -140,49 +143,86 @@ def snapshot_dir(cache_dir: Path) -> Path:
     return gguf_snapshot(default_model_path(), cache_dir)
 
 
+QUANTIZED = (("fp32", "none"), ("int8", "int8"), ("int4", "int4"))
+"""Our rows: the name's suffix and the ``--quantize`` value."""
+LLAMA_CPP_FILES = ("f32", "q8_0", "q4_1")
+RATIOS = (
+    ("hf-openai-server fp32", "llama.cpp f32"),
+    ("hf-openai-server int8", "llama.cpp q8_0"),
+    ("hf-openai-server int4", "llama.cpp q4_1"),
+    ("hf-openai-server int8", "llama.cpp q4_1"),
+    ("hf-openai-server fp32", "transformers serve"),
+    ("hf-openai-server fp32", "transformers serve --continuous-batching"),
+)
+"""(ours, theirs) pairs the ratio table compares, like to like."""
+
+
 def servers(args: argparse.Namespace, snapshot: Path) -> list[Server]:
-    """Ours, then ``transformers serve`` without and with continuous batching."""
+    """Ours in float32, int8 and int4; ``transformers serve`` without and with continuous batching; llama.cpp."""
     python = sys.executable
     transformers_cli = str(Path(python).with_name("transformers"))
-    ours = Server(
-        "hf-openai-server",
-        [
-            python,
-            "-m",
-            "entrypoints.http",
-            "--port",
-            str(args.port),
-            "--device",
-            "cpu",
-            "--max-batch-size",
-            str(args.max_batch_size),
-            "--log-level",
-            "WARNING",
-            "--cache-dir",
-            str(args.cache_dir),
-            *(["--dtype", args.dtype] if args.dtype else []),
-            *(["--threads", str(args.threads)] if args.threads else []),
-            *(["--prefix-cache-mib", str(args.prefix_cache_mib)] if args.prefix_cache_mib is not None else []),
-        ],
-        args.port,
-        "SmolLM2-135M-Instruct",
-    )
+    ours_flags = [
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--log-level",
+        "WARNING",
+        "--cache-dir",
+        str(args.cache_dir),
+        *(["--threads", str(args.threads)] if args.threads else []),
+        *(["--prefix-cache-mib", str(args.prefix_cache_mib)] if args.prefix_cache_mib is not None else []),
+    ]
+    ours = [
+        Server(
+            f"hf-openai-server {suffix}",
+            [python, "-m", "entrypoints.http", "--port", str(args.port + i), "--quantize", scheme, *ours_flags],
+            args.port + i,
+            "SmolLM2-135M-Instruct",
+        )
+        for i, (suffix, scheme) in enumerate(QUANTIZED)
+    ]
     offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
     def theirs(port: int) -> list[str]:
         command = [transformers_cli, "serve", str(snapshot), "--port", str(port), "--device", "cpu"]
-        return [*command, "--dtype", args.dtype or "auto", "--log-level", "warning"]
+        return [*command, "--dtype", "auto", "--log-level", "warning"]
 
-    return [
-        ours,
-        Server("transformers serve", theirs(args.port + 1), args.port + 1, str(snapshot), env=offline),
+    port = args.port + len(ours)
+    transformers_servers = [
+        Server("transformers serve", theirs(port), port, str(snapshot), env=offline),
         Server(
             "transformers serve --continuous-batching",
-            [*theirs(args.port + 2), "--continuous-batching"],
-            args.port + 2,
+            [*theirs(port + 1), "--continuous-batching"],
+            port + 1,
             str(snapshot),
             env=offline,
         ),
+    ]
+    return [*ours, *transformers_servers, *llama_cpp_servers(args, snapshot, port + 2)]
+
+
+def llama_cpp_servers(args: argparse.Namespace, snapshot: Path, port: int) -> list[Server]:
+    """``llama-server`` on f32 and q8_0 GGUFs of the snapshot and on the embedded q4_1 file (built once)."""
+    if args.no_llama_cpp:
+        return []
+    import llama_cpp  # noqa: PLC0415  the bench's own helper, beside this file
+
+    from adapters.huggingface.loading import default_model_path  # noqa: PLC0415
+
+    binary = llama_cpp.llama_server()
+    files = {"q4_1": default_model_path()} | {
+        outtype: llama_cpp.converted_gguf(snapshot, outtype) for outtype in ("f32", "q8_0")
+    }
+    flags = ["-np", str(args.max_batch_size), "-t", str(os.cpu_count()), "-c", str(args.max_batch_size * 1024)]
+    return [
+        Server(
+            f"llama.cpp {name}",
+            [str(binary), "-m", str(files[name]), "--port", str(port + i), *flags, "--log-disable"],
+            port + i,
+            "SmolLM2-135M-Instruct",
+        )
+        for i, name in enumerate(LLAMA_CPP_FILES)
     ]
 
 
@@ -345,10 +385,9 @@ def machine() -> str:
 
 
 def table(cells: Sequence[Cell], args: argparse.Namespace) -> str:
-    """The Markdown table: every cell, and our ratios to each ``transformers serve`` mode."""
+    """The Markdown table: every cell, and the ratios of the `RATIOS` pairs."""
     by_key = {(c.server, c.concurrency): c for c in cells}
     names = list(dict.fromkeys(c.server for c in cells))
-    ours, others = names[0], names[1:]
     header = (
         "| server | concurrency | requests | aggregate tok/s | per-stream tok/s | TTFT p50 | TTFT p95 "
         "| errors | peak RSS |"
@@ -366,13 +405,13 @@ def table(cells: Sequence[Cell], args: argparse.Namespace) -> str:
             )
     lines += ["", "| ratio (ours / theirs) | concurrency | aggregate | per-stream | TTFT p50 (theirs / ours) |"]
     lines.append("|---|---:|---:|---:|---:|")
-    for other in others:
+    for ours, other in RATIOS:
         for concurrency in args.concurrency:
             mine, theirs = by_key.get((ours, concurrency)), by_key.get((other, concurrency))
             if mine is None or theirs is None:
                 continue
             lines.append(
-                f"| vs {other} | {concurrency} | {_ratio(mine.aggregate, theirs.aggregate)} "
+                f"| {ours} vs {other} | {concurrency} | {_ratio(mine.aggregate, theirs.aggregate)} "
                 f"| {_ratio(mine.per_stream, theirs.per_stream)} | {_ratio(theirs.ttft(0.5), mine.ttft(0.5))} |"
             )
     return "\n".join(lines)
@@ -400,7 +439,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--prefix-cache-mib", type=int, default=None, help="our server's --prefix-cache-mib (default: its own)"
     )
-    parser.add_argument("--dtype", default=None, help="both servers' weights dtype (default: the checkpoint's)")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out (no build, no conversion)")
     parser.add_argument("--warmup", type=int, default=2, help="requests before measuring (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved passes per cell (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8311)
@@ -430,11 +469,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prefix_cache_mib is not None:
         our_flags += f" and --prefix-cache-mib {args.prefix_cache_mib}"
     settings = (
-        f"SmolLM2-135M-Instruct ({args.dtype or 'fp32'}), streaming chat, max_tokens {args.max_tokens}, "
+        "SmolLM2-135M-Instruct, streaming chat, max_tokens {args.max_tokens}, "
         f"temperature 0, {len(PROMPTS)} prompts in rotation, {args.warmup} warm-up requests, {args.rounds} "
         "interleaved rounds per cell (aggregate: median of rounds; per-stream and TTFT: over all requests); "
         f"ours with --max-batch-size {args.max_batch_size} and {our_flags}, transformers serve with torch's "
-        "default threads."
+        f"default threads, llama-server with -np {args.max_batch_size} -t {os.cpu_count()}. Every server stays up "
+        "through the run and the rounds alternate them, so other work on the machine weighs on each alike."
     )
     report = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n{settings}\n\n{table(cells, args)}"
     print(f"\n{report}")

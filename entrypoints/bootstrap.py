@@ -197,6 +197,7 @@ def load_engine(settings: ServerSettings) -> LoadedEngine:
         dtype=settings.dtype,
         cache_dir=settings.cache_dir,
         pack_weights=settings.pack_weights,
+        quantize=settings.quantize,
     )
     threads = configure_threads(settings.threads, device=loaded.model.device)
     plain = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id, threads=threads)

@@ -74,6 +74,8 @@ class ServerSettings:
     """Prompt-lookup draft tokens a row guesses ahead per decoding step, verified in the same pass (0: off)."""
     pack_weights: bool = True
     """On the CPU, reorder linear weights once for oneDNN's kernels (see ``adapters.huggingface.packing``)."""
+    quantize: str | None = None
+    """``none``, ``int8`` or ``int4`` linear layers; ``None``: a quantized GGUF as int8 on the CPU, else none."""
     chat_template: Path | None = None
     stop_sequences: tuple[str, ...] = ()
     log_level: str = "INFO"

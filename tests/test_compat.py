@@ -117,6 +117,34 @@ def test_torch_onednn_ops_are_where_the_compat_module_calls_them():
     assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-5), "mkldnn._linear_pointwise changed its meaning"
 
 
+def test_torch_quantized_linear_ops_are_where_the_compat_module_calls_them():
+    engines = torch.backends.quantized.supported_engines
+    if not {"fbgemm", "x86"} & set(engines):
+        pytest.skip(f"no FBGEMM in this torch ({engines}): --quantize int8 is refused here")
+    for name in ("linear_prepack", "linear_dynamic"):
+        assert hasattr(torch.ops.quantized, name), f"torch.ops.quantized.{name} is gone: mend torch_compat"
+    assert hasattr(torch, "quantize_per_channel"), "torch.quantize_per_channel is gone: mend torch_compat"
+    linear = torch.nn.Linear(64, 24)
+    inputs = torch.randn(3, 64)
+    packed = torch_compat.pack_int8_dynamic_weight(linear.weight.detach(), linear.bias.detach())
+    with torch.no_grad():
+        actual, expected = torch_compat.linear_int8_dynamic(inputs, packed), linear(inputs)
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max() < 0.05 * expected.abs().max(), "quantized::linear_dynamic changed"
+
+
+def test_torch_int4_cpu_ops_are_where_the_compat_module_calls_them():
+    for name in ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"):
+        assert hasattr(torch.ops.aten, name), f"torch.ops.aten.{name} is gone: mend torch_compat"
+    linear = torch.nn.Linear(64, 32, bias=False)
+    inputs = torch.randn(2, 3, 64)
+    packed, scales_and_zeros = torch_compat.pack_int4_weight(linear.weight.detach())
+    with torch.no_grad():
+        actual, expected = torch_compat.linear_int4(inputs, packed, scales_and_zeros), linear(inputs)
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max() < 0.2 * expected.abs().max(), "the int4 CPU kernel changed its meaning"
+
+
 def test_no_module_outside_the_compat_modules_touches_a_librarys_private_names():
     private = re.compile(
         r"(litestar\._\w|torch\.ops\.\w+\._\w|\bmodel\._\w|generation_config\._\w|config\._\w|ray\.[\w.]*\._\w)"

@@ -347,8 +347,15 @@ def test_load_logs_each_phase_with_device_and_dtype(tmp_path):
     directory = build_tiny_model(tmp_path / "tiny")
     with capture_logs() as logs:
         load_model(str(directory), device="cpu", progress=False)
-    assert events(logs) == ["model.resolve", "model.load.start", "model.load.done", "model.pack.done"]
-    done = logs[2]
+    assert events(logs) == [
+        "model.resolve",
+        "model.quantize.choice",
+        "model.load.start",
+        "model.load.done",
+        "model.pack.done",
+    ]
+    assert logs[1]["scheme"] == "none"
+    done = logs[3]
     assert (done["device"], done["dtype"]) == ("cpu", "float32")
     assert isinstance(done["seconds"], float)
 

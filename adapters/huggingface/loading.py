@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from adapters.huggingface.devices import resolve_device, resolve_dtype
-from adapters.huggingface.packing import pack_linear_layers
+from adapters.huggingface.quantization import FLOAT_WEIGHTS, Quantization, prepare_linear_layers, resolve_quantization
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -63,6 +63,7 @@ class LoadedModel:
     model_id: str
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+    quantization: Quantization = FLOAT_WEIGHTS
 
 
 @attrs.frozen
@@ -143,16 +144,20 @@ def load_model(
     cache_dir: Path | None = None,
     progress: bool | None = None,
     pack_weights: bool = True,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Resolve ``spec`` (see `resolve_model`), convert a GGUF file once if needed, and load it for inference.
 
     ``progress``: None shows transformers' progress bars when stderr is a terminal; either way each phase is logged
-    ("model.resolve", "model.convert.start/done", "model.load.start/done"). ``pack_weights``: on the CPU, reorder
-    the linear layers' weights for oneDNN (`pack_linear_layers`), which decodes faster.
+    ("model.resolve", "model.quantize.choice", "model.convert.start/done", "model.load.start/done").
+    ``quantize``: "none", "int8", "int4", or None to follow the file (a quantized GGUF is served as int8 on the CPU
+    unless ``dtype`` is given; see `resolve_quantization`). ``pack_weights``: on the CPU, reorder the float linear
+    layers' weights for oneDNN, which decodes faster (`prepare_linear_layers` decides which layers get which).
 
     Raises:
         ModelNotFoundError: the model is not on this machine.
         ValueError: ``device`` or ``dtype`` is not a known spelling.
+        QuantizationError: ``quantize`` cannot be served on this device or in this dtype.
 
     """
     torch_device = resolve_device(device)
@@ -161,13 +166,28 @@ def load_model(
     with _progress_bars(enabled=show_bars):
         source = resolve_model(spec)
         log.info("model.resolve", spec=spec, model_id=source.model_id, kind=source.kind, path=str(source.path))
+        quantization = resolve_quantization(
+            quantize,
+            device=torch_device,
+            dtype=torch_dtype,
+            dtype_requested=dtype is not None,
+            gguf_weight_types=gguf_weight_types(source.path) if source.kind == "gguf" else (),
+        )
+        log.info("model.quantize.choice", scheme=quantization.scheme, reason=quantization.reason)
         directory = source.path
         if source.kind == "gguf":
             directory = gguf_snapshot(source.path, cache_dir or default_cache_dir())
         model, tokenizer = _load_directory(directory, source, torch_device, torch_dtype)
-    if pack_weights:
-        pack_linear_layers(model)
-    return LoadedModel(model_id=source.model_id, model=model, tokenizer=tokenizer)
+    prepare_linear_layers(model, quantization, pack=pack_weights)
+    return LoadedModel(model_id=source.model_id, model=model, tokenizer=tokenizer, quantization=quantization)
+
+
+def gguf_weight_types(gguf_file: Path) -> frozenset[str]:
+    """The GGUF tensor types ("Q8_0", "Q4_1", "F32", ...) of the file's matrices (1-D norms and biases left out)."""
+    from gguf import GGUFReader  # noqa: PLC0415  only GGUF files need it
+
+    reader = GGUFReader(gguf_file)
+    return frozenset(tensor.tensor_type.name for tensor in reader.tensors if len(tensor.shape) > 1)
 
 
 def gguf_snapshot(gguf: Path, cache_dir: Path) -> Path:

@@ -1,11 +1,19 @@
 """Every use of torch's private API, in one place; ``tests/test_compat.py`` fails clearly when one moves.
 
 oneDNN's prepacked linear layer is what inductor uses when it freezes a CPU model; torch offers it only as private ops.
+The quantized linear layers (``adapters.huggingface.quantization``) use FBGEMM's dynamically quantized int8 product,
+reached through per-channel quantized tensors that torch has deprecated, and the CPU's int4 weight-only product,
+a private aten op.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+INT4_GROUP_SIZE = 32
+"""Weights per scale and zero point in `pack_int4_weight` (GGUF's block size)."""
 
 
 def reorder_linear_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -20,4 +28,62 @@ def linear_pointwise(inputs: torch.Tensor, packed: torch.Tensor, bias: torch.Ten
     return outputs
 
 
-__all__ = ["linear_pointwise", "reorder_linear_weight"]
+def pack_int8_dynamic_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
+    """``weight`` (float32, ``[out, in]``) quantized to int8 per output row and packed for FBGEMM.
+
+    Symmetric: each row's scale is its largest magnitude over 127. ``torch.quantize_per_channel`` warns that it is
+    deprecated; the warning is silenced here, where the canary in ``tests/test_compat.py`` watches the op.
+    """
+    scales = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).double()
+    zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch.quantize_per_channel(weight.float(), scales, zero_points, 0, torch.qint8)
+        packed: torch.ScriptObject = torch.ops.quantized.linear_prepack(quantized, bias)
+    return packed
+
+
+def linear_int8_dynamic(inputs: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
+    """``inputs @ weight.T + bias`` with ``inputs`` quantized to 8 bits per call (``quantized::linear_dynamic``).
+
+    ``reduce_range``: activations take 7 bits, so AVX2's 16-bit intermediate sums cannot saturate.
+    """
+    outputs: torch.Tensor = torch.ops.quantized.linear_dynamic(inputs, packed, True)  # noqa: FBT003  positional op
+    return outputs
+
+
+def pack_int4_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` (``[out, in]``) as 4-bit codes in groups of `INT4_GROUP_SIZE`, packed for the CPU kernel.
+
+    Asymmetric per group (min to max in 16 steps). Returns the packed codes and the ``[groups, out, 2]`` scales
+    and zero points ``_weight_int4pack_mm_for_cpu`` reads (a weight is ``(code - 8) * scale + zero``).
+    """
+    rows, columns = weight.shape
+    groups = weight.float().reshape(rows, columns // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+    low = groups.amin(dim=-1, keepdim=True)
+    scale = ((groups.amax(dim=-1, keepdim=True) - low) / 15).clamp(min=1e-8)
+    codes = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(rows, columns)
+    zero = low + 8 * scale
+    scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    packed: torch.Tensor = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # noqa: SLF001
+    return packed, scales_and_zeros
+
+
+def linear_int4(inputs: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """``inputs @ weight.T`` over a weight from `pack_int4_weight` (``aten._weight_int4pack_mm_for_cpu``, 2-D only)."""
+    flat = inputs.reshape(-1, inputs.shape[-1])
+    outputs: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(  # noqa: SLF001
+        flat, packed, INT4_GROUP_SIZE, scales_and_zeros
+    )
+    return outputs.reshape(*inputs.shape[:-1], outputs.shape[-1])
+
+
+__all__ = [
+    "INT4_GROUP_SIZE",
+    "linear_int4",
+    "linear_int8_dynamic",
+    "linear_pointwise",
+    "pack_int4_weight",
+    "pack_int8_dynamic_weight",
+    "reorder_linear_weight",
+]

@@ -14,6 +14,7 @@ import structlog
 import uvicorn
 
 from adapters.huggingface.loading import ModelNotFoundError, resolve_model
+from adapters.huggingface.quantization import QUANTIZE_CHOICES
 from entrypoints.http.app import create_app
 from entrypoints.http.lifecycle import Drain, DrainingServer
 from entrypoints.http.security import warn_if_exposed
@@ -284,6 +285,14 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
         dest="pack_weights",
         default=DEFAULTS.pack_weights,
         help="on the CPU, multiply with torch's own linear layers instead of oneDNN-prepacked weights",
+    )
+    group.add_argument(
+        "--quantize",
+        type=str.lower,
+        choices=QUANTIZE_CHOICES,
+        default=DEFAULTS.quantize,
+        help="linear layers in int8 (FBGEMM, 8-bit dynamic inputs) or int4 (weight-only), CPU only; default: a "
+        "quantized GGUF file as int8 on the CPU unless --dtype is given, else none",
     )
 
 

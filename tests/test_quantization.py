@@ -1,0 +1,218 @@
+"""Quantized linear layers: close to float, through both generators, chosen from flags and the GGUF file's types."""
+
+from __future__ import annotations
+
+import asyncio
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from adapters.huggingface.engine import BatchingGenerator, BatchLimits
+from adapters.huggingface.generator import HuggingFaceGenerator
+from adapters.huggingface.loading import gguf_weight_types, load_model
+from adapters.huggingface.packing import PackedLinear, packing_supported
+from adapters.huggingface.quantization import (
+    Int4Linear,
+    Int8Linear,
+    Quantization,
+    QuantizationError,
+    kernel_works,
+    prepare_linear_layers,
+    quantize_linear_layers,
+    resolve_quantization,
+)
+from domain.generation import GenerationParams
+from entrypoints.http.__main__ import parse_settings
+from tests.tiny_model import build_tiny_model
+
+CPU = torch.device("cpu")
+needs_int8 = pytest.mark.skipif(not kernel_works("int8"), reason="no int8 CPU kernel in this torch")
+needs_int4 = pytest.mark.skipif(not kernel_works("int4"), reason="no int4 CPU kernel in this torch")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-quantization"))
+
+
+def load(model_dir) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    ids = torch.randint(0, 400, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+@needs_int8
+def test_int8_replaces_every_linear_layer_and_the_logits_stay_close(model_dir):
+    plain, quantized = load(model_dir), load(model_dir)
+    count = quantize_linear_layers(quantized, "int8")
+    assert count == sum(type(m) is nn.Linear for m in plain.modules()) > 0
+    assert not any(type(m) is nn.Linear for m in quantized.modules())
+    assert type(quantized.lm_head) is Int8Linear
+    assert relative_error(logits(quantized), logits(plain)) < 0.05
+
+
+@needs_int4
+def test_int4_replaces_every_linear_layer_and_the_logits_stay_close(model_dir):
+    plain, quantized = load(model_dir), load(model_dir)
+    quantize_linear_layers(quantized, "int4")
+    assert not any(type(m) is nn.Linear for m in quantized.modules())
+    assert type(quantized.lm_head) is Int4Linear
+    assert relative_error(logits(quantized), logits(plain)) < 0.2
+
+
+@needs_int8
+def test_a_tied_embedding_keeps_its_float_weight_and_only_the_output_product_is_quantized():
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    expected = logits_of(model)
+    quantize_linear_layers(model, "int8")
+    assert type(model.lm_head) is Int8Linear
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    assert relative_error(logits_of(model), expected) < 0.05
+
+
+def logits_of(model: nn.Module) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(torch.tensor([[1, 5, 9, 40, 2]])).logits
+
+
+@needs_int8
+def test_quantized_layers_are_never_packed_and_float_ones_are(model_dir):
+    quantized, packed = load(model_dir), load(model_dir)
+    prepare_linear_layers(quantized, Quantization("int8", "test"), pack=True)
+    prepare_linear_layers(packed, Quantization("none", "test"), pack=True)
+    assert not any(isinstance(m, PackedLinear) for m in quantized.modules())
+    assert any(isinstance(m, Int8Linear) for m in quantized.modules())
+    assert not any(isinstance(m, Int8Linear) for m in packed.modules())
+    if packing_supported(torch.float32):
+        assert any(isinstance(m, PackedLinear) for m in packed.modules())
+
+
+@needs_int8
+def test_int8_generation_runs_through_the_batching_engine_and_the_plain_generator(model_dir):
+    loaded = load_model(str(model_dir), device="cpu", quantize="int8")
+    assert loaded.quantization.scheme == "int8"
+    assert type(loaded.model.lm_head) is Int8Linear
+    plain = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id)
+    engine = BatchingGenerator(
+        HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id), BatchLimits(max_batch_size=4)
+    )
+    params = GenerationParams(temperature=0, max_new_tokens=12, options={"min_new_tokens": 12})
+    prompt = loaded.tokenizer("the cat sees the river")["input_ids"]
+
+    async def tokens(generator):
+        return [token async for step in generator.generate(prompt, params) for token in step.token_ids]
+
+    async def run():
+        alone = await tokens(plain)
+        together = await asyncio.gather(*(tokens(engine) for _ in range(3)))
+        return alone, together
+
+    try:
+        alone, together = asyncio.run(run())
+    finally:
+        engine.close()
+        plain.close()
+    assert len(alone) == 12
+    assert all(len(one) == 12 for one in together)
+
+
+@pytest.mark.parametrize(
+    ("requested", "types", "dtype_requested", "scheme"),
+    [
+        (None, (), False, "none"),
+        (None, ("F32",), False, "none"),
+        (None, ("Q8_0",), False, "int8"),
+        (None, ("Q4_1", "Q8_0"), False, "int8"),
+        (None, ("Q8_0",), True, "none"),
+        ("none", ("Q8_0",), False, "none"),
+        ("int4", ("Q8_0",), False, "int4"),
+        ("int8", (), True, "int8"),
+    ],
+)
+def test_the_scheme_follows_the_flag_then_dtype_then_the_gguf_files_types(requested, types, dtype_requested, scheme):
+    if scheme != "none" and not kernel_works(scheme):
+        pytest.skip(f"no {scheme} CPU kernel in this torch")
+    chosen = resolve_quantization(
+        requested, device=CPU, dtype=torch.float32, dtype_requested=dtype_requested, gguf_weight_types=types
+    )
+    assert chosen.scheme == scheme
+    assert chosen.reason
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantizing_on_cuda_is_refused_at_start_up_with_what_to_do(scheme):
+    with pytest.raises(QuantizationError, match="--device cpu"):
+        resolve_quantization(scheme, device=torch.device("cuda"), dtype=torch.float16, dtype_requested=False)
+
+
+def test_a_quantized_gguf_on_cuda_is_served_in_float():
+    chosen = resolve_quantization(
+        None, device=torch.device("cuda"), dtype=torch.bfloat16, dtype_requested=False, gguf_weight_types=("Q8_0",)
+    )
+    assert chosen.scheme == "none"
+
+
+def test_quantizing_with_a_half_precision_dtype_is_refused():
+    with pytest.raises(QuantizationError, match="--dtype bfloat16"):
+        resolve_quantization("int8", device=CPU, dtype=torch.bfloat16, dtype_requested=True)
+
+
+def test_an_unknown_scheme_is_refused():
+    with pytest.raises(QuantizationError, match="int8"):
+        resolve_quantization("int3", device=CPU, dtype=torch.float32, dtype_requested=False)
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"), [([], None), (["--quantize", "INT8"], "int8"), (["--quantize", "none"], "none")]
+)
+def test_the_quantize_flag_parses_into_the_settings(flag, expected):
+    assert parse_settings(flag, environ={}).quantize == expected
+
+
+def test_an_unknown_quantize_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(["--quantize", "fp8"], environ={})
+    assert "--quantize" in capsys.readouterr().err
+
+
+def test_the_gguf_files_matrix_types_decide_the_default(tmp_path):
+    path = tmp_path / "tiny-q8_0.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    weight = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    quantized = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("blk.0.attn_q.weight", quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    types = gguf_weight_types(path)
+    assert types == {"Q8_0"}
+    if kernel_works("int8"):
+        chosen = resolve_quantization(
+            None, device=CPU, dtype=torch.float32, dtype_requested=False, gguf_weight_types=types
+        )
+        assert chosen.scheme == "int8"
