@@ -144,8 +144,8 @@ def test_int8_generation_runs_through_the_batching_engine_and_the_plain_generato
     [
         (None, (), False, "none"),
         (None, ("F32",), False, "none"),
-        (None, ("Q8_0",), False, "int8"),
-        (None, ("Q4_1", "Q8_0"), False, "int8"),
+        (None, ("Q8_0",), False, "none"),
+        (None, ("Q4_1", "Q8_0"), False, "none"),
         (None, ("Q8_0",), True, "none"),
         ("none", ("Q8_0",), False, "none"),
         ("int4", ("Q8_0",), False, "int4"),
@@ -211,8 +211,7 @@ def test_the_gguf_files_matrix_types_decide_the_default(tmp_path):
     writer.close()
     types = gguf_weight_types(path)
     assert types == {"Q8_0"}
-    if kernel_works("int8"):
-        chosen = resolve_quantization(
-            None, device=CPU, dtype=torch.float32, dtype_requested=False, gguf_weight_types=types
-        )
-        assert chosen.scheme == "int8"
+    chosen = resolve_quantization(None, device=CPU, dtype=torch.float32, dtype_requested=False, gguf_weight_types=types)
+    assert chosen.scheme == "none"
+    assert "Q8_0" in chosen.reason
+    assert "--quantize int8" in chosen.reason
