@@ -269,7 +269,7 @@ def test_the_api_key_is_accepted_as_x_api_key_or_bearer(fake: FakeGenerator) -> 
 def test_a_failure_after_the_stream_started_is_an_error_event(live_url: str, fake: FakeGenerator) -> None:
     fake.fail_after = 2
     body = {"model": "m", "max_tokens": 100, "stream": True, "messages": USER}
-    response = httpx.post(f"{live_url}/v1/messages", json=body)
+    response = httpx.post(f"{live_url}/v1/messages", json=body, timeout=60)
     last = [block for block in response.text.split("\n\n") if block.strip()][-1]
     assert last.startswith("event: error\n")
     assert json.loads(last.split("data: ", 1)[1])["error"]["type"] == "api_error"
