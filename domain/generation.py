@@ -82,11 +82,6 @@ class GenerationParams:
     """The request's other fields; the generator passes on those its library knows and ignores the rest."""
 
     @property
-    def greedy(self) -> bool:
-        """Temperature 0 means greedy decoding, as in OpenAI's API."""
-        return self.temperature == 0
-
-    @property
     def uses_beams(self) -> bool:
         """Beam search keeps several hypotheses, so tokens are only known at the end."""
         beams = self.options.get("num_beams", 1)
