@@ -313,3 +313,33 @@ def test_a_replica_sends_the_steps_ready_together_as_one_item() -> None:
     assert len(sent) < len(steps)
     assert steps[-1].finish_reason is FinishReason.STOP
     assert (replica.running, replica.waiting) == (0, 0)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_n2_streams_on_a_lost_replica_end_with_one_503_error_event(path: str) -> None:
+    generator, replicas = ingress(FakeGenerator(reply="x" * 100, step_delay=0.005), dies_after=3)
+    replicas.dying_streams = 1
+    body = {"messages": USER} if "chat" in path else {"prompt": "Hello"}
+    with TestClient(create_app(ServerSettings(), generator=generator)) as client:
+        response = client.post(path, json={**body, "n": 2, "stream": True})
+    events = events_of(response)
+    assert [event for event in events if "error" in event] == [events[-1]]
+    assert events[-1]["error"]["code"] == "replica_unavailable"
+    assert len(replicas.streams) == 2
+    assert replicas.streams[1].cancelled, "the choice on a live replica was not stopped"
+
+
+def test_an_n2_answer_on_a_lost_replica_is_a_503_and_the_other_choice_is_cancelled() -> None:
+    fake = FakeGenerator(reply="x" * 100, step_delay=0.005)
+    generator, replicas = ingress(fake, dies_after=3)
+    replicas.dying_streams = 1
+    with TestClient(create_app(ServerSettings(), generator=generator)) as client:
+        response = client.post("/v1/chat/completions", json={"messages": USER, "n": 2})
+        asyncio.run(replicas.settle())
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "replica_unavailable"
+    assert replicas.streams[1].cancelled
+    assert fake.produced < 100, "the choice still running was not stopped"
+    replica = replicas.replicas["r0"]
+    assert (replica.running, replica.waiting) == (0, 0)
+
