@@ -343,3 +343,27 @@ def test_an_n2_answer_on_a_lost_replica_is_a_503_and_the_other_choice_is_cancell
     replica = replicas.replicas["r0"]
     assert (replica.running, replica.waiting) == (0, 0)
 
+
+def test_the_deployment_counts_draft_tokens_over_its_replicas_and_never_counts_down() -> None:
+    board = ReplicaBoard()
+    board.update({"a": {"draft_tokens": 10, "accepted_tokens": 6}, "b": {"draft_tokens": 4, "accepted_tokens": 1}})
+    assert board.draft_tokens() == (14, 7)
+    board.remove("a")
+    board.update({"a": {"draft_tokens": 10, "accepted_tokens": 6}, "b": {"draft_tokens": 5, "accepted_tokens": 1}})
+    board.update({"b": {"draft_tokens": 5, "accepted_tokens": 1}, "c": {"draft_tokens": 2, "accepted_tokens": 2}})
+    assert board.draft_tokens() == (17, 9), "a replica that went is counted once, with its last counts"
+    assert not board.affinity.owner((1,), {"a": 0})
+
+
+def test_the_ingress_metrics_carry_the_replicas_draft_tokens() -> None:
+    replica = fake_replica(FakeGenerator())
+    replica.draft_tokens = lambda: (12, 5)
+    board = ReplicaBoard()
+    board.update({"r0": replica.stats(), "r1": {"draft_tokens": 3, "accepted_tokens": 3}})
+    metrics = Metrics.create(draft_tokens=board.draft_tokens)
+    metrics.registry.register(ReplicaCollector(board))
+    generator, _ = ingress(FakeGenerator())
+    with TestClient(create_app(ServerSettings(), generator=generator, metrics=metrics)) as client:
+        text = client.get("/metrics").text
+    assert "hf_openai_spec_decode_draft_tokens_total 15.0" in text
+    assert "hf_openai_spec_decode_accepted_tokens_total 8.0" in text

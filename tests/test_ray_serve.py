@@ -155,6 +155,18 @@ def test_the_api_answers_as_the_single_server_does(server) -> None:
     assert bad.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_the_ingress_counts_the_draft_tokens_of_its_replicas(server) -> None:
+    base, _, _ = server
+    drafted, accepted = "hf_openai_spec_decode_draft_tokens_total", "hf_openai_spec_decode_accepted_tokens_total"
+    before = metrics(base)[drafted]
+    repeating = " ".join(["red green blue yellow"] * 20)  # prompt lookup finds its own n-grams: drafts are proposed
+    body = {"prompt": repeating, "max_tokens": 16, "temperature": 0}
+    assert httpx.post(f"{base}/v1/completions", json=body, timeout=120).status_code == 200
+    wait_for(lambda: metrics(base).get(drafted, 0) > before, 60)
+    values = metrics(base)
+    assert 0 <= values[accepted] <= values[drafted]
+
+
 def test_repeated_conversations_hit_the_prefix_cache_of_their_replica(server) -> None:
     base, _, _ = server
     repeats, hits = 0, 0
