@@ -159,8 +159,8 @@ def test_the_ingress_counts_the_draft_tokens_of_its_replicas(server) -> None:
     base, _, _ = server
     drafted, accepted = "hf_openai_spec_decode_draft_tokens_total", "hf_openai_spec_decode_accepted_tokens_total"
     before = metrics(base)[drafted]
-    repeating = " ".join(["red green blue yellow"] * 20)  # prompt lookup finds its own n-grams: drafts are proposed
-    body = {"prompt": repeating, "max_tokens": 16, "temperature": 0}
+    # one token's logit raised: the output repeats it, and prompt lookup drafts (and verifies) the repeats
+    body = {"prompt": "the cat eats an apple", "max_tokens": 16, "temperature": 0, "logit_bias": {"85": 100}}
     assert httpx.post(f"{base}/v1/completions", json=body, timeout=120).status_code == 200
     wait_for(lambda: metrics(base).get(drafted, 0) > before, 60)
     values = metrics(base)
