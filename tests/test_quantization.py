@@ -63,6 +63,26 @@ def test_int8_replaces_every_linear_layer_and_the_logits_stay_close(model_dir):
     assert relative_error(logits(quantized), logits(plain)) < 0.05
 
 
+@needs_int8
+def test_int8_gives_each_token_its_own_input_scale():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    inputs = torch.randn(4, 64)
+    inputs[0] *= 1000  # one token with huge activations, as a text's first token often has
+    with torch.no_grad():
+        actual, expected = Int8Linear(linear)(inputs), linear(inputs)
+    for row in range(4):
+        assert relative_error(actual[row], expected[row]) < 0.05
+
+
+@needs_int8
+def test_int8_keeps_a_zero_row_zero_plus_bias():
+    linear = nn.Linear(16, 8)
+    with torch.no_grad():
+        outputs = Int8Linear(linear)(torch.zeros(2, 16))
+    assert torch.allclose(outputs, linear.bias.detach().expand(2, 8))
+
+
 @needs_int4
 def test_int4_replaces_every_linear_layer_and_the_logits_stay_close(model_dir):
     plain, quantized = load(model_dir), load(model_dir)
@@ -144,8 +164,8 @@ def test_int8_generation_runs_through_the_batching_engine_and_the_plain_generato
     [
         (None, (), False, "none"),
         (None, ("F32",), False, "none"),
-        (None, ("Q8_0",), False, "none"),
-        (None, ("Q4_1", "Q8_0"), False, "none"),
+        (None, ("Q8_0",), False, "int8"),
+        (None, ("Q4_1", "Q8_0"), False, "int8"),
         (None, ("Q8_0",), True, "none"),
         ("none", ("Q8_0",), False, "none"),
         ("int4", ("Q8_0",), False, "int4"),
@@ -212,6 +232,6 @@ def test_the_gguf_files_matrix_types_decide_the_default(tmp_path):
     types = gguf_weight_types(path)
     assert types == {"Q8_0"}
     chosen = resolve_quantization(None, device=CPU, dtype=torch.float32, dtype_requested=False, gguf_weight_types=types)
-    assert chosen.scheme == "none"
+    assert chosen.scheme == "int8"
     assert "Q8_0" in chosen.reason
-    assert "--quantize int8" in chosen.reason
+    assert "--quantize none" in chosen.reason
