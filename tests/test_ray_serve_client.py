@@ -8,6 +8,7 @@ hand-written handle records the request context each call is made in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import attrs
@@ -27,10 +28,20 @@ def serve_request_ids() -> tuple[str, str]:
     return current.request_id, current._internal_request_id
 
 
-class FinishedResponse:
+@attrs.define
+class Response:
+    """A handle call's response: it answers at once, or never (``finishes=False``) until cancelled."""
+
+    finishes: bool = True
+    cancelled: bool = False
+
     def __await__(self):
-        yield from asyncio.sleep(0).__await__()
+        while not self.finishes:
+            yield from asyncio.sleep(0.01).__await__()
         return {"logprobs": []}
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 @attrs.define
@@ -38,6 +49,8 @@ class RecordingHandle:
     """Stands in for a ``DeploymentHandle``: each ``.remote()`` records the Serve request it was made in."""
 
     calls: list[tuple[str, tuple[str, str]]] = attrs.field(factory=list)
+    responses: list[Response] = attrs.field(factory=list)
+    finishes: bool = True
     method: str = ""
 
     def options(self, **_: Any) -> RecordingHandle:
@@ -46,9 +59,10 @@ class RecordingHandle:
     def __getattr__(self, name: str) -> RecordingHandle:
         return attrs.evolve(self, method=name)
 
-    def remote(self, *args: Any, **kwargs: Any) -> FinishedResponse:
+    def remote(self, *args: Any, **kwargs: Any) -> Response:
         self.calls.append((self.method, serve_request_ids()))
-        return FinishedResponse()
+        self.responses.append(Response(self.finishes))
+        return self.responses[-1]
 
 
 def test_each_call_of_one_request_goes_to_the_router_as_a_request_of_its_own() -> None:
@@ -69,3 +83,19 @@ def test_each_call_of_one_request_goes_to_the_router_as_a_request_of_its_own() -
     assert "proxy-id" not in internal_ids
     assert {request_id for _, (request_id, _) in handle.calls} == {"chatcmpl-1"}, "logs keep the client's request id"
     assert after == ("chatcmpl-1", "proxy-id"), "the caller's own request context is left as it was"
+
+
+def test_a_score_whose_caller_is_cancelled_is_cancelled_on_the_replica() -> None:
+    handle = RecordingHandle(finishes=False)
+    client = ServeReplicaClient(handle)  # type: ignore[arg-type]
+
+    async def leave_while_scoring() -> None:
+        scoring = asyncio.create_task(client.score([1, 2], 0))
+        await asyncio.sleep(0)  # the call is made, and its answer awaited
+        assert handle.responses
+        scoring.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await scoring
+
+    asyncio.run(leave_while_scoring())
+    assert handle.responses[0].cancelled

@@ -50,13 +50,14 @@ async def queue_lengths(router: RequestRouter, candidates: Sequence[RunningRepli
 
 
 def own_request(call: Callable[[], T]) -> T:
-    """Make the handle call ``call`` makes as a request of its own to Ray's router (a fresh internal request id).
+    """Run ``call`` (one handle call) as a request of its own to Ray's router: under a fresh internal request id.
 
     Ray's router files the calls waiting for a replica by the internal id of the Serve request that makes them, and
     takes a second waiting call with the same id for a retry of the first: of two calls one request makes at once
     (the choices of ``n: 2``), the one assigned second is never given a replica and waits forever (ray 2.60,
     ``RequestRouter._add_pending_request_to_indices``). The caller's own context is left as it was; the request id
-    in the logs stays the caller's.
+    in the logs stays the caller's. Serve no longer cancels such a call when the client's request is cancelled (it
+    finds a request's calls by that id): the caller cancels its calls itself (``HandleGenerator`` does).
     """
     return contextvars.copy_context().run(_with_fresh_internal_id, call)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -62,9 +63,13 @@ class ServeReplicaClient:
         return ServeReplicaStream(cast("DeploymentResponseGenerator[Any]", response))
 
     async def score(self, token_ids: list[int], top: int) -> Mapping[str, Any]:
-        """Score on the least loaded replica."""
+        """Score on the least loaded replica; cancelled with the caller (a client that left)."""
+        response = own_request(lambda: self.handle.score.remote(token_ids, top))
         try:
-            answer: Mapping[str, Any] = await own_request(lambda: self.handle.score.remote(token_ids, top))
+            answer: Mapping[str, Any] = await response
         except (RayError, BackPressureError) as error:
             raise translate(error) from error
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
         return answer
