@@ -27,15 +27,16 @@ class ReplicaBoard:
 
     affinity: PrefixAffinity[str] = attrs.field(factory=PrefixAffinity)
     _stats: dict[str, Mapping[str, float]] = attrs.field(init=False, factory=dict)
-    _gone: dict[str, Mapping[str, float]] = attrs.field(init=False, factory=dict)
-    """The last stats of each replica that went (by id: a replica reported gone twice counts once)."""
+    _gone: dict[str, dict[str, float]] = attrs.field(init=False, factory=dict)
+    """The highest counts of each replica that went (by id: a replica reported gone twice counts once)."""
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
 
     def update(self, stats: Mapping[str, Mapping[str, float]]) -> None:
         """The running replicas now (replica id → its stats); those not named are gone."""
         with self._lock:
             gone = set(self._stats) - set(stats)
-            self._gone.update((replica, self._stats[replica]) for replica in gone)
+            for replica in gone:
+                self._retire(replica, self._stats[replica])
             self._stats = dict(stats)
         for replica in gone:
             self.affinity.forget(replica)
@@ -45,8 +46,14 @@ class ReplicaBoard:
         with self._lock:
             stats = self._stats.pop(replica, None)
             if stats is not None:
-                self._gone[replica] = stats
+                self._retire(replica, stats)
         self.affinity.forget(replica)
+
+    def _retire(self, replica: str, stats: Mapping[str, float]) -> None:
+        """Keep the counts of a replica that went (the highest seen: a late, stale view may report older ones)."""
+        kept = self._gone.setdefault(replica, {})
+        for counter in COUNTERS:
+            kept[counter] = max(kept.get(counter, 0), stats.get(counter, 0))
 
     def replicas(self) -> dict[str, Mapping[str, float]]:
         """Each running replica's last reported stats."""
@@ -59,10 +66,13 @@ class ReplicaBoard:
             return bool(self._stats)
 
     def total(self, counter: str) -> float:
-        """``counter`` summed over every replica the deployment ran, running or gone."""
+        """``counter`` summed over every replica the deployment ran, running or gone (``COUNTERS`` only)."""
         with self._lock:
-            gone = (stats for replica, stats in self._gone.items() if replica not in self._stats)
-            return sum(stats.get(counter, 0) for stats in (*self._stats.values(), *gone))
+            replicas = self._stats.keys() | self._gone.keys()
+            return sum(
+                max(self._stats.get(replica, {}).get(counter, 0), self._gone.get(replica, {}).get(counter, 0))
+                for replica in replicas
+            )
 
     def draft_tokens(self) -> tuple[int, int]:
         """Speculative draft tokens (proposed, accepted) of the whole deployment, for ``/metrics``."""
