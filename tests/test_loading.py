@@ -352,6 +352,7 @@ def test_load_logs_each_phase_with_device_and_dtype(tmp_path):
         "model.quantize.choice",
         "model.load.start",
         "model.load.done",
+        "model.shared_input.done",
         "model.pack.done",
     ]
     assert logs[1]["scheme"] == "none"

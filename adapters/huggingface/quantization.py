@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from adapters.huggingface.packing import pack_linear_layers
+from adapters.huggingface.shared_input import stack_shared_input_linears
 from adapters.huggingface.torch_compat import (
     INT4_GROUP_SIZE,
     linear_int4,
@@ -211,11 +212,18 @@ def int4_fits(linear: nn.Linear) -> bool:
 def prepare_linear_layers(model: nn.Module, quantization: Quantization, *, pack: bool) -> int:
     """Quantize the linear layers (``int8``/``int4``) or prepack them for oneDNN (``none`` and ``pack``).
 
-    The one place that decides how each linear layer multiplies; returns how many layers it replaced. A layer the
-    int4 kernel cannot take (an odd shape) keeps float32 and is prepacked when ``pack``.
+    The one place that decides how each linear layer multiplies; returns how many layers it replaced. On the CPU,
+    layers that read the same input are first stacked into one product (`stack_shared_input_linears`), which is
+    then quantized or packed like any layer. A layer the int4 kernel cannot take (an odd shape) keeps float32 and
+    is prepacked when ``pack``. With neither (``none``, not ``pack``) the layers stay as the model built them.
     """
+    if quantization.scheme == "none" and not pack:
+        return 0
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.device.type == "cpu":
+        stack_shared_input_linears(model, probe_ids(model))
     if quantization.scheme == "none":
-        return pack_linear_layers(model) if pack else 0
+        return pack_linear_layers(model)
     capability = torch.backends.cpu.get_cpu_capability()
     if quantization.scheme == "int4" and capability in INT4_SLOW_ON:
         log.warning(
@@ -228,6 +236,12 @@ def prepare_linear_layers(model: nn.Module, quantization: Quantization, *, pack:
     if pack:
         count += pack_linear_layers(model)
     return count
+
+
+def probe_ids(model: nn.Module) -> torch.Tensor:
+    """A few token ids every vocabulary has, for a probe forward pass of ``model``."""
+    vocabulary = int(getattr(model.config, "vocab_size", 0) or 0) if hasattr(model, "config") else 0
+    return torch.arange(max(1, min(8, vocabulary))).unsqueeze(0)
 
 
 def quantize_linear_layers(model: nn.Module, scheme: str) -> int:
