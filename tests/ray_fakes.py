@@ -55,6 +55,8 @@ class FakeReplicas:
     routed: list[str] = attrs.field(factory=list)
     streams: list[FakeReplicaStream] = attrs.field(factory=list)
     dies_after: int | None = None
+    dying_streams: int | None = None
+    """How many of the first streams die after ``dies_after`` items (``None``: all)."""
 
     def generate(self, prompt_ids: list[int], params: GenerationParams, prefix: tuple[int, ...]) -> FakeReplicaStream:
         loads = {name: replica.running + replica.waiting for name, replica in self.replicas.items()}
@@ -64,7 +66,10 @@ class FakeReplicas:
         chosen = self.board.affinity.choose(prefix, loads)
         self.board.affinity.record(prefix, chosen)
         self.routed.append(chosen)
-        stream = FakeReplicaStream(self.replicas[chosen].generate(prompt_ids, params, prefix), self.dies_after)
+        dies = self.dying_streams is None or len(self.streams) < self.dying_streams
+        stream = FakeReplicaStream(
+            self.replicas[chosen].generate(prompt_ids, params, prefix), self.dies_after if dies else None
+        )
         self.streams.append(stream)
         return stream
 

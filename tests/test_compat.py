@@ -6,6 +6,7 @@ that release in ``pyproject.toml``); nothing else in the project touches these n
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import re
 from pathlib import Path
@@ -172,3 +173,22 @@ def test_ray_request_router_keeps_the_members_the_prefix_router_reads():
     hook(RequestRouter, "on_request_routed", "pending_request", "replica_id", "result")
     hook(RequestRouter, "update_replicas", "replicas")
     hook(RequestRouter, "choose_replicas", "candidate_replicas", "pending_request")
+
+
+def test_ray_serve_request_context_keeps_the_internal_id_its_router_files_calls_by():
+    pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
+    import dataclasses  # noqa: PLC0415
+
+    from ray.serve import context  # noqa: PLC0415  only with the [ray] extra
+    from ray.serve._private import default_impl  # noqa: PLC0415
+    from ray.serve._private.request_router.request_router import RequestRouter  # noqa: PLC0415
+
+    from adapters.ray import ray_compat  # noqa: PLC0415
+
+    variable = getattr(context, ray_compat.REQUEST_CONTEXT)
+    assert isinstance(variable, contextvars.ContextVar), f"ray.serve.context.{ray_compat.REQUEST_CONTEXT} moved"
+    fields = {field.name for field in dataclasses.fields(context._RequestContext)}
+    assert ray_compat.INTERNAL_REQUEST_ID in fields, "Serve's request context lost its internal id: mend ray_compat"
+    assert ray_compat.INTERNAL_REQUEST_ID in inspect.getsource(default_impl.get_request_metadata)
+    filing = inspect.getsource(RequestRouter._add_pending_request_to_indices)
+    assert "internal_request_id" in filing, "Ray's router files waiting calls differently now: is own_request needed?"

@@ -313,3 +313,61 @@ def test_a_replica_sends_the_steps_ready_together_as_one_item() -> None:
     assert len(sent) < len(steps)
     assert steps[-1].finish_reason is FinishReason.STOP
     assert (replica.running, replica.waiting) == (0, 0)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_n2_streams_on_a_lost_replica_end_with_one_503_error_event(path: str) -> None:
+    generator, replicas = ingress(FakeGenerator(reply="x" * 100, step_delay=0.005), dies_after=3)
+    replicas.dying_streams = 1
+    body = {"messages": USER} if "chat" in path else {"prompt": "Hello"}
+    with TestClient(create_app(ServerSettings(), generator=generator)) as client:
+        response = client.post(path, json={**body, "n": 2, "stream": True})
+    events = events_of(response)
+    assert [event for event in events if "error" in event] == [events[-1]]
+    assert events[-1]["error"]["code"] == "replica_unavailable"
+    assert len(replicas.streams) == 2
+    assert replicas.streams[1].cancelled, "the choice on a live replica was not stopped"
+
+
+def test_an_n2_answer_on_a_lost_replica_is_a_503_and_the_other_choice_is_cancelled() -> None:
+    fake = FakeGenerator(reply="x" * 100, step_delay=0.005)
+    generator, replicas = ingress(fake, dies_after=3)
+    replicas.dying_streams = 1
+    with TestClient(create_app(ServerSettings(), generator=generator)) as client:
+        response = client.post("/v1/chat/completions", json={"messages": USER, "n": 2})
+        asyncio.run(replicas.settle())
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "replica_unavailable"
+    assert replicas.streams[1].cancelled
+    assert fake.produced < 100, "the choice still running was not stopped"
+    replica = replicas.replicas["r0"]
+    assert (replica.running, replica.waiting) == (0, 0)
+
+
+def test_the_deployment_counts_draft_tokens_over_its_replicas_and_never_counts_down() -> None:
+    board = ReplicaBoard()
+    board.update({"a": {"draft_tokens": 10, "accepted_tokens": 6}, "b": {"draft_tokens": 4, "accepted_tokens": 1}})
+    assert board.draft_tokens() == (14, 7)
+    board.affinity.record((1,), "a")
+    board.remove("a")
+    assert board.affinity.owner((1,), {"a": 0, "b": 0}) is None, "a dead replica's prefixes are forgotten"
+    assert set(board.replicas()) == {"b"}
+    stale = {"a": {"draft_tokens": 8, "accepted_tokens": 5}, "b": {"draft_tokens": 5, "accepted_tokens": 1}}
+    board.update(stale)  # a view from before "a" died
+    assert board.draft_tokens() == (15, 7)
+    board.update({"b": {"draft_tokens": 5, "accepted_tokens": 1}, "c": {"draft_tokens": 2, "accepted_tokens": 2}})
+    assert board.draft_tokens() == (17, 9), "a replica that went is counted once, with its highest counts"
+
+
+def test_the_ingress_metrics_carry_the_replicas_draft_tokens() -> None:
+    replica = fake_replica(FakeGenerator())
+    replica.draft_tokens = lambda: (12, 5)
+    board = ReplicaBoard()
+    board.update({"r0": replica.stats(), "r1": {"draft_tokens": 3, "accepted_tokens": 3}})
+    metrics = Metrics.create(draft_tokens=board.draft_tokens)
+    metrics.registry.register(ReplicaCollector(board))
+    generator, _ = ingress(FakeGenerator())
+    with TestClient(create_app(ServerSettings(), generator=generator, metrics=metrics)) as client:
+        text = client.get("/metrics").text
+    assert "hf_openai_spec_decode_draft_tokens_total 15.0" in text
+    assert "hf_openai_spec_decode_accepted_tokens_total 8.0" in text

@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ENGINE_PROCESS = "ServeReplica:hf-openai-server:Engine"
 START_TIMEOUT = 420.0
 """Seconds for Ray, Serve and two replicas to start on two busy cores."""
+DEATH_BOUND = 60.0
+"""Seconds within which requests on a killed replica must end: far below a drain grace, generous on busy cores."""
 WORDS = ("apple", "river", "garden", "letter", "teacher", "robot", "morning", "song", "bread", "sky", "book", "bird")
 
 
@@ -153,6 +155,18 @@ def test_the_api_answers_as_the_single_server_does(server) -> None:
     assert bad.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_the_ingress_counts_the_draft_tokens_of_its_replicas(server) -> None:
+    base, _, _ = server
+    drafted, accepted = "hf_openai_spec_decode_draft_tokens_total", "hf_openai_spec_decode_accepted_tokens_total"
+    before = metrics(base)[drafted]
+    # one token's logit raised: the output repeats it, and prompt lookup drafts (and verifies) the repeats
+    body = {"prompt": "the cat eats an apple", "max_tokens": 16, "temperature": 0, "logit_bias": {"85": 100}}
+    assert httpx.post(f"{base}/v1/completions", json=body, timeout=120).status_code == 200
+    wait_for(lambda: metrics(base).get(drafted, 0) > before, 60)
+    values = metrics(base)
+    assert 0 <= values[accepted] <= values[drafted]
+
+
 def test_repeated_conversations_hit_the_prefix_cache_of_their_replica(server) -> None:
     base, _, _ = server
     repeats, hits = 0, 0
@@ -196,6 +210,76 @@ def test_streams_on_a_killed_replica_end_with_a_503_error_event(server) -> None:
     assert errors, "no stream was on the killed replica"
     assert all(error["code"] == "replica_unavailable" for error in errors), errors
     assert all(error["type"] == "service_unavailable" for error in errors)
+
+
+def chat_in_thread(base: str, body: dict, into: list, started: threading.Event) -> None:
+    """POST a chat request; ``into`` gets the stream's ``data:`` lines (or the JSON answer) and the seconds it ended."""
+    with httpx.Client(timeout=600) as http:
+        if body.get("stream"):
+            with http.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        into.append(line.removeprefix("data: "))
+                        started.set()
+        else:
+            started.set()
+            response = http.post(f"{base}/v1/chat/completions", json=body)
+            into.append((response.status_code, response.json()))
+    into.append(time.monotonic())
+    started.set()
+
+
+def busiest(processes: list[psutil.Process], seconds: float = 2.0) -> psutil.Process:
+    """The process that used the most CPU over ``seconds`` (the replica generating)."""
+    before = [sum(p.cpu_times()[:2]) for p in processes]
+    time.sleep(seconds)
+    used = [sum(p.cpu_times()[:2]) - start for p, start in zip(processes, before, strict=True)]
+    return processes[used.index(max(used))]
+
+
+def test_n2_requests_on_a_killed_replica_end_promptly_with_a_503(server) -> None:
+    base, process, _ = server
+    wait_for(lambda: replicas_running(base) == 2 and len(engine_processes(process)) == 2, 300, process)
+    system = {"role": "system", "content": system_prompt(42)}
+    chat(base, [system, {"role": "user", "content": "warm the prefix"}])  # its replica now holds the prefix
+    body = {"max_tokens": 1500, "ignore_eos": True, "n": 2, "temperature": 0.8}
+    outcomes: list[list] = [[], []]
+    started = [threading.Event(), threading.Event()]
+    threads = [
+        threading.Thread(
+            target=chat_in_thread,
+            args=(base, {"messages": [system, {"role": "user", "content": f"story {i}"}], **body, "stream": not i}),
+            kwargs={"into": outcomes[i], "started": started[i]},
+        )
+        for i in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    assert all(event.wait(300) for event in started)
+    wait_for(lambda: sum(v for k, v in metrics(base).items() if k.startswith("hf_openai_replica_running{")) == 4, 120)
+    victim = busiest(engine_processes(process))
+    victim.kill()
+    killed = time.monotonic()
+    late: list = []
+    late_thread = threading.Thread(
+        target=chat_in_thread,
+        args=(base, {"messages": [system, {"role": "user", "content": "sent after the kill"}], "max_tokens": 4}),
+        kwargs={"into": late, "started": threading.Event()},
+    )
+    late_thread.start()
+    for thread in [*threads, late_thread]:
+        thread.join(timeout=DEATH_BOUND + 30)
+        assert not thread.is_alive(), "a request hung after its replica died"
+    streamed, unary = outcomes
+    assert streamed[-2] == "[DONE]"
+    assert json.loads(streamed[-3])["error"]["code"] == "replica_unavailable", streamed[-3]
+    status, answer = unary[0]
+    assert status == 503, answer
+    assert answer["error"]["code"] == "replica_unavailable"
+    assert all(outcome[-1] - killed < DEATH_BOUND for outcome in outcomes), [o[-1] - killed for o in outcomes]
+    assert late[-1] - killed < DEATH_BOUND
+    assert late[0][0] in (200, 503), late[0]
+    chat(base, [{"role": "user", "content": "after the n: 2 crash"}])
 
 
 def test_a_killed_replica_is_replaced_and_later_requests_succeed(server) -> None:

@@ -51,6 +51,8 @@ class EngineReplica:
     cache_bytes: Callable[[], int] = lambda: 0
     """Memory the prefix cache holds now."""
     close: Callable[[], None] = lambda: None
+    draft_tokens: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    """Speculative decoding's draft tokens so far: (proposed, accepted)."""
     waiting: int = 0
     """Requests accepted that have produced nothing yet."""
     running: int = 0
@@ -113,5 +115,12 @@ class EngineReplica:
         return {"logprobs": [logprob_to_wire(item) for item in scored]}
 
     def stats(self) -> dict[str, int]:
-        """The replica's load and cache, for the router and ``/metrics``."""
-        return {"running": self.running, "waiting": self.waiting, "prefix_cache_bytes": self.cache_bytes()}
+        """The replica's load, cache and draft token counts, for the router and ``/metrics``."""
+        proposed, accepted = self.draft_tokens()
+        return {
+            "running": self.running,
+            "waiting": self.waiting,
+            "prefix_cache_bytes": self.cache_bytes(),
+            "draft_tokens": proposed,
+            "accepted_tokens": accepted,
+        }

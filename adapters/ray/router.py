@@ -61,9 +61,9 @@ class PrefixAffinityRouter(RequestRouter):
             self._board.affinity.record(keys, replica_id.unique_id)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
-        """A dead replica's prefixes are forgotten at once, before Ray's next view of the replicas."""
+        """A dead replica leaves the board (``/metrics``, ``/health``, prefixes) at once, before Ray's next view."""
         super().on_replica_actor_died(replica_id)
-        self._board.affinity.forget(replica_id.unique_id)
+        self._board.remove(replica_id.unique_id)
 
 
 def _prefix_of(pending_request: PendingRequest | None) -> tuple[int, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -10,6 +11,7 @@ from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from adapters.ray.ray_compat import own_request
 from adapters.ray.router import PREFIX_ARGUMENT
 from adapters.ray.wire import ReplicaUnavailableError
 from domain.errors import DomainError, GenerationError, QueueFullError
@@ -51,15 +53,23 @@ class ServeReplicaClient:
     handle: DeploymentHandle[Any]
 
     def generate(self, prompt_ids: list[int], params: GenerationParams, prefix: tuple[int, ...]) -> ServeReplicaStream:
-        """Start a generation on the replica the router picks for ``prefix``."""
+        """Start a generation on the replica the router picks for ``prefix``, as a request of its own to the router.
+
+        One client request makes several calls at once (one per choice of ``n``); Ray's router would assign only one of
+        them (``ray_compat.own_request``).
+        """
         streaming = self.handle.options(stream=True)
-        response = streaming.generate.remote(prompt_ids, params, **{PREFIX_ARGUMENT: prefix})
+        response = own_request(lambda: streaming.generate.remote(prompt_ids, params, **{PREFIX_ARGUMENT: prefix}))
         return ServeReplicaStream(cast("DeploymentResponseGenerator[Any]", response))
 
     async def score(self, token_ids: list[int], top: int) -> Mapping[str, Any]:
-        """Score on the least loaded replica."""
+        """Score on the least loaded replica; cancelled with the caller (a client that left)."""
+        response = own_request(lambda: self.handle.score.remote(token_ids, top))
         try:
-            answer: Mapping[str, Any] = await self.handle.score.remote(token_ids, top)
+            answer: Mapping[str, Any] = await response
         except (RayError, BackPressureError) as error:
             raise translate(error) from error
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
         return answer

@@ -29,4 +29,5 @@ def build_engine_replica(settings: ServerSettings) -> EngineReplica:
         tokenizer=model.tokenizer,
         cache_bytes=(lambda: prefixes.held_bytes) if prefixes is not None else (lambda: 0),
         close=engine.generator.close,
+        draft_tokens=engine.generator.drafts.totals,
     )

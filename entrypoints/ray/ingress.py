@@ -52,7 +52,7 @@ class Ingress:
         self.engine = engine
         self.settings = settings
         self.board = board_for(engine_name)
-        self.metrics = Metrics.create()
+        self.metrics = Metrics.create(draft_tokens=self.board.draft_tokens)
         self.metrics.registry.register(ReplicaCollector(self.board))
         self.drain_state = Drain(grace=settings.shutdown_timeout)
 
