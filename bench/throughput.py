@@ -362,10 +362,11 @@ def bench(selected: Sequence[Server], args: argparse.Namespace) -> list[Cell]:
                     samples, wall = asyncio.run(run_cell(server, concurrency, requests, args.max_tokens))
                     done = Round(samples, wall, peak_rss_mib(pid))
                     cells[server.name, concurrency].rounds.append(done)
-                    errors = sum(s.error is not None for s in samples)
+                    failures = [s.error for s in samples if s.error is not None]
                     print(
                         f"c={concurrency:<3} round {round_index} {server.name:42s} n={requests:<3} "
-                        f"{done.aggregate:7.1f} tok/s  errors {errors}  ({wall:.1f} s)",
+                        f"{done.aggregate:7.1f} tok/s  errors {len(failures)}  ({wall:.1f} s)"
+                        + (f"  first error: {failures[0][:200]}" if failures else ""),
                         flush=True,
                     )
     return list(cells.values())
