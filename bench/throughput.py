@@ -470,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prefix_cache_mib is not None:
         our_flags += f" and --prefix-cache-mib {args.prefix_cache_mib}"
     settings = (
-        "SmolLM2-135M-Instruct, streaming chat, max_tokens {args.max_tokens}, "
+        f"SmolLM2-135M-Instruct, streaming chat, max_tokens {args.max_tokens}, "
         f"temperature 0, {len(PROMPTS)} prompts in rotation, {args.warmup} warm-up requests, {args.rounds} "
         "interleaved rounds per cell (aggregate: median of rounds; per-stream and TTFT: over all requests); "
         f"ours with --max-batch-size {args.max_batch_size} and {our_flags}, transformers serve with torch's "
