@@ -76,6 +76,20 @@ def test_int8_gives_each_token_its_own_input_scale():
 
 
 @needs_int8
+def test_an_int8_token_gets_the_same_product_alone_and_in_any_batch():
+    torch.manual_seed(0)
+    layer = Int8Linear(nn.Linear(64, 48))
+    token = torch.randn(1, 64) * 0.1
+    others = torch.randn(5, 64) * torch.tensor([30.0, -7.0, 0.01, 2.0, 500.0]).unsqueeze(1)
+    with torch.no_grad():
+        alone = layer(token)
+        batched = layer(torch.cat([others[:2], token, others[2:]]))[2:3]
+        prompt = layer(torch.cat([others, token]).unsqueeze(0))[0, -1:]
+    assert torch.equal(batched, alone)
+    assert torch.equal(prompt, alone)
+
+
+@needs_int8
 def test_int8_keeps_a_zero_row_zero_plus_bias():
     linear = nn.Linear(16, 8)
     with torch.no_grad():

@@ -4,11 +4,12 @@ A decoding step of a small model reads every weight once, so on a CPU its time f
 ``int8`` stores each linear layer's weight as int8 with one scale per output row (a quarter of float32's bytes)
 and multiplies with FBGEMM's dynamically quantized product: each call quantizes its inputs to 8 bits and multiplies
 in integers, as llama.cpp's q8_0 does. FBGEMM gives the inputs one scale per call; each token's row is brought to
-the same magnitude first and the product scaled back, so every token gets its own scale. Without that, one token
-with huge activations (the first of a text usually has them) crushed every other token's inputs to a few levels:
-on the embedded SmolLM2 the log-likelihood of a 166-token text fell from -408.0 (float32) to -610.3 with one
-scale per call, and is -412.8 with one per token. ``int4`` stores 4-bit codes with a scale and zero point per 32
-weights and multiplies with torch's int4 weight-only CPU kernel.
+magnitude 1 first (and bounded by 1 and -1, see `Int8Linear.forward`) and the product scaled back, so every token
+gets its own scale, the same in any batch. Without that, one token with huge activations (the first of a text
+usually has them) crushed every other token's inputs to a few levels: on the embedded SmolLM2 the log-likelihood
+of a 166-token text fell from -408.0 (float32) to -610.3 with one scale per call; it is -433.9 with one per token.
+``int4`` stores 4-bit codes with a scale and zero point per 32 weights and multiplies with torch's int4
+weight-only CPU kernel.
 
 Chosen by measurement (2-core AMD EPYC, AVX2 without AVX-512, torch 2.13, one thread, SmolLM2-135M shapes): the
 49152-row output projection took 12 ms at batch 1 and 34 ms at batch 16 with FBGEMM's int8 product against
@@ -161,17 +162,26 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.packed = pack_int8_dynamic_weight(linear.weight.detach(), None)
+        weight = linear.weight.detach().float()
+        self.packed = pack_int8_dynamic_weight(torch.cat([weight, weight.new_zeros(weight.shape[0], 2)], dim=1), None)
+        """The weight with two zero columns, which meet the inputs' two bounds (see `forward`)."""
+        self.bounds = torch.tensor([1.0, -1.0])
         self.weight: torch.Tensor = torch.empty_like(linear.weight, device="meta")
         """Only the float weight's shape and dtype (on ``meta``), for code that asks a linear layer for them."""
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """``inputs @ weight.T + bias``, approximately: each row scaled to magnitude 1, multiplied, scaled back."""
+        """``inputs @ weight.T + bias``, approximately: each row scaled to magnitude 1, multiplied, scaled back.
+
+        FBGEMM quantizes a call's inputs with the range of the whole tensor. Each row is brought to magnitude 1 and
+        given two more values, 1 and -1 (multiplied by zero weights), so that range is [-1, 1] whatever the other
+        rows hold: a token's product is the same alone, in a batch, in a prompt or in a decoding step.
+        """
         inputs = inputs.float()
         magnitudes = inputs.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-        outputs = linear_int8_dynamic((inputs / magnitudes).contiguous(), self.packed) * magnitudes
+        bounded = torch.cat([inputs / magnitudes, self.bounds.expand(*inputs.shape[:-1], 2)], dim=-1)
+        outputs = linear_int8_dynamic(bounded, self.packed) * magnitudes
         return outputs if self.bias is None else outputs + self.bias
 
     def extra_repr(self) -> str:
