@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(None, device="cpu")
+    loaded = load_model(None, device="cpu", quantize="none")  # speculation promises unchanged output in float32
     plain = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id)
     engines = {
         k: BatchingGenerator(plain, BatchLimits(max_batch_size=16), speculation=Speculation(k)) for k in args.tokens

@@ -17,7 +17,7 @@ from application.generation import TextGeneration
 from application.in_flight import InFlight
 from application.tokenization import TokenizationService
 from domain.ports import ConstraintChecker, Generator
-from entrypoints.settings import ServerSettings
+from entrypoints.settings import SPECULATIVE_TOKENS, ServerSettings
 
 if TYPE_CHECKING:
     from adapters.huggingface.engine import BatchingGenerator
@@ -206,9 +206,20 @@ def load_engine(settings: ServerSettings) -> LoadedEngine:
         BatchLimits(settings.max_batch_size, settings.max_queue),
         threads=None if threads is None else ThreadTuner.for_cpu(settings.threads),
         prefixes=PrefixCache(settings.prefix_cache_mib * 2**20) if settings.prefix_cache_mib else None,
-        speculation=Speculation(settings.speculative_tokens),
+        speculation=Speculation(speculative_tokens(settings, loaded.quantization.scheme)),
     )
     return LoadedEngine(generator, plain)
+
+
+def speculative_tokens(settings: ServerSettings, scheme: str) -> int:
+    """``--speculative-tokens``, or by default `SPECULATIVE_TOKENS` with float weights and 0 with quantized ones.
+
+    Speculation promises output identical to decoding without it; with int8 or int4 weights a verifying pass can
+    round differently from a one-token step and pick another token, so there it is off unless asked for.
+    """
+    if settings.speculative_tokens is not None:
+        return settings.speculative_tokens
+    return SPECULATIVE_TOKENS if scheme == "none" else 0
 
 
 def load_services(settings: ServerSettings) -> Services:

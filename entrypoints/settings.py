@@ -6,6 +6,9 @@ from pathlib import Path
 
 import attrs
 
+SPECULATIVE_TOKENS = 4
+"""Draft tokens per row when ``--speculative-tokens`` is not given and the weights are float."""
+
 
 @attrs.frozen(kw_only=True)
 class ModelChoice:
@@ -70,8 +73,12 @@ class ServerSettings:
     """Torch intra-op threads on the CPU; ``None``: tuned by the batching engine (cores - 1 on the plain path)."""
     prefix_cache_mib: int = 256
     """Memory for the keys and values of prompt blocks reused by later prompts (0 turns prefix caching off)."""
-    speculative_tokens: int = 4
-    """Prompt-lookup draft tokens a row guesses ahead per decoding step, verified in the same pass (0: off)."""
+    speculative_tokens: int | None = None
+    """Prompt-lookup draft tokens a row guesses ahead per decoding step, verified in the same pass (0: off).
+
+    ``None``: `SPECULATIVE_TOKENS` with float weights, 0 with quantized ones, where a verifying pass rounds
+    differently from a one-token step and an 8-bit step can magnify that into another token.
+    """
     pack_weights: bool = True
     """On the CPU, reorder linear weights once for oneDNN's kernels (see ``adapters.huggingface.packing``)."""
     quantize: str | None = None

@@ -26,6 +26,7 @@ from adapters.huggingface.quantization import (
     resolve_quantization,
 )
 from domain.generation import GenerationParams
+from entrypoints.bootstrap import load_engine, speculative_tokens
 from entrypoints.http.__main__ import parse_settings
 from tests.tiny_model import build_tiny_model
 
@@ -249,3 +250,26 @@ def test_the_gguf_files_matrix_types_decide_the_default(tmp_path):
     assert chosen.scheme == "int8"
     assert "Q8_0" in chosen.reason
     assert "--quantize none" in chosen.reason
+
+
+@pytest.mark.parametrize(
+    ("flag", "scheme", "expected"),
+    [
+        ([], "none", 4),
+        ([], "int8", 0),
+        ([], "int4", 0),
+        (["--speculative-tokens", "2"], "int8", 2),
+        (["--speculative-tokens", "0"], "none", 0),
+    ],
+)
+def test_speculation_is_on_by_default_only_with_float_weights(flag, scheme, expected):
+    assert speculative_tokens(parse_settings(flag, environ={}), scheme) == expected
+
+
+@needs_int8
+def test_a_served_int8_model_does_not_speculate_unless_asked(model_dir):
+    engine = load_engine(parse_settings(["--model", str(model_dir), "--quantize", "int8"], environ={}))
+    try:
+        assert engine.generator.speculation.tokens == 0
+    finally:
+        engine.generator.close()

@@ -21,7 +21,7 @@ from entrypoints.http.security import warn_if_exposed
 from entrypoints.logs import configure_logging
 from entrypoints.models_config import ModelsConfig, ModelsConfigError, read_models_config
 from entrypoints.models_dir import model_files
-from entrypoints.settings import LoraChoice, ModelChoice, ServerSettings
+from entrypoints.settings import SPECULATIVE_TOKENS, LoraChoice, ModelChoice, ServerSettings
 
 DEVICES = ("auto", "cuda", "cpu")
 DTYPE_CHOICES = ("fp32", "float32", "fp16", "half", "float16", "bf16", "bfloat16", "fp64", "double", "float64")
@@ -277,7 +277,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS.speculative_tokens,
         metavar="K",
         help="tokens each request guesses ahead from its own prompt and output (prompt lookup), checked in the "
-        "decoding step; the output is unchanged; 0: off (default: %(default)s)",
+        f"decoding step; the output is unchanged; 0: off (default: {SPECULATIVE_TOKENS} with float weights, 0 with "
+        "quantized ones, whose verifying pass may round to another token)",
     )
     group.add_argument(
         "--no-pack-weights",
