@@ -6,11 +6,11 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from adapters.huggingface.loading import load_model
 from adapters.huggingface.packing import PackedLinear, pack_linear_layers, packing_supported
-from tests.tiny_model import build_tiny_model
+from tests.tiny_model import build_tiny_model, tied_tiny_llama
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.float32), reason="oneDNN is not available here")
 
@@ -51,17 +51,7 @@ def test_greedy_generation_is_token_for_token_the_same(model_dir):
 
 
 def test_unshared_weights_are_released_and_a_tied_one_is_kept():
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = tied_tiny_llama(100)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.inference_mode():

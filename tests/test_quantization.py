@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from adapters.huggingface.engine import BatchingGenerator, BatchLimits
 from adapters.huggingface.generator import HuggingFaceGenerator
@@ -28,7 +28,7 @@ from adapters.huggingface.quantization import (
 from domain.generation import GenerationParams
 from entrypoints.bootstrap import load_engine, speculative_tokens
 from entrypoints.http.__main__ import parse_settings
-from tests.tiny_model import build_tiny_model
+from tests.tiny_model import build_tiny_model, tied_tiny_llama
 
 CPU = torch.device("cpu")
 needs_int8 = pytest.mark.skipif(not kernel_works("int8"), reason="no int8 CPU kernel in this torch")
@@ -109,17 +109,7 @@ def test_int4_replaces_every_linear_layer_and_the_logits_stay_close(model_dir):
 
 @needs_int8
 def test_a_tied_embedding_keeps_its_float_weight_and_only_the_output_product_is_quantized():
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=96,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = tied_tiny_llama(96)
     embedding = model.model.embed_tokens.weight.detach().clone()
     expected = logits_of(model)
     quantize_linear_layers(model, "int8")

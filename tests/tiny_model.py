@@ -81,6 +81,21 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     return wrapped
 
 
+def tied_tiny_llama(vocab_size: int, *, seed: int = 0) -> LlamaForCausalLM:
+    """A one-layer random Llama in memory whose output projection shares the input embedding's weight."""
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
 def build_tiny_model(
     directory: Path, *, vocab_size: int = 400, seed: int = 0, context_length: int = 256, hidden_size: int = 32
 ) -> Path:
