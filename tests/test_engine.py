@@ -8,11 +8,19 @@ import time
 import attrs
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    TemperatureLogitsWarper,
+)
 
 from adapters.huggingface.engine import BatchingGenerator, BatchLimits
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.prefix_cache import PrefixCache
+from adapters.huggingface.processors import HoldEnd, apply, lean
 from adapters.huggingface.threads import ThreadTuner
 from domain.errors import GenerationError, QueueFullError
 from domain.generation import FinishReason
@@ -97,6 +105,18 @@ MIXED = (
 
 
 # --- what batching must not change ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [3, 7, 8, 9, 12])
+def test_the_rows_lean_processors_give_the_scores_of_transformers_own(length):
+    eos = torch.tensor([2, 5])
+    processors = LogitsProcessorList(
+        [MinLengthLogitsProcessor(8, eos), MinNewTokensLengthLogitsProcessor(3, 6, eos), TemperatureLogitsWarper(0.7)]
+    )
+    leaner = lean(processors)
+    assert [type(p) for p in leaner] == [HoldEnd, HoldEnd, TemperatureLogitsWarper]
+    ids, scores = torch.randint(0, 10, (1, length)), torch.randn(1, 10)
+    assert torch.equal(apply(leaner, ids, scores), processors(ids, scores))
 
 
 def test_each_request_alone_matches_the_plain_generator(generator, reference, prompts):

@@ -1,9 +1,19 @@
-"""Logits processors for what OpenAI defines and ``transformers`` lacks: additive penalties, logprob recording."""
+"""Logits processors for what OpenAI defines and ``transformers`` lacks: additive penalties, logprob recording.
+
+And the engine's way to run a row's processors at every step (``apply``, over a list ``lean`` made cheaper).
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+)
 
 from domain.generation import GenerationParams, TokenLogprob
 
@@ -50,6 +60,56 @@ class LogprobRecorder(LogitsProcessor):
         if self.latest is None:
             return ()
         return tuple(token_logprob(self.latest[row], token, self.top) for row, token in enumerate(token_ids))
+
+
+class HoldEnd(LogitsProcessor):
+    """End-of-sequence tokens held back while a row has fewer than ``minimum`` tokens after its first ``skip``.
+
+    The scores of transformers' ``MinLengthLogitsProcessor`` (``skip=0``) and ``MinNewTokensLengthLogitsProcessor``
+    (``skip``: the prompt), without the mask over the whole vocabulary they build at every step, even once the
+    minimum is reached: with ``ignore_eos`` (a minimum of ``max_tokens``) that mask was most of a row's step.
+    """
+
+    def __init__(self, *, minimum: int, eos_token_ids: torch.Tensor, skip: int = 0) -> None:
+        self.minimum = minimum
+        self.eos_token_ids = eos_token_ids.reshape(-1).long()
+        self.skip = skip
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """``scores`` with the EOS entries at -inf while the row is short of its minimum, else ``scores`` itself."""
+        if input_ids.shape[-1] - self.skip >= self.minimum:
+            return scores
+        return scores.index_fill(-1, self.eos_token_ids.to(scores.device), -math.inf)  # type: ignore[return-value]
+
+
+def lean(processors: LogitsProcessorList) -> LogitsProcessorList:
+    """``processors`` with the minimum-length ones replaced by ``HoldEnd``, which gives the same scores for less."""
+    replaced = LogitsProcessorList()
+    for processor in processors:
+        if type(processor) is MinLengthLogitsProcessor:
+            replaced.append(HoldEnd(minimum=processor.min_length, eos_token_ids=processor.eos_token_id))
+        elif type(processor) is MinNewTokensLengthLogitsProcessor:
+            replaced.append(
+                HoldEnd(
+                    minimum=processor.min_new_tokens,
+                    eos_token_ids=processor.eos_token_id,
+                    skip=processor.prompt_length_to_skip,
+                )
+            )
+        else:
+            replaced.append(processor)
+    return replaced
+
+
+def apply(processors: LogitsProcessorList, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Run ``processors`` over ``scores`` in order, as calling the list does.
+
+    The list's own call inspects each processor's signature at every step, for extra arguments that none of those
+    ``generate`` builds, nor ours, takes.
+    """
+    for processor in processors:
+        scores = processor(input_ids, scores)
+    return scores
 
 
 def token_logprob(logprobs: torch.Tensor, token_id: int, top: int) -> TokenLogprob:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import structlog
@@ -12,7 +12,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 from adapters.huggingface.generator import finish_reason
-from adapters.huggingface.processors import LogprobRecorder, request_processors
+from adapters.huggingface.processors import LogprobRecorder, apply, lean, request_processors
 from adapters.huggingface.transformers_compat import (
     logits_processors,
     prepare_generation_config,
@@ -89,7 +89,7 @@ def prepare(row: Row, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     ids = torch.tensor([row.prompt_ids], dtype=torch.long, device=model.device)
     prepare_special_tokens(hidden, config)
     custom, row.recorder = request_processors(row.params, prompt_length=prompt_length)
-    row.processors = logits_processors(hidden, config, ids, custom)  # the same list `generate` builds
+    row.processors = lean(logits_processors(hidden, config, ids, custom))  # the scores `generate`'s list gives
     row.stopping = stopping_criteria(hidden, config, tokenizer)
     if row.params.seed is not None and config.do_sample:
         row.rng = torch.Generator(device=model.device)
@@ -112,9 +112,7 @@ def advance(row: Row, logits: torch.Tensor, *, draft: Sequence[int] = (), cached
         picked: list[int] = []
         logprobs: list[TokenLogprob] = []
         for position in range(len(draft) + 1):
-            scores = row.processors(
-                cast("torch.LongTensor", row.ids), cast("torch.FloatTensor", logits[position : position + 1])
-            )
+            scores = apply(row.processors, row.ids, logits[position : position + 1])
             if row.config.do_sample:
                 token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=row.rng)
             else:
