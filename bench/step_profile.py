@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from adapters.huggingface.cpu_features import describe_cpu
 from adapters.huggingface.engine import BatchingGenerator, BatchLimits, Speculation
@@ -36,8 +36,15 @@ QUESTIONS = (
     "Describe a busy market in the morning: the sounds, the smells and the people.",
     "Give me a detailed recipe for a vegetable soup, with every step.",
 )
-LINEAR_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::bmm")
-HEAD_ROWS = 49152
+LINEAR_OPS = (
+    "mkldnn::_linear_pointwise",
+    "aten::addmm",
+    "aten::mm",
+    "aten::bmm",
+    "quantized::linear_dynamic",  # int8 (FBGEMM)
+    "aten::_weight_int4pack_mm_for_cpu",  # int4
+)
+HEAD_RANGE = "output projection"
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
 
 
@@ -107,6 +114,12 @@ def op_times(model: Any, batch: int, context: int, steps: int = 8) -> dict[str, 
     """
     ids = torch.randint(100, 10000, (batch, context + 2 * steps))
     kinds = {"wall": 0.0, "linear": 0.0, "head": 0.0, "attention": 0.0, "other ops": 0.0}
+    head = model.get_output_embeddings()
+    ranges: list[Any] = []
+    hooks = [  # the output projection's ops are those inside this range (int8 weights show no shape to tell)
+        head.register_forward_pre_hook(lambda *_: ranges.append(record_function(HEAD_RANGE).__enter__())),
+        head.register_forward_hook(lambda *_: ranges.pop().__exit__(None, None, None)),
+    ]
     with torch.inference_mode():
         cache = growing_cache(model.config)
         model(input_ids=ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
@@ -123,15 +136,27 @@ def op_times(model: Any, batch: int, context: int, steps: int = 8) -> dict[str, 
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
             for step in range(steps, 2 * steps):
                 one(step)
-    for event in profiler.key_averages(group_by_input_shape=True):
-        if not event.key.startswith(("aten::", "mkldnn::")):
+    for hook in hooks:
+        hook.remove()
+    for event in profiler.events():
+        if not event.key.startswith(("aten::", "mkldnn::", "quantized::")):
             continue
         if event.key in LINEAR_OPS:
-            kind = "head" if any(HEAD_ROWS in shape for shape in event.input_shapes if shape) else "linear"
+            kind = "head" if in_range(event, HEAD_RANGE) else "linear"
         else:
             kind = "attention" if event.key in ATTENTION_OPS else "other ops"
         kinds[kind] += event.self_cpu_time_total / 1000 / steps
     return kinds
+
+
+def in_range(event: Any, name: str) -> bool:  # noqa: ANN401  a profiler FunctionEvent
+    """Whether ``event`` ran inside a ``record_function(name)`` range."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == name:
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def profile_batch(loaded: Any, batch: int, tokens: int) -> dict[str, float]:  # noqa: ANN401
@@ -165,7 +190,7 @@ def profile_batch(loaded: Any, batch: int, tokens: int) -> dict[str, float]:  # 
         "forward pass": forward,
         "model alone, same shapes (main thread)": ops["wall"],
         "  linear layers (weight reads)": ops["linear"],
-        "  output projection (49152 rows)": ops["head"],
+        "  output projection (vocabulary rows)": ops["head"],
         "  attention (sdpa)": ops["attention"],
         "  other ops (norms, rotary, activations, copies)": ops["other ops"],
         "  Python and dispatch (wall - ops)": max(0.0, ops["wall"] - in_ops),
@@ -182,13 +207,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48, help="tokens each request decodes")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--no-pack-weights", action="store_false", dest="pack_weights")
+    parser.add_argument(
+        "--quantize", choices=["none", "int8", "int4"], default=None, help="as the server's (default: int8, as it)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(None, device="cpu", pack_weights=args.pack_weights)
+    loaded = load_model(None, device="cpu", pack_weights=args.pack_weights, quantize=args.quantize)
+    scheme = args.quantize or "int8 (the embedded file's default)"
     print(
         f"{describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"SmolLM2-135M float32, packed weights: {args.pack_weights}; ms per decoding step (median), greedy"
+        f"SmolLM2-135M, weights {scheme}, packed: {args.pack_weights}; ms per decoding step (median), greedy"
     )
     results = {batch: profile_batch(loaded, batch, args.tokens) for batch in args.batch}
     print("| where | " + " | ".join(f"batch {b}" for b in results) + " |")
