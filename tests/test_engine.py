@@ -117,6 +117,10 @@ def test_the_rows_lean_processors_give_the_scores_of_transformers_own(length):
     assert [type(p) for p in leaner] == [HoldEnd, HoldEnd, TemperatureLogitsWarper]
     ids, scores = torch.randint(0, 10, (1, length)), torch.randn(1, 10)
     assert torch.equal(apply(leaner, ids, scores), processors(ids, scores))
+    # generate's own pair for min_new_tokens=5 after a 3-token prompt: min_length 8 and 5 new tokens, one is kept
+    same = LogitsProcessorList([MinLengthLogitsProcessor(8, eos), MinNewTokensLengthLogitsProcessor(3, 5, eos)])
+    assert len(lean(same)) == 1
+    assert torch.equal(apply(lean(same), ids, scores), same(ids, scores))
 
 
 def test_each_request_alone_matches_the_plain_generator(generator, reference, prompts):

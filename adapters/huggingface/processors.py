@@ -75,6 +75,14 @@ class HoldEnd(LogitsProcessor):
         self.eos_token_ids = eos_token_ids.reshape(-1).long()
         self.skip = skip
 
+    def same_as(self, other: object) -> bool:
+        """Whether ``other`` holds back the same tokens up to the same length (so one of the two is enough)."""
+        return (
+            isinstance(other, HoldEnd)
+            and self.minimum + self.skip == other.minimum + other.skip
+            and torch.equal(self.eos_token_ids.cpu(), other.eos_token_ids.cpu())
+        )
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """``scores`` with the EOS entries at -inf while the row is short of its minimum, else ``scores`` itself."""
         if input_ids.shape[-1] - self.skip >= self.minimum:
@@ -83,21 +91,24 @@ class HoldEnd(LogitsProcessor):
 
 
 def lean(processors: LogitsProcessorList) -> LogitsProcessorList:
-    """``processors`` with the minimum-length ones replaced by ``HoldEnd``, which gives the same scores for less."""
+    """``processors`` with the minimum-length ones replaced by ``HoldEnd``, which gives the same scores for less.
+
+    ``generate`` turns ``min_new_tokens`` into a ``min_length`` as well, so the two often hold back the same tokens
+    up to the same length: one of them is then kept.
+    """
     replaced = LogitsProcessorList()
     for processor in processors:
+        leaner = processor
         if type(processor) is MinLengthLogitsProcessor:
-            replaced.append(HoldEnd(minimum=processor.min_length, eos_token_ids=processor.eos_token_id))
+            leaner = HoldEnd(minimum=processor.min_length, eos_token_ids=processor.eos_token_id)
         elif type(processor) is MinNewTokensLengthLogitsProcessor:
-            replaced.append(
-                HoldEnd(
-                    minimum=processor.min_new_tokens,
-                    eos_token_ids=processor.eos_token_id,
-                    skip=processor.prompt_length_to_skip,
-                )
+            leaner = HoldEnd(
+                minimum=processor.min_new_tokens,
+                eos_token_ids=processor.eos_token_id,
+                skip=processor.prompt_length_to_skip,
             )
-        else:
-            replaced.append(processor)
+        if not any(isinstance(kept, HoldEnd) and kept.same_as(leaner) for kept in replaced):
+            replaced.append(leaner)
     return replaced
 
 
