@@ -85,16 +85,18 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none", help="the model's weights")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(None, device="cpu", quantize="none")  # speculation promises unchanged output in float32
+    loaded = load_model(None, device="cpu", quantize=args.quantize)
     plain = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id)
     engines = {
         k: BatchingGenerator(plain, BatchLimits(max_batch_size=16), speculation=Speculation(k)) for k in args.tokens
     }
     print(
-        f"{describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; SmolLM2-135M float32; "
+        f"{describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"SmolLM2-135M, weights {args.quantize}; "
         f"greedy, max_tokens {args.max_tokens}, {args.rounds} alternating rounds per cell, aggregate tok/s (median)"
     )
     print("| task | streams | speculative tokens | tok/s | vs off | drafts accepted | same output |")

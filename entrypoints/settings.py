@@ -76,8 +76,8 @@ class ServerSettings:
     speculative_tokens: int | None = None
     """Prompt-lookup draft tokens a row guesses ahead per decoding step, verified in the same pass (0: off).
 
-    ``None``: `SPECULATIVE_TOKENS` with float weights, 0 with quantized ones, where a verifying pass rounds
-    differently from a one-token step and an 8-bit step can magnify that into another token.
+    ``None``: `SPECULATIVE_TOKENS` with float or int8 weights, 0 with int4 ones (whose verifying passes were not
+    checked against one-token steps).
     """
     pack_weights: bool = True
     """On the CPU, reorder linear weights once for oneDNN's kernels (see ``adapters.huggingface.packing``)."""

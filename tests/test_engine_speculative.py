@@ -7,10 +7,16 @@ import json
 import time
 
 import pytest
+import torch
 from litestar.testing import TestClient
+from transformers import DynamicCache
 
-from adapters.huggingface.engine import BatchingGenerator, BatchLimits, Speculation
+from adapters.huggingface.engine import BatchingGenerator, BatchLimits, Speculation, attention
+from adapters.huggingface.engine.attention import one_query_at_a_time
 from adapters.huggingface.engine.speculative import propose
+from adapters.huggingface.loading import load_model
+from adapters.huggingface.quantization import kernel_works
+from adapters.huggingface.transformers_compat import growing_cache
 from domain.generation import FinishReason, GenerationParams
 from entrypoints.bootstrap import build_services
 from entrypoints.http.app import create_app
@@ -295,3 +301,30 @@ def _without_ids(line: str) -> str:
         return line
     event = json.loads(line.removeprefix("data: "))
     return json.dumps({key: value for key, value in event.items() if key not in {"id", "created"}}, sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    ["none", pytest.param("int8", marks=pytest.mark.skipif(not kernel_works("int8"), reason="no int8 CPU kernel"))],
+)
+def test_a_verifying_pass_gives_each_position_the_logits_of_a_one_token_step(tmp_path, scheme):
+    """Bit for bit, prepacked float32 or int8. Heads of 64 dimensions, as SmolLM2's: with those, one attention call
+    over all the new positions rounds otherwise (and an int8 step can turn that into another token)."""
+    model = load_model(str(build_tiny_model(tmp_path / "tiny", hidden_size=256)), device="cpu", quantize=scheme).model
+    attention.install()
+    prompt = torch.randint(3, 390, (1, 40), generator=torch.Generator().manual_seed(1))
+    fed = [7, 300, 12, 250, 3]
+
+    def prefilled() -> DynamicCache:
+        cache = growing_cache(model.config)
+        model(input_ids=prompt, cache=cache, use_cache=True)
+        return cache
+
+    with torch.inference_mode():
+        cache = prefilled()
+        steps = [model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1] for token in fed]
+        cache = prefilled()
+        with one_query_at_a_time():
+            verified = model(input_ids=torch.tensor([fed]), cache=cache, use_cache=True).logits[0]
+    for position, step in enumerate(steps):
+        assert torch.equal(verified[position], step), position

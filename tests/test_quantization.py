@@ -246,20 +246,51 @@ def test_the_gguf_files_matrix_types_decide_the_default(tmp_path):
     ("flag", "scheme", "expected"),
     [
         ([], "none", 4),
-        ([], "int8", 0),
+        ([], "int8", 4),
         ([], "int4", 0),
-        (["--speculative-tokens", "2"], "int8", 2),
+        (["--speculative-tokens", "2"], "int4", 2),
         (["--speculative-tokens", "0"], "none", 0),
     ],
 )
-def test_speculation_is_on_by_default_only_with_float_weights(flag, scheme, expected):
+def test_speculation_is_on_by_default_but_with_int4_weights(flag, scheme, expected):
     assert speculative_tokens(parse_settings(flag, environ={}), scheme) == expected
 
 
 @needs_int8
-def test_a_served_int8_model_does_not_speculate_unless_asked(model_dir):
+def test_a_served_int8_model_speculates_by_default(model_dir):
     engine = load_engine(parse_settings(["--model", str(model_dir), "--quantize", "int8"], environ={}))
     try:
-        assert engine.generator.speculation.tokens == 0
+        assert engine.generator.speculation.tokens == 4
     finally:
         engine.generator.close()
+
+
+@needs_int8
+def test_int8_speculation_leaves_each_request_alone_decoding_as_without_it(tmp_path):
+    """A verifying pass attends one new position at a time, so an 8-bit step rounds as the one-token steps would."""
+    model_dir = build_tiny_model(tmp_path / "tiny", hidden_size=256)  # heads of 64 dimensions, as SmolLM2's
+
+    def engine(tokens: int) -> BatchingGenerator:
+        flags = ["--model", str(model_dir), "--quantize", "int8", "--speculative-tokens", str(tokens)]
+        return load_engine(parse_settings(flags, environ={})).generator
+
+    speculating, plain = engine(4), engine(0)
+    texts = [
+        "The cat eats an apple. The cat eats an apple. The cat",
+        "def add(a, b):\n    return a + b\ndef add(a, b):\n",
+        "one two three four one two three four one two",
+        "Hello there",
+    ]
+    params = GenerationParams(temperature=0, max_new_tokens=40)
+
+    async def tokens(generator: BatchingGenerator, ids: list[int]) -> list[int]:
+        return [token async for step in generator.generate(ids, params) for token in step.token_ids]
+
+    try:
+        for text in texts:
+            ids = plain.encode(text, add_special_tokens=True)
+            assert asyncio.run(tokens(speculating, ids)) == asyncio.run(tokens(plain, ids))
+        assert speculating.drafts.totals()[1] > 0
+    finally:
+        speculating.close()
+        plain.close()

@@ -11,6 +11,7 @@ import structlog
 from transformers import DynamicCache, GenerationConfig
 
 from adapters.huggingface.delivery import ThreadToLoop
+from adapters.huggingface.engine import attention
 from adapters.huggingface.engine.forward import Forward
 from adapters.huggingface.engine.loop import EngineLoop
 from adapters.huggingface.engine.rows import Row
@@ -63,6 +64,8 @@ class BatchingGenerator(TellsModelFacts):
         if not self.batchable_model:
             layers = DynamicCache(config=self.model.config).layers
             log.warning("batching.unsupported_cache", layers=sorted({type(layer).__name__ for layer in layers}))
+        if self.speculation.tokens:
+            attention.install()  # verifying passes attend one query at a time
         self._scheduler = Scheduler(self.limits)
         self._engine = EngineLoop(
             Forward(self.model, self.threads),
