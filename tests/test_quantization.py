@@ -28,6 +28,7 @@ from adapters.huggingface.quantization import (
 from domain.generation import GenerationParams
 from entrypoints.bootstrap import load_engine, speculative_tokens
 from entrypoints.http.__main__ import parse_settings
+from tests.test_huggingface_generator import collect, tokens_of
 from tests.tiny_model import build_tiny_model, tied_tiny_llama
 
 CPU = torch.device("cpu")
@@ -282,14 +283,10 @@ def test_int8_speculation_leaves_each_request_alone_decoding_as_without_it(tmp_p
         "Hello there",
     ]
     params = GenerationParams(temperature=0, max_new_tokens=40)
-
-    async def tokens(generator: BatchingGenerator, ids: list[int]) -> list[int]:
-        return [token async for step in generator.generate(ids, params) for token in step.token_ids]
-
     try:
         for text in texts:
             ids = plain.encode(text, add_special_tokens=True)
-            assert asyncio.run(tokens(speculating, ids)) == asyncio.run(tokens(plain, ids))
+            assert tokens_of(collect(speculating, ids, params)) == tokens_of(collect(plain, ids, params))
         assert speculating.drafts.totals()[1] > 0
     finally:
         speculating.close()
