@@ -7,7 +7,7 @@ from pathlib import Path
 import attrs
 
 SPECULATIVE_TOKENS = 4
-"""Draft tokens per row when ``--speculative-tokens`` is not given and the weights are float."""
+"""Draft tokens per row when ``--speculative-tokens`` is not given (and the weights are not int4)."""
 
 
 @attrs.frozen(kw_only=True)
