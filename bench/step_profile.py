@@ -27,6 +27,7 @@ from adapters.huggingface.engine import BatchingGenerator, BatchLimits, Speculat
 from adapters.huggingface.engine import loop as engine_loop
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.loading import load_model
+from adapters.huggingface.threads import on_own_thread
 from adapters.huggingface.transformers_compat import growing_cache
 from domain.generation import GenerationParams
 
@@ -109,8 +110,8 @@ def op_times(model: Any, batch: int, context: int, steps: int = 8) -> dict[str, 
     """Ms per decoding pass: its wall time unprofiled, and its ops' self CPU time by kind (torch profiler).
 
     The passes are the engine's: ``batch`` rows of ``context`` cached tokens, one new token each, the output
-    projection on the last position only, on this (main) thread. What the ops do not account for of the wall time
-    is Python and dispatch (the profiler's own cost per op makes that an underestimate).
+    projection on the last position only. What the ops do not account for of the wall time is Python and dispatch
+    (the profiler's own cost per op makes that an underestimate).
     """
     ids = torch.randint(100, 10000, (batch, context + 2 * steps))
     kinds = {"wall": 0.0, "linear": 0.0, "head": 0.0, "attention": 0.0, "other ops": 0.0}
@@ -183,12 +184,13 @@ def profile_batch(loaded: Any, batch: int, tokens: int) -> dict[str, float]:  # 
     forward = statistics.median(timings.forward) * 1000
     advance_ms = sum(timings.advance) * 1000 / steps
     period = statistics.median(periods) * 1000
-    ops = op_times(loaded.model, batch, len(prompts[0]) + tokens // 2)
+    context = len(prompts[0]) + tokens // 2
+    ops = on_own_thread(lambda: op_times(loaded.model, batch, context), name="op-times")  # its team ends with it
     in_ops = sum(value for kind, value in ops.items() if kind != "wall")
     return {
         "step (engine thread period)": period,
         "forward pass": forward,
-        "model alone, same shapes (main thread)": ops["wall"],
+        "model alone, same shapes (a thread of its own)": ops["wall"],
         "  linear layers (weight reads)": ops["linear"],
         "  output projection (vocabulary rows)": ops["head"],
         "  attention (sdpa)": ops["attention"],

@@ -1,11 +1,16 @@
-"""Torch's CPU threads: one core left to the event loop, the operator's choice honoured, GPUs left alone."""
+"""Torch's CPU threads: one core left to the event loop, the operator's choice honoured, GPUs left alone, no idle
+OpenMP team left behind by work outside the engine."""
 
 from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from adapters.huggingface.threads import ThreadTuner, configure_threads, default_threads
+from adapters.huggingface.threads import ThreadTuner, configure_threads, default_threads, on_own_thread
 from entrypoints.http.__main__ import parse_settings
 
 
@@ -118,3 +123,50 @@ def test_a_sudden_slowdown_is_noticed_before_the_next_scheduled_try():
     assert tuner.best("decode") == 1
     drive(tuner, {1: 0.092, 2: 0.06}, 100)  # a slow drift of a few percent does not trigger a try
     assert tuner.best("decode") == 1
+
+
+TASKS = Path("/proc/self/task")
+"""One entry per thread of this process (Linux)."""
+
+
+def _threads_of_this_process() -> int:
+    return sum(1 for _ in TASKS.iterdir())
+
+
+def _settles_at(expected: int) -> bool:
+    deadline = time.monotonic() + 10
+    while _threads_of_this_process() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _threads_of_this_process() == expected
+
+
+def _parallel_work() -> str:
+    torch.set_num_threads(2)
+    (torch.ones(1 << 22) + 1).sum()  # far above ATen's grain size: an OpenMP team of 2 threads runs it
+    return threading.current_thread().name
+
+
+@pytest.mark.skipif(not TASKS.is_dir(), reason="counts threads through Linux's /proc")
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info(), reason="the team is GNU OpenMP's")
+def test_work_on_its_own_thread_leaves_no_openmp_team_behind():
+    before = _threads_of_this_process()
+    assert on_own_thread(_parallel_work, name="passing") == "passing"
+    assert _settles_at(before)  # the thread and its team's worker are gone
+
+    release = threading.Event()
+    staying = threading.Thread(target=lambda: (_parallel_work(), release.wait()))
+    staying.start()
+    try:  # the same work on a thread that stays keeps its team's worker too: what `on_own_thread` avoids
+        assert not _settles_at(before + 1)
+    finally:
+        release.set()
+        staying.join()
+
+
+def test_work_on_its_own_thread_returns_its_result_and_raises_its_error(restore_threads):
+    def fail() -> None:
+        raise KeyError("boom")
+
+    assert on_own_thread(torch.get_num_threads, name="counted", threads=1) == 1
+    with pytest.raises(KeyError, match="boom"):
+        on_own_thread(fail, name="failing")

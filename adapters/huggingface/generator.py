@@ -8,10 +8,10 @@ import copy
 import functools
 import re
 import threading
-from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import structlog
@@ -24,6 +24,7 @@ from adapters.huggingface.delivery import ThreadToLoop
 from adapters.huggingface.lora import selecting
 from adapters.huggingface.model_facts import ModelFacts, TellsModelFacts
 from adapters.huggingface.processors import LogprobRecorder, request_processors, token_logprob
+from adapters.huggingface.threads import on_own_thread
 from domain.errors import ContextLengthExceededError, DomainError, GenerationError, InvalidRequestError
 from domain.generation import FinishReason, GeneratedTokens, GenerationParams, TokenLogprob
 from domain.options import OPTIONS
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 GROUP_BEAM_SEARCH_REPO = Path(__file__).parent / "group_beam_search"
 """A local ``custom_generate`` repo with diverse beam search, which transformers 5 moved to the Hub."""
@@ -259,21 +262,16 @@ class HuggingFaceGenerator(TellsModelFacts):
     tokenizer: PreTrainedTokenizerBase
     _model_id: str = attrs.field(kw_only=True, alias="model_id")
     threads: int | None = attrs.field(kw_only=True, default=None)
+    """Torch's CPU threads for the plain path's work; ``None`` leaves torch's setting alone."""
     facts: ModelFacts = attrs.field(
         init=False,
         default=attrs.Factory(lambda self: ModelFacts(self.model, self.tokenizer, self._model_id), takes_self=True),
     )
     """The model's name, limits and tokenizer facts, shared with the batching engine."""
-    """Torch's CPU threads on the worker thread; ``None`` leaves torch's setting alone."""
     _executor: ThreadPoolExecutor = attrs.field(
-        init=False,
-        default=attrs.Factory(
-            lambda self: ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="generate", initializer=_set_threads, initargs=(self.threads,)
-            ),
-            takes_self=True,
-        ),
+        init=False, factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate-queue")
     )
+    """Runs the plain path's work one job at a time, each on a thread of its own (`_submit`)."""
     grammars: GrammarCompiler = attrs.field(
         init=False,
         default=attrs.Factory(
@@ -320,7 +318,7 @@ class HuggingFaceGenerator(TellsModelFacts):
             processors=processors,
             adapter=params.adapter,
         )
-        future = self._executor.submit(self._run, job)
+        future = self._submit(functools.partial(self._run, job))
         future.add_done_callback(lambda _: steps.put(None))
         try:
             while (step := await steps.get()) is not None:
@@ -345,8 +343,12 @@ class HuggingFaceGenerator(TellsModelFacts):
         if len(token_ids) > self.context_length:
             msg = f"{len(token_ids)} tokens do not fit in the context window of {self.context_length}."
             raise ContextLengthExceededError(msg, param="prompt")
-        future = self._executor.submit(self._score, tuple(token_ids), top, adapter)
+        future = self._submit(functools.partial(self._score, tuple(token_ids), top, adapter))
         return await asyncio.wrap_future(future)
+
+    def _submit(self, work: Callable[[], T]) -> Future[T]:
+        """Queue ``work`` behind the plain path's others; it runs on a thread of its own (`on_own_thread`)."""
+        return self._executor.submit(on_own_thread, work, name="generate", threads=self.threads)
 
     def _score(self, token_ids: tuple[int, ...], top: int, adapter: str | None) -> list[TokenLogprob]:
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.model.device)
@@ -454,9 +456,3 @@ def _result(future: Future[list[int]]) -> list[int]:
         log.exception("generation.failed")
         msg = f"Generation failed: {error}"
         raise GenerationError(msg) from error
-
-
-def _set_threads(threads: int | None) -> None:
-    """Give the worker thread its own torch thread count (torch's setting is per thread once set)."""
-    if threads is not None:
-        torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ second instead of converting again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import importlib.metadata
@@ -30,6 +31,7 @@ from transformers.utils import logging as transformers_logging
 
 from adapters.huggingface.devices import resolve_device, resolve_dtype
 from adapters.huggingface.quantization import FLOAT_WEIGHTS, Quantization, prepare_linear_layers, resolve_quantization
+from adapters.huggingface.threads import on_own_thread
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -153,6 +155,8 @@ def load_model(
     ``quantize``: "none", "int8", "int4", or None to follow the file (a quantized GGUF is served as int8 on the CPU
     unless ``dtype`` is given; see `resolve_quantization`). ``pack_weights``: on the CPU, reorder the float linear
     layers' weights for oneDNN, which decodes faster (`prepare_linear_layers` decides which layers get which).
+    Loading runs on a thread of its own (`on_own_thread`), so the OpenMP team its parallel work starts ends with it
+    instead of slowing the engine's.
 
     Raises:
         ModelNotFoundError: the model is not on this machine.
@@ -160,6 +164,29 @@ def load_model(
         QuantizationError: ``quantize`` cannot be served on this device or in this dtype.
 
     """
+    load = functools.partial(
+        _load_model,
+        spec,
+        device=device,
+        dtype=dtype,
+        cache_dir=cache_dir,
+        progress=progress,
+        pack_weights=pack_weights,
+        quantize=quantize,
+    )
+    return on_own_thread(load, name="load-model")
+
+
+def _load_model(
+    spec: str | None,
+    *,
+    device: str,
+    dtype: str | None,
+    cache_dir: Path | None,
+    progress: bool | None,
+    pack_weights: bool,
+    quantize: str | None,
+) -> LoadedModel:
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     show_bars = sys.stderr.isatty() if progress is None else progress
