@@ -214,7 +214,10 @@ def llama_cpp_servers(args: argparse.Namespace, snapshot: Path, port: int) -> li
     files = {"q4_1": default_model_path()} | {
         outtype: llama_cpp.converted_gguf(snapshot, outtype) for outtype in ("f32", "q8_0")
     }
-    flags = ["-np", str(args.max_batch_size), "-t", str(os.cpu_count()), "-c", str(args.max_batch_size * 1024)]
+    flags = [
+        *("-np", str(args.max_batch_size), "-t", str(os.cpu_count()), "-c", str(args.max_batch_size * 1024)),
+        *args.llama_cpp_flag,
+    ]
     return [
         Server(
             f"llama.cpp {name}",
@@ -441,6 +444,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--prefix-cache-mib", type=int, default=None, help="our server's --prefix-cache-mib (default: its own)"
     )
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out (no build, no conversion)")
+    parser.add_argument(
+        "--llama-cpp-flag",
+        action="append",
+        default=[],
+        help="one more llama-server flag (repeatable), e.g. --llama-cpp-flag=--no-repack where its AMX product crashes",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="requests before measuring (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved passes per cell (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8311)
@@ -474,7 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"temperature 0, {len(PROMPTS)} prompts in rotation, {args.warmup} warm-up requests, {args.rounds} "
         "interleaved rounds per cell (aggregate: median of rounds; per-stream and TTFT: over all requests); "
         f"ours with --max-batch-size {args.max_batch_size} and {our_flags}, transformers serve with torch's "
-        f"default threads, llama-server with -np {args.max_batch_size} -t {os.cpu_count()}. Every server stays up "
+        f"default threads, llama-server with -np {args.max_batch_size} -t {os.cpu_count()}"
+        f"{''.join(f' {flag}' for flag in args.llama_cpp_flag)}. Every server stays up "
         "through the run and the rounds alternate them, so other work on the machine weighs on each alike."
     )
     report = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n{settings}\n\n{table(cells, args)}"
