@@ -17,7 +17,7 @@ from application.generation import TextGeneration
 from application.in_flight import InFlight
 from application.tokenization import TokenizationService
 from domain.ports import ConstraintChecker, Generator
-from entrypoints.settings import SPECULATIVE_TOKENS, ServerSettings
+from entrypoints.settings import ServerSettings
 
 if TYPE_CHECKING:
     from adapters.huggingface.engine import BatchingGenerator
@@ -206,21 +206,9 @@ def load_engine(settings: ServerSettings) -> LoadedEngine:
         BatchLimits(settings.max_batch_size, settings.max_queue),
         threads=None if threads is None else ThreadTuner.for_cpu(settings.threads),
         prefixes=PrefixCache(settings.prefix_cache_mib * 2**20) if settings.prefix_cache_mib else None,
-        speculation=Speculation(speculative_tokens(settings, loaded.quantization.scheme)),
+        speculation=Speculation(settings.speculative_tokens),
     )
     return LoadedEngine(generator, plain)
-
-
-def speculative_tokens(settings: ServerSettings, scheme: str) -> int:
-    """``--speculative-tokens``, or by default `SPECULATIVE_TOKENS`, and 0 with int4 weights.
-
-    Speculation promises output identical to decoding without it. A verifying pass attends one new position at a
-    time (`adapters.huggingface.engine.attention`), so that an int8 step, which magnifies any rounding difference,
-    picks what the one-token steps pick; int4's kernel was not checked that way, so there it is off unless asked for.
-    """
-    if settings.speculative_tokens is not None:
-        return settings.speculative_tokens
-    return 0 if scheme == "int4" else SPECULATIVE_TOKENS
 
 
 def load_services(settings: ServerSettings) -> Services:

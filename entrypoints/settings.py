@@ -7,7 +7,7 @@ from pathlib import Path
 import attrs
 
 SPECULATIVE_TOKENS = 4
-"""Draft tokens per row when ``--speculative-tokens`` is not given (and the weights are not int4)."""
+"""Draft tokens per row when ``--speculative-tokens`` is not given."""
 
 
 @attrs.frozen(kw_only=True)
@@ -73,11 +73,11 @@ class ServerSettings:
     """Torch intra-op threads on the CPU; ``None``: tuned by the batching engine (cores - 1 on the plain path)."""
     prefix_cache_mib: int = 256
     """Memory for the keys and values of prompt blocks reused by later prompts (0 turns prefix caching off)."""
-    speculative_tokens: int | None = None
+    speculative_tokens: int = SPECULATIVE_TOKENS
     """Prompt-lookup draft tokens a row guesses ahead per decoding step, verified in the same pass (0: off).
 
-    ``None``: `SPECULATIVE_TOKENS` with float or int8 weights, 0 with int4 ones (whose verifying passes were not
-    checked against one-token steps).
+    A verifying pass computes each position as a one-token step would, bit for bit, with float, int8 and int4
+    weights alike (`adapters.huggingface.engine.attention`), so the output is the one without speculation.
     """
     pack_weights: bool = True
     """On the CPU, reorder linear weights once for oneDNN's kernels (see ``adapters.huggingface.packing``)."""

@@ -305,11 +305,15 @@ def _without_ids(line: str) -> str:
 
 @pytest.mark.parametrize(
     "scheme",
-    ["none", pytest.param("int8", marks=pytest.mark.skipif(not kernel_works("int8"), reason="no int8 CPU kernel"))],
+    [
+        "none",
+        pytest.param("int8", marks=pytest.mark.skipif(not kernel_works("int8"), reason="no int8 CPU kernel")),
+        pytest.param("int4", marks=pytest.mark.skipif(not kernel_works("int4"), reason="no int4 CPU kernel")),
+    ],
 )
 def test_a_verifying_pass_gives_each_position_the_logits_of_a_one_token_step(tmp_path, scheme):
-    """Bit for bit, prepacked float32 or int8. Heads of 64 dimensions, as SmolLM2's: with those, one attention call
-    over all the new positions rounds otherwise (and an int8 step can turn that into another token)."""
+    """Bit for bit, prepacked float32, int8 or int4. Heads of 64 dimensions, as SmolLM2's: with those, one attention
+    call over all the new positions rounds otherwise (and an int8 step can turn that into another token)."""
     model = load_model(str(build_tiny_model(tmp_path / "tiny", hidden_size=256)), device="cpu", quantize=scheme).model
     attention.install()
     prompt = torch.randint(3, 390, (1, 40), generator=torch.Generator().manual_seed(1))

@@ -26,7 +26,7 @@ from adapters.huggingface.quantization import (
     resolve_quantization,
 )
 from domain.generation import GenerationParams
-from entrypoints.bootstrap import load_engine, speculative_tokens
+from entrypoints.bootstrap import load_engine
 from entrypoints.http.__main__ import parse_settings
 from tests.test_huggingface_generator import collect, tokens_of
 from tests.tiny_model import build_tiny_model, tied_tiny_llama
@@ -244,17 +244,10 @@ def test_the_gguf_files_matrix_types_decide_the_default(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("flag", "scheme", "expected"),
-    [
-        ([], "none", 4),
-        ([], "int8", 4),
-        ([], "int4", 0),
-        (["--speculative-tokens", "2"], "int4", 2),
-        (["--speculative-tokens", "0"], "none", 0),
-    ],
+    ("flag", "expected"), [([], 4), (["--speculative-tokens", "2"], 2), (["--speculative-tokens", "0"], 0)]
 )
-def test_speculation_is_on_by_default_but_with_int4_weights(flag, scheme, expected):
-    assert speculative_tokens(parse_settings(flag, environ={}), scheme) == expected
+def test_speculation_is_on_by_default(flag, expected):
+    assert parse_settings(flag, environ={}).speculative_tokens == expected
 
 
 @needs_int8

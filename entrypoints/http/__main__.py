@@ -277,7 +277,7 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS.speculative_tokens,
         metavar="K",
         help="tokens each request guesses ahead from its own prompt and output (prompt lookup), checked in the "
-        f"decoding step; the output is unchanged; 0: off (default: {SPECULATIVE_TOKENS}, 0 with --quantize int4)",
+        f"decoding step; the output is unchanged; 0: off (default: {SPECULATIVE_TOKENS})",
     )
     group.add_argument(
         "--no-pack-weights",
