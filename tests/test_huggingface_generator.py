@@ -13,7 +13,6 @@ import structlog
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from adapters.huggingface import loading
 from adapters.huggingface.generator import GROUP_BEAM_SEARCH_REPO, HuggingFaceGenerator, build_generation_config
 from adapters.stop_sequences import StopSequences
 from application.generation import ChoiceJob, Prompt, TextGeneration, complete
@@ -483,21 +482,3 @@ def test_invalid_options_fail_before_anything_is_generated(generator, prompt):
     with pytest.raises(InvalidRequestError) as raised:
         collect(generator, prompt, generation_params(max_new_tokens=4, typical_p=2.0))
     assert raised.value.param == "typical_p"
-
-
-def test_the_plain_paths_work_runs_on_threads_that_end(own_generator, prompt):
-    seen: list[threading.Thread] = []
-    own_generator.model.register_forward_pre_hook(lambda *_: seen.append(threading.current_thread()))
-    tokens_of(collect(own_generator, prompt, greedy(max_new_tokens=2)))
-    asyncio.run(own_generator.score(prompt, top=0))
-    assert {thread.name for thread in seen} == {"generate"}
-    assert len(set(seen)) == 2  # a thread for each job, so that no idle OpenMP team outlives it
-    assert not any(thread.is_alive() for thread in seen)
-
-
-def test_the_model_loads_on_a_thread_of_its_own(monkeypatch, model_dir):
-    seen: list[threading.Thread] = []
-    monkeypatch.setattr(loading, "prepare_linear_layers", lambda *_a, **_k: seen.append(threading.current_thread()))
-    loading.load_model(str(model_dir), device="cpu")
-    assert [thread.name for thread in seen] == ["load-model"]
-    assert not seen[0].is_alive()

@@ -3,6 +3,7 @@ OpenMP team left behind by work outside the engine."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -10,8 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapters.huggingface import loading
+from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.threads import ThreadTuner, configure_threads, default_threads, on_own_thread
 from entrypoints.http.__main__ import parse_settings
+from tests.test_huggingface_generator import collect, greedy, tokens_of
+from tests.tiny_model import build_tiny_model
 
 
 @pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (8, 7)])
@@ -149,15 +154,23 @@ def _parallel_work() -> str:
 @pytest.mark.skipif(not TASKS.is_dir(), reason="counts threads through Linux's /proc")
 @pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info(), reason="the team is GNU OpenMP's")
 def test_work_on_its_own_thread_leaves_no_openmp_team_behind():
+    on_own_thread(_parallel_work, name="warm-up")  # what the first parallel region starts once for the process
     before = _threads_of_this_process()
     assert on_own_thread(_parallel_work, name="passing") == "passing"
     assert _settles_at(before)  # the thread and its team's worker are gone
 
-    release = threading.Event()
-    staying = threading.Thread(target=lambda: (_parallel_work(), release.wait()))
+    worked, release = threading.Event(), threading.Event()
+
+    def stay() -> None:
+        _parallel_work()
+        worked.set()
+        release.wait()
+
+    staying = threading.Thread(target=stay)
     staying.start()
     try:  # the same work on a thread that stays keeps its team's worker too: what `on_own_thread` avoids
-        assert not _settles_at(before + 1)
+        assert worked.wait(10)
+        assert _threads_of_this_process() > before + 1
     finally:
         release.set()
         staying.join()
@@ -170,3 +183,32 @@ def test_work_on_its_own_thread_returns_its_result_and_raises_its_error(restore_
     assert on_own_thread(torch.get_num_threads, name="counted", threads=1) == 1
     with pytest.raises(KeyError, match="boom"):
         on_own_thread(fail, name="failing")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def test_the_plain_paths_work_runs_on_threads_that_end(model_dir):
+    loaded = loading.load_model(str(model_dir), device="cpu")
+    generator = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id="tiny")
+    seen: list[threading.Thread] = []
+    loaded.model.register_forward_pre_hook(lambda *_: seen.append(threading.current_thread()))
+    prompt = generator.encode("The cat eats an apple", add_special_tokens=True)
+    try:
+        tokens_of(collect(generator, prompt, greedy(max_new_tokens=2)))
+        asyncio.run(generator.score(prompt, top=0))
+    finally:
+        generator.close()
+    assert {thread.name for thread in seen} == {"generate"}
+    assert len(set(seen)) == 2  # a thread for each job, so that no idle OpenMP team outlives it
+    assert not any(thread.is_alive() for thread in seen)
+
+
+def test_the_model_loads_on_a_thread_of_its_own(monkeypatch, model_dir):
+    seen: list[threading.Thread] = []
+    monkeypatch.setattr(loading, "prepare_linear_layers", lambda *_a, **_k: seen.append(threading.current_thread()))
+    loading.load_model(str(model_dir), device="cpu")
+    assert [thread.name for thread in seen] == ["load-model"]
+    assert not seen[0].is_alive()
