@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from adapters.huggingface.cpu_features import cpu_flags
 from adapters.huggingface.engine import BatchingGenerator, BatchLimits
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.loading import gguf_weight_types, load_model
@@ -20,6 +21,7 @@ from adapters.huggingface.quantization import (
     Int8Linear,
     Quantization,
     QuantizationError,
+    int8_reduce_range,
     kernel_works,
     prepare_linear_layers,
     quantize_linear_layers,
@@ -284,3 +286,25 @@ def test_int8_speculation_leaves_each_request_alone_decoding_as_without_it(tmp_p
     finally:
         speculating.close()
         plain.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "reduce"),
+    [(frozenset({"avx2", "avx512f", "avx512_vnni"}), False), (frozenset({"avx2", "avx512f"}), True), (None, True)],
+)
+def test_int8_inputs_take_all_8_bits_only_where_the_product_sums_in_32_bits(flags, reduce):
+    assert int8_reduce_range(flags) is reduce
+
+
+@needs_int8
+def test_the_int8_product_does_not_saturate_with_the_inputs_it_takes_on_this_cpu():
+    """Every input and weight at the top of its range, of one sign: a kernel that sums pairs of products in 16 bits
+    (no VNNI) saturates on these with 8-bit inputs, so the range chosen for this CPU must keep the sums exact."""
+    linear = nn.Linear(576, 64, bias=False)
+    with torch.no_grad():
+        linear.weight.fill_(1.0)
+        inputs = torch.ones(2, 576)
+        inputs[:, :2] = -1.0
+        expected = linear(inputs)
+        actual = Int8Linear(linear, reduce_range=int8_reduce_range(cpu_flags()))(inputs)
+    assert (actual - expected).abs().max() <= 0.02 * expected.abs().max()

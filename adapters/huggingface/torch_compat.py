@@ -43,12 +43,13 @@ def pack_int8_dynamic_weight(weight: torch.Tensor, bias: torch.Tensor | None) ->
     return packed
 
 
-def linear_int8_dynamic(inputs: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
-    """``inputs @ weight.T + bias`` with ``inputs`` quantized to 8 bits per call (``quantized::linear_dynamic``).
+def linear_int8_dynamic(inputs: torch.Tensor, packed: torch.ScriptObject, *, reduce_range: bool) -> torch.Tensor:
+    """``inputs @ weight.T + bias`` with ``inputs`` quantized per call (``quantized::linear_dynamic``).
 
-    ``reduce_range``: activations take 7 bits, so AVX2's 16-bit intermediate sums cannot saturate.
+    ``reduce_range``: the inputs take 7 bits instead of 8, so that kernels summing pairs of products in 16 bits
+    (AVX2's, AVX-512's without VNNI) cannot saturate.
     """
-    outputs: torch.Tensor = torch.ops.quantized.linear_dynamic(inputs, packed, True)  # noqa: FBT003  positional op
+    outputs: torch.Tensor = torch.ops.quantized.linear_dynamic(inputs, packed, reduce_range)
     return outputs
 
 
