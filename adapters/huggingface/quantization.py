@@ -1,30 +1,30 @@
 """Quantized linear layers for CPU inference, and the one place that decides how each linear layer multiplies.
 
 A decoding step of a small model reads every weight once, so on a CPU its time follows the bytes of the weights.
-``int8`` stores each linear layer's weight as int8 with one scale per output row (a quarter of float32's bytes)
-and multiplies with FBGEMM's dynamically quantized product: each call quantizes its inputs to 8 bits and multiplies
-in integers, as llama.cpp's q8_0 does. FBGEMM gives the inputs one scale per call; each token's row is brought to
-magnitude 1 first (and bounded by 1 and -1, see `Int8Linear.forward`) and the product scaled back, so every token
-gets its own scale, the same in any batch. Without that, one token with huge activations (the first of a text
-usually has them) crushed every other token's inputs to a few levels: on the embedded SmolLM2 the log-likelihood
-of a 166-token text fell from -408.0 (float32) to -610.3 with one scale per call; it is -433.9 with one per token.
-``int4`` stores 4-bit codes with a scale and zero point per 32 weights and multiplies with torch's int4
-weight-only CPU kernel, in bfloat16.
+``int8`` stores each linear layer's weight as int8 with one scale per output row (a quarter of float32's bytes) and
+multiplies with FBGEMM's dynamically quantized product: each call quantizes its inputs to 8 bits (7 without AVX-512
+VNNI, see `int8_reduce_range`) and multiplies in integers, as llama.cpp's q8_0 does. FBGEMM gives the inputs one
+scale per call; each token's row is brought to magnitude 1 first (and bounded by 1 and -1, see `Int8Linear.forward`)
+and the product scaled back, so every token gets its own scale, the same in any batch. Without that, one token with
+huge activations (the first of a text usually has them) crushed every other token's inputs to a few levels: on the
+embedded SmolLM2 the log-likelihood of a 166-token text fell from -408.0 (float32) to -610.3 with one scale per
+call; it is -433.9 with one per token. ``int4`` stores 4-bit codes with a scale and zero point per 32 weights and
+multiplies with torch's int4 weight-only CPU kernel, in bfloat16.
 
 Chosen by measurement (2-core AMD EPYC, AVX2 without AVX-512, torch 2.13, one thread, SmolLM2-135M shapes): the
-49152-row output projection took 12 ms at batch 1 and 34 ms at batch 16 with FBGEMM's int8 product against
-73 and 101 ms prepacked in float32; torch's weight-only int8 product (``_weight_int8pack_mm``) took 204 and 1812 ms,
-its int4 product (float32 inputs) 287 and 1886 ms, and ``torch._int_mm`` far more. So ``int8`` is the one that
-pays; ``int4`` is offered for the memory it saves. Torch's int4 kernel is vectorised for bfloat16 inputs only
-(with AVX2 or AVX-512; no native bfloat16 needed): on a 2-core Xeon with AVX-512, every product of a SmolLM2 step
-(2 threads) took 124 ms at batch 1 with float32 inputs against 4.8 ms with bfloat16 ones (1723 against 27 ms at
-batch 16), and 111 against 7.7 ms with torch's AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``); int8 took 3.2 ms.
-Rounding the inputs to bfloat16 moves int4's products by 0.3% relative, against the 8% int4's weights already
-cost. Every linear layer is quantized, the output projection included; a tied input embedding keeps its float
-weight for the lookup, so only the output projection's product is quantized.
+49152-row output projection took 12 ms at batch 1 and 34 ms at batch 16 with FBGEMM's int8 product against 73 and
+101 ms prepacked in float32; torch's weight-only int8 product (``_weight_int8pack_mm``) took 204 and 1812 ms, its
+int4 product (float32 inputs) 287 and 1886 ms, and ``torch._int_mm`` far more. So ``int8`` is the one that pays on a
+batch; ``int4`` saves memory, and time with few streams. Torch's int4 kernel is vectorised for bfloat16 inputs only
+(with AVX2 or AVX-512; no native bfloat16 needed): on a 2-core Xeon with AVX-512, every product of a SmolLM2 step (2
+threads) took 124 ms at batch 1 with float32 inputs against 4.8 ms with bfloat16 ones (1723 against 27 ms at batch
+16), and 111 against 7.7 ms with torch's AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``); int8 took 3.2 ms. Rounding the
+inputs to bfloat16 moves int4's products by 0.3% relative, against the 8% int4's weights already cost. Every linear
+layer is quantized, the output projection included; a tied input embedding keeps its float weight for the lookup, so
+only the output projection's product is quantized.
 
-Both are CPU kernels: on CUDA `resolve_quantization` refuses ``int8`` and ``int4`` at start-up rather than run a
-CPU op on the GPU path.
+Both are CPU kernels: on CUDA `resolve_quantization` refuses ``int8`` and ``int4`` at start-up rather than run a CPU
+op on the GPU path.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def resolve_quantization(
     """Decide the scheme from ``--quantize``, ``--dtype`` and the GGUF file's tensor types (empty: not a GGUF).
 
     An explicit ``--quantize`` wins. Without it, a quantized GGUF file (q8_0, q4_1, ...; the embedded one included)
-    is served as ``int8`` on a CPU in float32: the closest to its own bit width that multiplies fast here (torch's
-    int4 CPU kernel is slower than its int8 one), a quarter of float32's weight bytes. ``--dtype``, or a
+    is served as ``int8`` on a CPU in float32: the closest to its own bit width that multiplies a batch fast (torch's
+    int4 CPU kernel is slower than FBGEMM's int8 one at 16 rows), a quarter of float32's weight bytes. ``--dtype``, or a
     device other than the CPU, serves it in float; so does ``--quantize none``. Every other model keeps its float
     weights.
 
@@ -287,10 +287,12 @@ def quantize_linear_layers(model: nn.Module, scheme: str) -> int:
     The float weights are released, except one another module shares (a tied input embedding), which stays for
     that module's own use.
     """
-    reduce_range = int8_reduce_range(cpu_flags())
-    build: Callable[[nn.Linear], nn.Module] = (
-        functools.partial(Int8Linear, reduce_range=reduce_range) if scheme == "int8" else Int4Linear
-    )
+    build: Callable[[nn.Linear], nn.Module] = Int4Linear
+    details: dict[str, int] = {}
+    if scheme == "int8":
+        reduce_range = int8_reduce_range(cpu_flags())
+        build = functools.partial(Int8Linear, reduce_range=reduce_range)
+        details["int8_input_bits"] = 7 if reduce_range else 8
     linears = [
         (parent, name, child)
         for parent in model.modules()
@@ -303,7 +305,7 @@ def quantize_linear_layers(model: nn.Module, scheme: str) -> int:
         for tensor in [*model.parameters(), *model.buffers()]:
             tensor.data = tensor.data.clone()  # off the checkpoint's mapped file, which would otherwise stay resident
     gc.collect()
-    log.info("model.quantize.done", scheme=scheme, layers=len(linears), int8_input_bits=7 if reduce_range else 8)
+    log.info("model.quantize.done", scheme=scheme, layers=len(linears), **details)
     return len(linears)
 
 
