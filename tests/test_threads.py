@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog
 import torch
 
 from adapters.huggingface import loading
@@ -176,11 +177,16 @@ def test_work_on_its_own_thread_leaves_no_openmp_team_behind():
         staying.join()
 
 
-def test_work_on_its_own_thread_returns_its_result_and_raises_its_error(restore_threads):
+def test_work_on_its_own_thread_returns_its_result_sees_the_context_and_raises_its_error(restore_threads):
     def fail() -> None:
         raise KeyError("boom")
 
     assert on_own_thread(torch.get_num_threads, name="counted", threads=1) == 1
+    structlog.contextvars.bind_contextvars(request_id="req-1")
+    try:
+        assert on_own_thread(structlog.contextvars.get_contextvars, name="bound") == {"request_id": "req-1"}
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
     with pytest.raises(KeyError, match="boom"):
         on_own_thread(fail, name="failing")
 
