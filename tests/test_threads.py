@@ -132,38 +132,41 @@ def test_a_sudden_slowdown_is_noticed_before_the_next_scheduled_try():
 
 
 TASKS = Path("/proc/self/task")
-"""One entry per thread of this process (Linux)."""
+"""One entry per thread of this process (Linux), named by its thread id."""
 
 
-def _threads_of_this_process() -> int:
-    return sum(1 for _ in TASKS.iterdir())
+def _thread_ids() -> set[str]:
+    return {task.name for task in TASKS.iterdir()}
 
 
-def _settles_at(expected: int) -> bool:
-    deadline = time.monotonic() + 10
-    while _threads_of_this_process() != expected and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return _threads_of_this_process() == expected
-
-
-def _parallel_work() -> str:
+def _parallel_work() -> set[str]:
+    """Run an operation an OpenMP team of 2 shares; the ids of the process's threads while the team exists."""
     torch.set_num_threads(2)
-    (torch.ones(1 << 22) + 1).sum()  # far above ATen's grain size: an OpenMP team of 2 threads runs it
-    return threading.current_thread().name
+    (torch.ones(1 << 22) + 1).sum()  # far above ATen's grain size
+    return _thread_ids()
+
+
+def _gone(threads: set[str]) -> bool:
+    deadline = time.monotonic() + 10
+    while threads & _thread_ids() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not threads & _thread_ids()
 
 
 @pytest.mark.skipif(not TASKS.is_dir(), reason="counts threads through Linux's /proc")
 @pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info(), reason="the team is GNU OpenMP's")
 def test_work_on_its_own_thread_leaves_no_openmp_team_behind():
     on_own_thread(_parallel_work, name="warm-up")  # what the first parallel region starts once for the process
-    before = _threads_of_this_process()
-    assert on_own_thread(_parallel_work, name="passing") == "passing"
-    assert _settles_at(before)  # the thread and its team's worker are gone
+    before = _thread_ids()
+    started = on_own_thread(_parallel_work, name="passing") - before
+    assert len(started) >= 2  # the thread and its team's worker
+    assert _gone(started)
 
     worked, release = threading.Event(), threading.Event()
+    seen: list[set[str]] = []
 
     def stay() -> None:
-        _parallel_work()
+        seen.append(_parallel_work())
         worked.set()
         release.wait()
 
@@ -171,7 +174,8 @@ def test_work_on_its_own_thread_leaves_no_openmp_team_behind():
     staying.start()
     try:  # the same work on a thread that stays keeps its team's worker too: what `on_own_thread` avoids
         assert worked.wait(10)
-        assert _threads_of_this_process() > before + 1
+        time.sleep(0.2)
+        assert len((seen[0] - before) & _thread_ids()) >= 2
     finally:
         release.set()
         staying.join()
