@@ -73,8 +73,12 @@ def packing_supported(dtype: torch.dtype) -> bool:
         log.info("model.pack.probe_failed", reason=str(error).splitlines()[0] if str(error) else type(error).__name__)
         return False
     tolerance = SELF_CHECK_TOLERANCE if dtype == torch.float32 else 5e-2
-    difference = float((packed - expected).abs().max() / expected.abs().max().clamp(min=1e-6))
-    return packed.shape == expected.shape and difference <= tolerance
+    return packed.shape == expected.shape and relative_difference(packed, expected) <= tolerance
+
+
+def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest difference between ``actual`` and ``expected``, relative to ``expected``'s largest magnitude."""
+    return float((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-6))
 
 
 def pack_linear_layers(model: nn.Module, *, supported: Callable[[torch.dtype], bool] = packing_supported) -> int:
@@ -123,4 +127,4 @@ def _all_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for module in model.modules() for p in module.parameters(recurse=False)]
 
 
-__all__ = ["PackedLinear", "pack_linear_layers", "packing_supported"]
+__all__ = ["PackedLinear", "pack_linear_layers", "packing_supported", "relative_difference"]

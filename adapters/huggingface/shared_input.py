@@ -27,6 +27,8 @@ import structlog
 import torch
 from torch import nn
 
+from adapters.huggingface.packing import relative_difference
+
 log = structlog.get_logger(__name__)
 
 PROBE_TOLERANCE = 1e-4
@@ -109,8 +111,8 @@ def stack_shared_input_linears(model: nn.Module, probe_ids: torch.Tensor) -> int
     stacked = [_stack(parent, names, number) for number, (parent, names) in enumerate(groups)]
     with torch.inference_mode():
         actual = _logits(model, probe_ids)
-    difference = float((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-6))
-    if actual.shape != expected.shape or difference > PROBE_TOLERANCE:
+    difference = relative_difference(actual, expected) if actual.shape == expected.shape else float("inf")
+    if difference > PROBE_TOLERANCE:
         for number, (parent, names) in enumerate(groups):
             _unstack(parent, names, stacked[number], number)
         log.warning("model.shared_input.undone", difference=difference)
