@@ -214,10 +214,8 @@ def llama_cpp_servers(args: argparse.Namespace, snapshot: Path, port: int) -> li
     files = {"q4_1": default_model_path()} | {
         outtype: llama_cpp.converted_gguf(snapshot, outtype) for outtype in ("f32", "q8_0")
     }
-    flags = [
-        *("-np", str(args.max_batch_size), "-t", str(os.cpu_count()), "-c", str(args.max_batch_size * 1024)),
-        *args.llama_cpp_flag,
-    ]
+    threads, context = str(os.cpu_count()), str(args.max_batch_size * 1024)
+    flags = ["-np", str(args.max_batch_size), "-t", threads, "-c", context, *args.llama_cpp_flag]
     return [
         Server(
             f"llama.cpp {name}",

@@ -8,7 +8,6 @@ second instead of converting again.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import hashlib
 import importlib.metadata
@@ -31,7 +30,7 @@ from transformers.utils import logging as transformers_logging
 
 from adapters.huggingface.devices import resolve_device, resolve_dtype
 from adapters.huggingface.quantization import FLOAT_WEIGHTS, Quantization, prepare_linear_layers, resolve_quantization
-from adapters.huggingface.threads import on_own_thread
+from adapters.huggingface.threads import runs_on_own_thread
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -138,6 +137,7 @@ def resolve_model(spec: str | None) -> ModelSource:
     return ModelSource(model_id=spec, path=_cached_hub_snapshot(spec), kind="hub")
 
 
+@runs_on_own_thread("load-model")
 def load_model(
     spec: str | None,
     *,
@@ -164,29 +164,6 @@ def load_model(
         QuantizationError: ``quantize`` cannot be served on this device or in this dtype.
 
     """
-    load = functools.partial(
-        _load_model,
-        spec,
-        device=device,
-        dtype=dtype,
-        cache_dir=cache_dir,
-        progress=progress,
-        pack_weights=pack_weights,
-        quantize=quantize,
-    )
-    return on_own_thread(load, name="load-model")
-
-
-def _load_model(
-    spec: str | None,
-    *,
-    device: str,
-    dtype: str | None,
-    cache_dir: Path | None,
-    progress: bool | None,
-    pack_weights: bool,
-    quantize: str | None,
-) -> LoadedModel:
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     show_bars = sys.stderr.isatty() if progress is None else progress

@@ -19,7 +19,6 @@ never meets keys and values cached for the old one (see `PrefixCache`).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import threading
@@ -32,7 +31,7 @@ import structlog
 import torch
 from torch import nn
 
-from adapters.huggingface.threads import on_own_thread
+from adapters.huggingface.threads import runs_on_own_thread
 from domain.errors import InvalidRequestError
 from domain.generation import GeneratedTokens, GenerationParams, TokenLogprob
 
@@ -217,15 +216,13 @@ class LoraAdapters:
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     keys: set[str] = attrs.field(init=False, factory=set)
 
+    @runs_on_own_thread("lora-attach")
     def attach(self, key: str, adapter: AdapterFiles) -> None:
         """Add ``adapter``'s weights under ``key`` to the layers it targets (wrapping them on first use).
 
         The weights are converted on a thread of its own (`on_own_thread`), so that no OpenMP team stays behind.
         """
         check_fits(adapter, self.model)
-        on_own_thread(functools.partial(self._attach, key, adapter), name="lora-attach")
-
-    def _attach(self, key: str, adapter: AdapterFiles) -> None:
         with self._lock:
             parameter = next(self.model.parameters())
             for module, weights in adapter.layers.items():

@@ -12,10 +12,11 @@ then, since the load on the machine changes. Fixed counts (``--threads``) and th
 from __future__ import annotations
 
 import contextvars
+import functools
 import os
 import threading
 from collections.abc import Callable, Hashable
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 import attrs
 import structlog
@@ -24,6 +25,7 @@ import torch
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def available_cores() -> int:
@@ -76,6 +78,19 @@ def on_own_thread(work: Callable[[], T], *, name: str, threads: int | None = Non
     if failure:
         raise failure[0]
     return outcome[0]
+
+
+def runs_on_own_thread(name: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """Decorate a function so that each call runs it with `on_own_thread` (the thread named ``name``)."""
+
+    def decorate(function: Callable[P, T]) -> Callable[P, T]:
+        @functools.wraps(function)
+        def call(*args: P.args, **kwargs: P.kwargs) -> T:
+            return on_own_thread(functools.partial(function, *args, **kwargs), name=name)
+
+        return call
+
+    return decorate
 
 
 @attrs.define
@@ -173,4 +188,11 @@ class ThreadTuner:
         return min(estimates, key=estimates.__getitem__) if estimates else self.choices[0]
 
 
-__all__ = ["ThreadTuner", "available_cores", "configure_threads", "default_threads", "on_own_thread"]
+__all__ = [
+    "ThreadTuner",
+    "available_cores",
+    "configure_threads",
+    "default_threads",
+    "on_own_thread",
+    "runs_on_own_thread",
+]
