@@ -58,18 +58,23 @@ class Timings:
         self.advance: list[float] = []
 
     def wrap_forward(self, forward: Any) -> Any:  # noqa: ANN401  the engine's Forward
-        """``forward``, noting when each decoding pass starts and how long it takes."""
+        """``forward``, noting when each decoding pass (``step``) starts and how long it takes."""
+        timings = self
 
-        def timed(ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: ANN401
-            started = time.perf_counter()
-            logits = forward(ids, *args, **kwargs)
-            if kwargs.get("keep", 1) == ids.shape[1] or ids.shape[1] == 1:  # a decoding step
-                self.decode_starts.append(started)
-                self.forward.append(time.perf_counter() - started)
-            return logits
+        class Timed:
+            model = forward.model
 
-        timed.model = forward.model  # type: ignore[attr-defined]  what the engine reads off its Forward
-        return timed
+            def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: ANN401  a prefill
+                return forward(*args, **kwargs)
+
+            def step(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: ANN401
+                started = time.perf_counter()
+                logits = forward.step(*args, **kwargs)
+                timings.decode_starts.append(started)
+                timings.forward.append(time.perf_counter() - started)
+                return logits
+
+        return Timed()
 
     def wrap_advance(self, advance: Callable[..., int]) -> Callable[..., int]:
         """``rows.advance``, timed."""
@@ -106,15 +111,16 @@ async def decode(engine: BatchingGenerator, prompts: list[list[int]], tokens: in
     return sum(await asyncio.gather(*(one(p) for p in prompts)))
 
 
-def op_times(model: Any, batch: int, context: int, steps: int = 8) -> dict[str, float]:  # noqa: ANN401
+def op_times(forward: Any, batch: int, context: int, steps: int = 8) -> dict[str, float]:  # noqa: ANN401
     """Ms per decoding pass: its wall time unprofiled, and its ops' self CPU time by kind (torch profiler).
 
-    The passes are the engine's: ``batch`` rows of ``context`` cached tokens, one new token each, the output
-    projection on the last position only. What the ops do not account for of the wall time is Python and dispatch
-    (the profiler's own cost per op makes that an underestimate).
+    The passes are the engine's (``forward.step``, the lean decoder where the model has one): ``batch`` rows of
+    ``context`` cached tokens, one new token each. What the ops do not account for of the wall time is Python and
+    dispatch (the profiler's own cost per op makes that an underestimate).
     """
     ids = torch.randint(100, 10000, (batch, context + 2 * steps))
     kinds = {"wall": 0.0, "linear": 0.0, "head": 0.0, "attention": 0.0, "other ops": 0.0}
+    model = forward.model
     head = model.get_output_embeddings()
     ranges: list[Any] = []
     hooks = [  # the output projection's ops are those inside this range (int8 weights show no shape to tell)
@@ -128,7 +134,7 @@ def op_times(model: Any, batch: int, context: int, steps: int = 8) -> dict[str, 
         def one(step: int) -> None:
             positions = torch.full((batch, 1), context + step)
             column = ids[:, context + step : context + step + 1]
-            model(input_ids=column, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+            forward.step(column, positions, torch.ones((batch, context + step + 1), dtype=torch.long), cache)
 
         started = time.perf_counter()
         for step in range(steps):
@@ -166,7 +172,8 @@ def profile_batch(loaded: Any, batch: int, tokens: int) -> dict[str, float]:  # 
     engine = BatchingGenerator(plain, BatchLimits(max_batch_size=batch), speculation=Speculation(0))
     timings = Timings()
     loop: Any = engine._engine  # noqa: SLF001  a bench reaches into the engine to time it
-    loop.forward = timings.wrap_forward(loop.forward)
+    engine_forward = loop.forward
+    loop.forward = timings.wrap_forward(engine_forward)
     advance = engine_loop.row_ops.advance
     engine_loop.row_ops.advance = timings.wrap_advance(advance)
     prompts = chat_prompts(plain, batch)
@@ -185,7 +192,7 @@ def profile_batch(loaded: Any, batch: int, tokens: int) -> dict[str, float]:  # 
     advance_ms = sum(timings.advance) * 1000 / steps
     period = statistics.median(periods) * 1000
     context = len(prompts[0]) + tokens // 2
-    ops = on_own_thread(lambda: op_times(loaded.model, batch, context), name="op-times")  # its team ends with it
+    ops = on_own_thread(lambda: op_times(engine_forward, batch, context), name="op-times")  # its team ends with it
     in_ops = sum(value for kind, value in ops.items() if kind != "wall")
     return {
         "step (engine thread period)": period,

@@ -104,6 +104,26 @@ def test_the_growing_cache_stands_in_for_the_models_own(tiny):
     assert cache.get_seq_length() == 4
 
 
+def test_torch_module_hooks_are_where_the_compat_module_reads_them():
+    """The lean decoder leaves a model to its own forward while a hook waits on a module it bypasses."""
+    layer, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    assert not torch_compat.has_forward_hooks([layer, other])
+    for register in (torch.nn.Module.register_forward_hook, torch.nn.Module.register_forward_pre_hook):
+        handle = register(other, lambda *_: None)
+        assert torch_compat.has_forward_hooks([layer, other]), f"{register.__name__} is not seen: mend torch_compat"
+        handle.remove()
+        assert not torch_compat.has_forward_hooks([layer, other])
+    for register_global in (
+        torch.nn.modules.module.register_module_forward_hook,
+        torch.nn.modules.module.register_module_forward_pre_hook,
+    ):
+        handle = register_global(lambda *_: None)
+        try:
+            assert torch_compat.has_forward_hooks([layer]), f"{register_global.__name__} is not seen: mend torch_compat"
+        finally:
+            handle.remove()
+
+
 def test_torch_onednn_ops_are_where_the_compat_module_calls_them():
     if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         pytest.skip("this torch has no oneDNN: packing is off here")

@@ -19,6 +19,7 @@ from domain.generation import GenerationParams
 from entrypoints.bootstrap import load_services
 from entrypoints.http.app import create_app
 from entrypoints.settings import LoraChoice, ModelChoice, ServerSettings
+from tests.test_lean_decoder import counted
 from tests.tiny_model import build_tiny_lora, build_tiny_model
 
 KEY = "sk-test"
@@ -96,6 +97,32 @@ def test_base_and_two_adapters_in_one_batch_equal_each_alone_and_peft(models: di
         assert batched == alone
         assert len({tuple(tokens) for tokens in alone[:1]} | {tuple(alone[1]), tuple(alone[2])}) == 3
         for adapter, prompt, tokens in zip((None, "pirate", "poet"), prompts, alone, strict=True):
+            assert tokens == peft_reference(models, adapter, prompt, len(tokens))
+    finally:
+        services.close()
+
+
+def test_adapters_in_one_batch_decode_through_the_lean_decoder_as_peft(models: dict[str, Path]) -> None:
+    """The engine's lean pass (no hook on the model) applies each row's adapter, stacked projections or not."""
+    services = load_services(ServerSettings(model=str(models["alpha"]), device="cpu"))
+    try:
+        assert services.adapters is not None
+        assert services.generator is not None
+        for name in ("pirate", "poet"):
+            services.adapters.attach(f"{name}#0", _read(models[name]))
+        base = services.generator
+        counter = counted(base)  # type: ignore[arg-type]
+        generators = [base, AdapterGenerator(base, "pirate#0", "pirate"), AdapterGenerator(base, "poet#0", "poet")]  # type: ignore[arg-type]
+        prompts = [base.encode(text, add_special_tokens=True) for text in PROMPTS]
+
+        async def together() -> list[list[int]]:
+            return list(
+                await asyncio.gather(*(collect(g, p, greedy()) for g, p in zip(generators, prompts, strict=True)))
+            )
+
+        batched = asyncio.run(together())
+        assert max(counter.rows) == 3
+        for adapter, prompt, tokens in zip((None, "pirate", "poet"), prompts, batched, strict=True):
             assert tokens == peft_reference(models, adapter, prompt, len(tokens))
     finally:
         services.close()

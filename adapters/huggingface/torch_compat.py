@@ -3,14 +3,18 @@
 oneDNN's prepacked linear layer is what inductor uses when it freezes a CPU model; torch offers it only as private ops.
 The quantized linear layers (``adapters.huggingface.quantization``) use FBGEMM's dynamically quantized int8 product,
 reached through per-channel quantized tensors that torch has deprecated, and the CPU's int4 weight-only product,
-a private aten op.
+a private aten op. The engine's lean decoding pass (``adapters.huggingface.engine.decoder``) reads modules' private hook
+dictionaries, to leave hooked models to their own forward.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import torch
+from torch import nn
+from torch.nn.modules import module as module_hooks
 
 INT4_GROUP_SIZE = 32
 """Weights per scale and zero point in `pack_int4_weight` (GGUF's block size)."""
@@ -79,8 +83,19 @@ def linear_int4(inputs: torch.Tensor, packed: torch.Tensor, scales_and_zeros: to
     return outputs.reshape(*inputs.shape[:-1], outputs.shape[-1])
 
 
+def has_forward_hooks(modules: Iterable[nn.Module]) -> bool:
+    """Whether a forward hook or pre-hook is registered on any of ``modules``, or on every module (torch's globals).
+
+    Reads ``nn.Module``'s hook dictionaries, which torch keeps private.
+    """
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:  # noqa: SLF001
+        return True
+    return any(module._forward_hooks or module._forward_pre_hooks for module in modules)  # noqa: SLF001
+
+
 __all__ = [
     "INT4_GROUP_SIZE",
+    "has_forward_hooks",
     "linear_int4",
     "linear_int8_dynamic",
     "linear_pointwise",

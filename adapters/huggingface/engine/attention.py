@@ -14,15 +14,19 @@ calls a layer, small beside its weight reads.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 _state = threading.local()
+
+GROUPED_SDPA_LARGEST_DIM = 256
+"""The largest head size transformers hands to torch's grouped-query attention (``use_gqa_in_sdpa``)."""
 
 
 @contextmanager
@@ -36,6 +40,11 @@ def one_query_at_a_time(active: bool = True) -> Iterator[None]:
         _state.active = previous
 
 
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""``(query, key, value, mask) -> output`` for one query position: ``[batch, heads, 1, dim]`` in, ``[batch, 1, heads,
+dim]`` out."""
+
+
 def per_query(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -44,15 +53,29 @@ def per_query(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,  # noqa: ANN401  transformers' attention arguments, passed on
 ) -> tuple[torch.Tensor, None]:
-    """The sdpa attention of transformers; inside `one_query_at_a_time`, one call per query position.
+    """The sdpa attention of transformers; inside `one_query_at_a_time`, one call per query position (`each_query`)."""
+    if query.shape[2] == 1 or not getattr(_state, "active", False):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        output: torch.Tensor = sdpa_attention_forward(module, query, key, value, mask, **kwargs)[0]
+        return output
+
+    return each_query(query, key, value, attention_mask, attend), None
+
+
+def each_query(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, attend: Attend
+) -> torch.Tensor:
+    """Attention over ``T`` new positions as ``T`` one-token steps: ``[batch, T, heads, dim]``.
 
     ``query``: ``[batch, heads, T, dim]``, the last ``T`` of ``key``'s positions. Position ``j`` attends to the keys up
-    to its own, under its row of the mask; a mask with nothing masked is left out, as transformers leaves it out of a
-    one-token step.
+    to its own, under its row of the (boolean, ``[batch, 1, T, columns]``) mask; a mask with nothing masked is left
+    out, as transformers leaves it out of a one-token step.
     """
     positions = query.shape[2]
-    if positions == 1 or not getattr(_state, "active", False):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if positions == 1:
+        return attend(query, key, value, attention_mask)
     length = key.shape[2]
     outputs = []
     for position in range(positions):
@@ -60,11 +83,37 @@ def per_query(
         mask = None if attention_mask is None else attention_mask[:, :, position : position + 1, :end]
         if mask is not None and mask.dtype == torch.bool and bool(mask.all()):
             mask = None
-        output, _ = sdpa_attention_forward(
-            module, query[:, :, position : position + 1], key[:, :, :end], value[:, :, :end], mask, **kwargs
-        )
-        outputs.append(output)  # [batch, 1, heads, dim]
-    return torch.cat(outputs, dim=1), None
+        outputs.append(attend(query[:, :, position : position + 1], key[:, :, :end], value[:, :, :end], mask))
+    return torch.cat(outputs, dim=1)
+
+
+def one_query(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    groups: int,
+    scaling: float,
+) -> torch.Tensor:
+    """Transformers' sdpa attention of one query position on a CPU or CUDA device, without its dispatch.
+
+    ``groups``: query heads per key head. As ``sdpa_attention_forward`` does for one position: grouped heads go to
+    torch's grouped-query attention when nothing is masked, else the query heads of a key head are laid out as that
+    head's positions (one query each, under the same mask). The lean decoder checks at start-up that the numbers
+    are transformers' (`decoder.probe`).
+    """
+    batch, heads, _, dim = query.shape
+    options = {}
+    if groups > 1:
+        if mask is None and key.shape[-1] == value.shape[-1] <= GROUPED_SDPA_LARGEST_DIM:
+            options["enable_gqa"] = True
+        else:
+            query = query.reshape(batch, heads // groups, groups, dim)
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, **options
+    )
+    return output.reshape(batch, heads, 1, dim).transpose(1, 2)
 
 
 def install() -> None:
@@ -72,4 +121,9 @@ def install() -> None:
     AttentionInterface.register("sdpa", per_query)
 
 
-__all__ = ["install", "one_query_at_a_time", "per_query"]
+def installed() -> bool:
+    """Whether transformers' ``sdpa`` attention goes through `per_query` (see `install`)."""
+    return ALL_ATTENTION_FUNCTIONS.get("sdpa") is per_query
+
+
+__all__ = ["Attend", "each_query", "install", "installed", "one_query", "one_query_at_a_time", "per_query"]

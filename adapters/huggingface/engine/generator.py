@@ -12,12 +12,14 @@ from transformers import DynamicCache, GenerationConfig
 
 from adapters.huggingface.delivery import ThreadToLoop
 from adapters.huggingface.engine import attention
+from adapters.huggingface.engine.decoder import LeanDecoder
 from adapters.huggingface.engine.forward import Forward
 from adapters.huggingface.engine.loop import EngineLoop
 from adapters.huggingface.engine.rows import Row
 from adapters.huggingface.engine.scheduler import BatchLimits, Scheduler
 from adapters.huggingface.engine.speculative import DraftCounts, Speculation
 from adapters.huggingface.model_facts import ModelFacts, TellsModelFacts
+from adapters.huggingface.threads import on_own_thread
 from adapters.huggingface.transformers_compat import has_plain_layers
 from domain.errors import QueueFullError
 from domain.generation import GeneratedTokens, GenerationParams, TokenLogprob
@@ -67,8 +69,14 @@ class BatchingGenerator(TellsModelFacts):
         if self.speculation.tokens:
             attention.install()  # verifying passes attend one query at a time
         self._scheduler = Scheduler(self.limits)
+        forward = Forward(self.model, self.threads)
+        if self.batchable_model:
+            model = self.model
+            forward.decoder = on_own_thread(  # its OpenMP team ends with it (see `on_own_thread`)
+                lambda: LeanDecoder.for_model(model, forward.model_step), name="lean-decoder-probe"
+            )
         self._engine = EngineLoop(
-            Forward(self.model, self.threads),
+            forward,
             self.tokenizer,
             self._scheduler,
             prefixes=self._prefixes,

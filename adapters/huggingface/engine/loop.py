@@ -10,7 +10,6 @@ import structlog
 import torch
 
 from adapters.huggingface.engine import rows as row_ops
-from adapters.huggingface.engine.attention import one_query_at_a_time
 from adapters.huggingface.engine.kv_batch import KVBatch
 from adapters.huggingface.engine.prefill import groups, prefill_group, remember_prefixes
 from adapters.huggingface.engine.speculative import DraftCounts, Speculation, propose
@@ -135,8 +134,7 @@ class EngineLoop:
             lengths = torch.tensor([[len(draft)] for draft in drafts], dtype=torch.long, device=device)
             positions = positions + torch.minimum(torch.arange(fed, dtype=torch.long, device=device), lengths)
         adapters = [row.params.adapter for row in batch.rows]
-        with one_query_at_a_time(fed > 1):  # each position of a verifying pass rounds as a one-token step
-            logits = self.forward(ids, positions, batch.step_mask(fed), batch.cache, adapters, keep=fed)
+        logits = self.forward.step(ids, positions, batch.step_mask(fed), batch.cache, adapters)
         kept = []
         for index, (row, draft) in enumerate(zip(batch.rows, drafts, strict=True)):
             accepted = 0

@@ -1,0 +1,276 @@
+"""The engine's decoding passes through a lean copy of a Llama-style model's forward: the same numbers, fewer ops.
+
+A decoding step of a small model on a CPU is mostly overhead: transformers' forward builds a causal mask, runs
+output-capturing hooks and keyword plumbing, and each decoder layer rotates its queries and keys apart, asks its
+stacked projections for their parts one by one and goes through the attention registry. For SmolLM2-135M at batch 1
+(2-core Xeon, int8) that was about 5 of a step's 20 ms beyond the ops that compute anything. `LeanDecoder` runs the
+same modules (norms, linear layers, whatever wraps them: packed, quantized, stacked, LoRA) and the same attention
+function in the same order, but rotates queries and keys in one op, takes a stacked product whole, and builds the
+mask and rotary angles once a pass.
+
+It is used only where it gives transformers' logits bit for bit: a model qualifies by its shape (a Llama-style
+decoder: embedding, layers of norm / attention / norm / gated MLP, final norm, output projection, full attention)
+and by a probe at start-up that runs one-token steps and a verifying pass both ways, left padding included, and
+compares the logits exactly. Anything else (other families, sliding windows, another attention implementation, a
+probe that differs) keeps transformers' forward. Prefill stays transformers': it runs once a request.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import torch
+from torch import nn
+
+from adapters.huggingface.engine import attention
+from adapters.huggingface.shared_input import SharedInputSlice
+from adapters.huggingface.torch_compat import has_forward_hooks
+from adapters.huggingface.transformers_compat import cache_layers, growing_cache, layer_kv
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache, PreTrainedModel
+
+log = structlog.get_logger(__name__)
+
+LAYER_PARTS = frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"})
+ATTENTION_PARTS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
+MLP_PARTS = frozenset({"gate_proj", "up_proj", "down_proj", "act_fn"})
+STACKED_PREFIX = "shared_input_"
+"""Children `stack_shared_input_linears` adds beside the layers it stacks."""
+
+ModelStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "DynamicCache"], torch.Tensor]
+"""``(ids, positions, mask, cache) -> logits`` of every new position: a decoding step or verifying pass."""
+
+
+class LeanDecoder:
+    """Decoding and verifying passes of a Llama-style model, as transformers computes them, with less overhead.
+
+    Build it with `LeanDecoder.for_model`, which returns ``None`` for a model it cannot stand in for.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model: Any = model
+        """A ``PreTrainedModel`` whose shape `unsupported` accepted (typed loosely: its parts are reached by name)."""
+        layers = self.model.model.layers
+        self.bypassed: tuple[nn.Module, ...] = (
+            model,
+            self.model.model,
+            *layers,
+            *(layer.self_attn for layer in layers),
+            *(layer.mlp for layer in layers),
+        )
+        """The modules whose own ``forward`` this decoder does the work of, instead of calling it."""
+
+    def hooked(self) -> bool:
+        """Whether a forward hook waits on a module this decoder does not call (then transformers' forward must run)."""
+        return has_forward_hooks(self.bypassed)
+
+    @classmethod
+    def for_model(cls, model: PreTrainedModel, reference: ModelStep) -> LeanDecoder | None:
+        """A decoder for ``model`` if its shape qualifies and its probe matches ``reference`` exactly, else ``None``.
+
+        ``reference``: the engine's step through transformers' forward (the probe compares against it).
+        """
+        reason = unsupported(model)
+        if reason is None:
+            decoder = cls(model)
+            try:
+                reason = probe(decoder, reference)
+            except Exception as error:  # noqa: BLE001  any failure keeps transformers' forward
+                reason = f"the probe failed: {type(error).__name__}: {error}"
+            if reason is None:
+                log.info("engine.lean_decoder.ready", layers=len(decoder.model.model.layers))
+                return decoder
+        log.info("engine.lean_decoder.unavailable", reason=reason)
+        return None
+
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """Every new position's logits, ``[rows, fed, vocab]``, as transformers' forward gives them.
+
+        ``ids``/``positions``: ``[rows, fed]``, the new tokens after ``cache``'s columns; ``mask``: ``[rows, columns
+        + fed]``, 1 on real tokens. Several new positions are a verifying pass: each attends as a one-token step at
+        its place would (`attention.one_query_at_a_time`).
+        """
+        inner = self.model.model
+        fed = ids.shape[1]
+        hidden = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(hidden, positions)
+        angles = cos.unsqueeze(2), sin.unsqueeze(2)  # [rows, fed, 1, head_dim]: broadcast over heads
+        attention_mask = step_attention_mask(mask, fed)
+        for layer, cache_layer in zip(inner.layers, cache_layers(cache), strict=True):
+            residual = hidden
+            hidden = residual + self_attention(
+                layer.self_attn, layer.input_layernorm(hidden), angles, cache_layer, attention_mask
+            )
+            residual = hidden
+            hidden = residual + feed_forward(layer.mlp, layer.post_attention_layernorm(hidden))
+        hidden = inner.norm(hidden)
+        logits: torch.Tensor = self.model.get_output_embeddings()(hidden)
+        return logits
+
+
+def self_attention(
+    module: Any,  # noqa: ANN401  a Llama-style attention module
+    hidden: torch.Tensor,
+    angles: tuple[torch.Tensor, torch.Tensor],
+    cache_layer: Any,  # noqa: ANN401  a DynamicLayer
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The attention block's output for ``hidden`` (``[rows, fed, hidden]``), its keys and values added to the cache.
+
+    ``angles``: the rotary cosines and sines, ``[rows, fed, 1, head_dim]``.
+    """
+    rows, fed, _ = hidden.shape
+    cos, sin = angles
+    head_dim = module.head_dim
+    queries_size = module.q_proj.out_features
+    keys_size = module.k_proj.out_features
+    stacked = _stacked(module.q_proj, module.k_proj, module.v_proj)
+    if stacked is not None:  # queries and keys side by side in one product: rotated together
+        product = stacked(hidden)
+        rotated = rotate(product[..., : queries_size + keys_size].view(rows, fed, -1, head_dim), cos, sin)
+        queries, keys = rotated[:, :, : queries_size // head_dim], rotated[:, :, queries_size // head_dim :]
+        values = product[..., queries_size + keys_size :].view(rows, fed, -1, head_dim)
+    else:
+        queries = rotate(module.q_proj(hidden).view(rows, fed, -1, head_dim), cos, sin)
+        keys = rotate(module.k_proj(hidden).view(rows, fed, -1, head_dim), cos, sin)
+        values = module.v_proj(hidden).view(rows, fed, -1, head_dim)
+    keys, values = cache_layer.update(keys.transpose(1, 2), values.transpose(1, 2))
+    attend = functools.partial(attention.one_query, groups=module.num_key_value_groups, scaling=module.scaling)
+    output = attention.each_query(queries.transpose(1, 2), keys, values, attention_mask, attend)
+    result: torch.Tensor = module.o_proj(output.reshape(rows, fed, -1))
+    return result
+
+
+def feed_forward(module: Any, hidden: torch.Tensor) -> torch.Tensor:  # noqa: ANN401  a Llama-style MLP
+    """``down(act(gate(hidden)) * up(hidden))``, gate and up in one product where they are stacked."""
+    stacked = _stacked(module.gate_proj, module.up_proj)
+    if stacked is not None:
+        gate, up = stacked(hidden).split((module.gate_proj.out_features, module.up_proj.out_features), dim=-1)
+    else:
+        gate, up = module.gate_proj(hidden), module.up_proj(hidden)
+    result: torch.Tensor = module.down_proj(module.act_fn(gate) * up)
+    return result
+
+
+def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``states`` (``[rows, fed, heads, head_dim]``), as transformers' Llama applies it."""
+    half = states.shape[-1] // 2
+    return states * cos + torch.cat((-states[..., half:], states[..., :half]), dim=-1) * sin
+
+
+def step_attention_mask(mask: torch.Tensor, fed: int) -> torch.Tensor | None:
+    """The boolean ``[rows, 1, fed, columns]`` mask of the new positions (causal among them), ``None`` if all attend.
+
+    A one-token step with nothing masked gets ``None``, as transformers leaves it out; `attention.per_query` drops
+    it per query position when that position sees no masked column.
+    """
+    if fed == 1 and bool(mask.all()):
+        return None
+    columns = mask.shape[1]
+    visible = mask.bool()[:, None, None, :]
+    if fed == 1:
+        return visible
+    column = torch.arange(columns, device=mask.device)
+    causal = column <= column[columns - fed :, None]  # [fed, columns]: each new position sees up to its own column
+    return visible & causal[None, None]
+
+
+def _stacked(*linears: nn.Module) -> nn.Module | None:
+    """The one product of ``linears`` when they are, in order, every part of one `SharedInput`; else ``None``."""
+    first = linears[0]
+    if not isinstance(first, SharedInputSlice):
+        return None
+    shared = first.__dict__["shared"]
+    if len(shared.sizes) != len(linears):
+        return None
+    for index, linear in enumerate(linears):
+        if not isinstance(linear, SharedInputSlice) or linear.__dict__["shared"] is not shared or linear.index != index:
+            return None
+    product: nn.Module = shared.product
+    return product
+
+
+def unsupported(model: PreTrainedModel) -> str | None:
+    """Why `LeanDecoder` cannot stand in for ``model``'s forward, or ``None`` when its shape qualifies."""
+    config = model.config
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    reason = None
+    if inner is None or not isinstance(layers, nn.ModuleList) or not len(layers):
+        reason = "not a decoder with model.layers"
+    elif not all(hasattr(inner, part) for part in ("embed_tokens", "norm", "rotary_emb")):
+        reason = "no embed_tokens, norm or rotary_emb"
+    elif getattr(config, "_attn_implementation", None) != "sdpa":
+        reason = f"attention is {getattr(config, '_attn_implementation', None)!r}, not sdpa"
+    elif getattr(config, "sliding_window", None) is not None or any(
+        kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()
+    ):
+        reason = "sliding-window attention"
+    else:
+        reason = next(filter(None, map(_unsupported_layer, layers)), None)
+    return reason
+
+
+def _unsupported_layer(layer: nn.Module) -> str | None:
+    """Why ``layer`` is not a Llama-style decoder layer, or ``None``."""
+    found = {
+        "layer": set(dict(layer.named_children())),
+        "attention": set(dict(getattr(layer, "self_attn", nn.Module()).named_children())),
+        "mlp": set(dict(getattr(layer, "mlp", nn.Module()).named_children())),
+    }
+    expected = {"layer": LAYER_PARTS, "attention": ATTENTION_PARTS, "mlp": MLP_PARTS}
+    for part, names in found.items():
+        extra = {name for name in names - expected[part] if not name.startswith(STACKED_PREFIX)}
+        if extra or not expected[part] <= names:
+            return f"{type(layer).__name__}'s {part} has {sorted(names)}"
+    return None
+
+
+PROBE_ROWS = 2
+PROBE_PROMPT = 5
+
+
+def probe(decoder: LeanDecoder, reference: ModelStep) -> str | None:
+    """Run one-token steps and a verifying pass through ``decoder`` and ``reference``; why they differ, or ``None``.
+
+    Two rows, the first left-padded, so both the masked and the unmasked attention paths run; the verifying pass
+    only where transformers' attention goes one query at a time (`attention.installed`), as the engine's do.
+    """
+    model = decoder.model
+    device = model.device
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(0, vocab, (PROBE_ROWS, PROBE_PROMPT + 4), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        cache = growing_cache(model.config)
+        reference(ids[:, :PROBE_PROMPT], positions[:, :PROBE_PROMPT], mask[:, :PROBE_PROMPT], cache)
+        theirs, mine = cache, copy.deepcopy(cache)
+        passes = [(PROBE_PROMPT, 1), (PROBE_PROMPT + 1, 1)]
+        if attention.installed():
+            passes.append((PROBE_PROMPT + 2, 2))
+        for start, fed in passes:
+            end = start + fed
+            arguments = (ids[:, start:end], positions[:, start:end], mask[:, :end])
+            expected, actual = reference(*arguments, theirs), decoder(*arguments, mine)
+            if not torch.equal(expected, actual):
+                difference = float((expected - actual).abs().max())
+                return f"its logits differ from transformers' by up to {difference:.3g} ({fed} new positions)"
+        if any(
+            not torch.equal(layer_kv(a)[0], layer_kv(b)[0])
+            for a, b in zip(cache_layers(theirs), cache_layers(mine), strict=True)
+        ):
+            return "its cached keys differ from transformers'"
+    return None
+
+
+__all__ = ["LeanDecoder", "ModelStep", "probe", "rotate", "step_attention_mask", "unsupported"]

@@ -1,0 +1,181 @@
+"""The engine's lean decoding pass: transformers' logits bit for bit where it runs, transformers' forward elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+from adapters.huggingface.engine import BatchingGenerator, Speculation, attention
+from adapters.huggingface.engine.decoder import LeanDecoder, step_attention_mask
+from adapters.huggingface.engine.forward import Forward
+from adapters.huggingface.generator import HuggingFaceGenerator
+from adapters.huggingface.loading import load_model
+from adapters.huggingface.quantization import kernel_works
+from adapters.huggingface.transformers_compat import growing_cache
+from tests.test_huggingface_generator import ForwardCounter, collect, greedy, tokens_of
+from tests.tiny_model import build_tiny_model
+
+
+class CountingDecoder:
+    """Stands in for an engine's `LeanDecoder`, counting the rows of each pass it runs."""
+
+    def __init__(self, decoder: LeanDecoder) -> None:
+        self.decoder = decoder
+        self.rows: list[int] = []
+
+    def hooked(self) -> bool:
+        return self.decoder.hooked()
+
+    def __call__(self, ids: torch.Tensor, *args: object) -> torch.Tensor:
+        self.rows.append(ids.shape[0])
+        return self.decoder(ids, *args)  # type: ignore[arg-type]
+
+
+def counted(generator: BatchingGenerator) -> CountingDecoder:
+    """Count the passes ``generator``'s engine runs through its lean decoder (which it must have)."""
+    forward = generator._engine.forward
+    assert forward.decoder is not None, "the model did not get a lean decoder"
+    counter = CountingDecoder(forward.decoder)
+    forward.decoder = counter  # type: ignore[assignment]
+    return counter
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """SmolLM2's head size (64), so that attention takes the kernels the served model takes."""
+    return build_tiny_model(tmp_path_factory.mktemp("lean") / "tiny", hidden_size=256)
+
+
+SCHEMES = [
+    "none",
+    pytest.param("int8", marks=pytest.mark.skipif(not kernel_works("int8"), reason="no int8 CPU kernel")),
+    pytest.param("int4", marks=pytest.mark.skipif(not kernel_works("int4"), reason="no int4 CPU kernel")),
+]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_steps_and_verifying_passes_give_transformers_logits_bit_for_bit(tiny_dir, scheme):
+    """Left-padded rows, one-token steps and a verifying pass, on prepacked float32, int8 and int4 weights."""
+    model = load_model(str(tiny_dir), device="cpu", quantize=scheme).model
+    attention.install()
+    forward = Forward(model)
+    decoder = LeanDecoder.for_model(model, forward.model_step)
+    assert decoder is not None
+    ids = torch.randint(3, 390, (3, 30), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    mask[2, :3] = 0
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        theirs = growing_cache(model.config)
+        forward.model_pass(ids[:, :20], positions[:, :20], mask[:, :20], theirs, keep=1)
+        mine = copy.deepcopy(theirs)
+        for start, fed in ((20, 1), (21, 1), (22, 4), (26, 1), (27, 3)):
+            end = start + fed
+            arguments = (ids[:, start:end], positions[:, start:end], mask[:, :end])
+            expected = forward.model_step(*arguments, theirs)
+            actual = decoder(*arguments, mine)
+            assert actual.shape == (3, fed, model.config.vocab_size)
+            assert torch.equal(actual, expected), (start, fed)
+
+
+def test_the_mask_of_a_verifying_pass_is_causal_among_the_new_positions():
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert step_attention_mask(mask[1:, :4], 1) is None
+    assert step_attention_mask(mask[:1, :4], 1).tolist() == [[[[False, True, True, True]]]]
+    expected = [
+        [[[False, True, True, False, False], [False, True, True, True, False], [False, True, True, True, True]]],
+        [[[True, True, True, False, False], [True, True, True, True, False], [True, True, True, True, True]]],
+    ]
+    assert step_attention_mask(mask, 3).tolist() == expected
+
+
+def test_the_engine_decodes_through_it_as_the_plain_generator(tiny_dir):
+    """Concurrent greedy and seeded requests, with drafts, each as the plain generator decodes it alone."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    reference = HuggingFaceGenerator(copy.deepcopy(model), tokenizer, model_id="tiny")
+    generator = BatchingGenerator(
+        HuggingFaceGenerator(model, tokenizer, model_id="tiny"), speculation=Speculation(tokens=3)
+    )
+    try:
+        counter = counted(generator)
+        texts = ("The cat eats an apple. The cat eats an apple. The cat", "Hello, world!", "she")
+        prompts = [generator.encode(text, add_special_tokens=True) for text in texts]
+        params = [greedy(max_new_tokens=16), greedy(max_new_tokens=9), greedy(max_new_tokens=12)]
+        expected = [tokens_of(collect(reference, p, q)) for p, q in zip(prompts, params, strict=True)]
+
+        async def together() -> list[list[int]]:
+            async def one(prompt: list[int], param) -> list[int]:
+                return [t async for step in generator.generate(prompt, param) for t in step.token_ids]
+
+            return list(await asyncio.gather(*(one(p, q) for p, q in zip(prompts, params, strict=True))))
+
+        assert asyncio.run(together()) == expected
+        assert max(counter.rows) == 3  # the rows decoded together, through the lean decoder
+        assert generator.drafts.proposed > 0  # and it ran verifying passes
+    finally:
+        generator.close()
+        reference.close()
+
+
+def test_a_hooked_model_decodes_through_its_own_forward(tiny_dir):
+    """Forward hooks on the model see every step, as they would without the lean decoder."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    generator = BatchingGenerator(HuggingFaceGenerator(model, AutoTokenizer.from_pretrained(tiny_dir), model_id="t"))
+    try:
+        counter = counted(generator)
+        prompt = generator.encode("Hello, world!", add_special_tokens=True)
+        unhooked = tokens_of(collect(generator, prompt, greedy(max_new_tokens=6)))
+        assert counter.rows == [1] * 5  # the first token comes from the prefill
+        hook = ForwardCounter()
+        with hook.attached(model):
+            hooked = tokens_of(collect(generator, prompt, greedy(max_new_tokens=6)))
+        assert hooked == unhooked
+        assert counter.rows == [1] * 5  # no more lean passes
+        assert hook.lengths[1:] == [1] * 5  # the hook saw each step
+    finally:
+        generator.close()
+
+
+def test_a_model_of_another_shape_keeps_transformers_forward(tiny_dir):
+    """Qwen3 normalises its queries and keys: the lean decoder refuses it, and the engine still decodes."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    config = Qwen3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).eval()
+    reference = HuggingFaceGenerator(copy.deepcopy(model), tokenizer, model_id="qwen3")
+    generator = BatchingGenerator(HuggingFaceGenerator(model, tokenizer, model_id="qwen3"))
+    try:
+        assert generator._engine.forward.decoder is None
+        prompt = generator.encode("The cat eats", add_special_tokens=True)
+        expected = tokens_of(collect(reference, prompt, greedy(max_new_tokens=6)))
+        assert tokens_of(collect(generator, prompt, greedy(max_new_tokens=6))) == expected
+    finally:
+        generator.close()
+        reference.close()
+
+
+def test_a_probe_that_differs_keeps_transformers_forward(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    forward = Forward(model)
+
+    def off_by_a_little(*arguments: torch.Tensor) -> torch.Tensor:
+        return forward.model_step(*arguments) * (1 + 1e-6)  # type: ignore[arg-type]
+
+    assert LeanDecoder.for_model(model, forward.model_step) is not None
+    assert LeanDecoder.for_model(model, off_by_a_little) is None
