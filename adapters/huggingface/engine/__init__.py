@@ -12,7 +12,9 @@ built with transformers' own machinery, so a request decodes as it would alone t
 - `prefill`: grouping prompts, the cached/computed column layout, remembering prompt blocks;
 - `kv_batch`: the running rows' left-padded cache, which rows join and leave;
 - `forward`: one forward pass, with the thread tuner;
-- `speculative`: prompt-lookup drafts, checked in the decoding step, and their counts.
+- `decoder`: the lean decoding pass, transformers' logits bit for bit with fewer ops, for Llama-style models;
+- `speculative`: prompt-lookup drafts, checked in the decoding step, and their counts;
+- `attention`: a verifying pass's attention, one query position at a time.
 """
 
 from __future__ import annotations
