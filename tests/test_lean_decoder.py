@@ -8,9 +8,10 @@ import copy
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from adapters.huggingface.engine import BatchingGenerator, Speculation, attention
-from adapters.huggingface.engine.decoder import LeanDecoder, step_attention_mask
+from adapters.huggingface.engine.decoder import LeanDecoder, rotate, signed_sines, step_attention_mask
 from adapters.huggingface.engine.forward import Forward
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.loading import load_model
@@ -81,6 +82,21 @@ def test_steps_and_verifying_passes_give_transformers_logits_bit_for_bit(tiny_di
             actual = decoder(*arguments, mine)
             assert actual.shape == (3, fed, model.config.vocab_size)
             assert torch.equal(actual, expected), (start, fed)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_rotation_gives_transformers_rotary_embedding_bit_for_bit(head_dim):
+    generator = torch.Generator().manual_seed(head_dim)
+    queries, keys = (
+        torch.randn(3, 2, 6, head_dim, generator=generator),
+        torch.randn(3, 2, 2, head_dim, generator=generator),
+    )
+    cos, sin = torch.randn(3, 2, head_dim, generator=generator), torch.randn(3, 2, head_dim, generator=generator)
+    expected = apply_rotary_pos_emb(queries.transpose(1, 2), keys.transpose(1, 2), cos, sin)  # [rows, heads, fed, dim]
+    signed = signed_sines(sin).unsqueeze(2)
+    actual = (rotate(queries, cos.unsqueeze(2), signed), rotate(keys, cos.unsqueeze(2), signed))
+    for mine, theirs in zip(actual, expected, strict=True):
+        assert torch.equal(mine.transpose(1, 2), theirs)
 
 
 def test_the_mask_of_a_verifying_pass_is_causal_among_the_new_positions():

@@ -101,7 +101,7 @@ class LeanDecoder:
         fed = ids.shape[1]
         hidden = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(hidden, positions)
-        angles = cos.unsqueeze(2), sin.unsqueeze(2)  # [rows, fed, 1, head_dim]: broadcast over heads
+        angles = cos.unsqueeze(2), signed_sines(sin).unsqueeze(2)  # [rows, fed, 1, head_dim]: broadcast over heads
         attention_mask = step_attention_mask(mask, fed)
         for layer, cache_layer in zip(inner.layers, cache_layers(cache), strict=True):
             residual = hidden
@@ -124,7 +124,7 @@ def self_attention(
 ) -> torch.Tensor:
     """The attention block's output for ``hidden`` (``[rows, fed, hidden]``), its keys and values added to the cache.
 
-    ``angles``: the rotary cosines and sines, ``[rows, fed, 1, head_dim]``.
+    ``angles``: the rotary cosines and `signed_sines`, ``[rows, fed, 1, head_dim]``.
     """
     rows, fed, _ = hidden.shape
     cos, sin = angles
@@ -159,10 +159,19 @@ def feed_forward(module: Any, hidden: torch.Tensor) -> torch.Tensor:  # noqa: AN
     return result
 
 
-def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of ``states`` (``[rows, fed, heads, head_dim]``), as transformers' Llama applies it."""
-    half = states.shape[-1] // 2
-    return states * cos + torch.cat((-states[..., half:], states[..., :half]), dim=-1) * sin
+def rotate(states: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``states`` (``[rows, fed, heads, head_dim]``), as transformers' Llama applies it.
+
+    Transformers computes ``states * cos + cat(-second_half, first_half) * sin``; here the halves swap in one op and
+    the sign rides on the sines (`signed_sines`), which gives the same bits: negating is exact, in either factor.
+    """
+    return states * cos + states.roll(states.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def signed_sines(sin: torch.Tensor) -> torch.Tensor:
+    """The rotary sines with their first half negated, for `rotate` (computed once a pass, not once a layer)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def step_attention_mask(mask: torch.Tensor, fed: int) -> torch.Tensor | None:
@@ -273,4 +282,4 @@ def probe(decoder: LeanDecoder, reference: ModelStep) -> str | None:
     return None
 
 
-__all__ = ["LeanDecoder", "ModelStep", "probe", "rotate", "step_attention_mask", "unsupported"]
+__all__ = ["LeanDecoder", "ModelStep", "probe", "rotate", "signed_sines", "step_attention_mask", "unsupported"]
