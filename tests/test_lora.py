@@ -7,6 +7,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -69,28 +70,38 @@ async def collect(generator, prompt_ids: list[int], params: GenerationParams) ->
     return tokens
 
 
-def test_base_and_two_adapters_in_one_batch_equal_each_alone_and_peft(models: dict[str, Path]) -> None:
+@contextlib.contextmanager
+def base_and_two_adapters(models: dict[str, Path]) -> Iterator[tuple[Any, list[Any]]]:
+    """Alpha served with pirate and poet attached: its generator, and the base's, pirate's and poet's."""
     services = load_services(ServerSettings(model=str(models["alpha"]), device="cpu"))
     try:
         assert services.adapters is not None
         assert services.generator is not None
         for name in ("pirate", "poet"):
             services.adapters.attach(f"{name}#0", _read(models[name]))
-        base = services.generator
-        generators = [base, AdapterGenerator(base, "pirate#0", "pirate"), AdapterGenerator(base, "poet#0", "poet")]  # type: ignore[arg-type]
+        base: Any = services.generator
+        yield base, [base, AdapterGenerator(base, "pirate#0", "pirate"), AdapterGenerator(base, "poet#0", "poet")]
+    finally:
+        services.close()
+
+
+def decode_together(generators: list[Any], prompts: list[list[int]]) -> list[list[int]]:
+    """Each generator's greedy tokens for its prompt, all at once."""
+
+    async def together() -> list[list[int]]:
+        return list(await asyncio.gather(*(collect(g, p, greedy()) for g, p in zip(generators, prompts, strict=True))))
+
+    return asyncio.run(together())
+
+
+def test_base_and_two_adapters_in_one_batch_equal_each_alone_and_peft(models: dict[str, Path]) -> None:
+    with base_and_two_adapters(models) as (base, generators):
         prompts = [base.encode(text, add_special_tokens=True) for text in PROMPTS]
         batch_sizes: list[int] = []
-        model = services.generator.model  # type: ignore[attr-defined]
-        hook = model.register_forward_pre_hook(
+        hook = base.model.register_forward_pre_hook(
             lambda _m, _a, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
         )
-
-        async def together() -> list[list[int]]:
-            return list(
-                await asyncio.gather(*(collect(g, p, greedy()) for g, p in zip(generators, prompts, strict=True)))
-            )
-
-        batched = asyncio.run(together())
+        batched = decode_together(generators, prompts)
         hook.remove()
         alone = [asyncio.run(collect(g, p, greedy())) for g, p in zip(generators, prompts, strict=True)]
         assert max(batch_sizes) == 3  # the three rows did decode together
@@ -98,34 +109,17 @@ def test_base_and_two_adapters_in_one_batch_equal_each_alone_and_peft(models: di
         assert len({tuple(tokens) for tokens in alone[:1]} | {tuple(alone[1]), tuple(alone[2])}) == 3
         for adapter, prompt, tokens in zip((None, "pirate", "poet"), prompts, alone, strict=True):
             assert tokens == peft_reference(models, adapter, prompt, len(tokens))
-    finally:
-        services.close()
 
 
 def test_adapters_in_one_batch_decode_through_the_lean_decoder_as_peft(models: dict[str, Path]) -> None:
     """The engine's lean pass (no hook on the model) applies each row's adapter, stacked projections or not."""
-    services = load_services(ServerSettings(model=str(models["alpha"]), device="cpu"))
-    try:
-        assert services.adapters is not None
-        assert services.generator is not None
-        for name in ("pirate", "poet"):
-            services.adapters.attach(f"{name}#0", _read(models[name]))
-        base = services.generator
-        counter = counted(base)  # type: ignore[arg-type]
-        generators = [base, AdapterGenerator(base, "pirate#0", "pirate"), AdapterGenerator(base, "poet#0", "poet")]  # type: ignore[arg-type]
+    with base_and_two_adapters(models) as (base, generators):
+        counter = counted(base)
         prompts = [base.encode(text, add_special_tokens=True) for text in PROMPTS]
-
-        async def together() -> list[list[int]]:
-            return list(
-                await asyncio.gather(*(collect(g, p, greedy()) for g, p in zip(generators, prompts, strict=True)))
-            )
-
-        batched = asyncio.run(together())
+        batched = decode_together(generators, prompts)
         assert max(counter.rows) == 3
         for adapter, prompt, tokens in zip((None, "pirate", "poet"), prompts, batched, strict=True):
             assert tokens == peft_reference(models, adapter, prompt, len(tokens))
-    finally:
-        services.close()
 
 
 def _read(path: Path) -> AdapterFiles:

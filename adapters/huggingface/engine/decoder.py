@@ -2,11 +2,11 @@
 
 A decoding step of a small model on a CPU is mostly overhead: transformers' forward builds a causal mask, runs
 output-capturing hooks and keyword plumbing, and each decoder layer rotates its queries and keys apart, asks its
-stacked projections for their parts one by one and goes through the attention registry. For SmolLM2-135M at batch 1
-(2-core Xeon, int8) that was about 5 of a step's 20 ms beyond the ops that compute anything. `LeanDecoder` runs the
+stacked projections for their parts one by one and goes through the attention registry. `LeanDecoder` runs the
 same modules (norms, linear layers, whatever wraps them: packed, quantized, stacked, LoRA) and the same attention
-function in the same order, but rotates queries and keys in one op, takes a stacked product whole, and builds the
-mask and rotary angles once a pass.
+kernels in the same order, but rotates queries and keys in one op, takes a stacked product whole, and builds the
+mask and rotary angles once a pass. A step of SmolLM2-135M at batch 1 on a 2-core Xeon took 16.8 ms against
+transformers' 19.9 in int8, 34.5 against 37.8 in float32 (README, "A lean decoding pass").
 
 It is used only where it gives transformers' logits bit for bit: a model qualifies by its shape (a Llama-style
 decoder: embedding, layers of norm / attention / norm / gated MLP, final norm, output projection, full attention)
