@@ -7,7 +7,14 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GraniteConfig,
+    GraniteForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from adapters.huggingface.engine import BatchingGenerator, Speculation, attention
@@ -184,6 +191,30 @@ def test_a_model_of_another_shape_keeps_transformers_forward(tiny_dir):
     finally:
         generator.close()
         reference.close()
+
+
+@pytest.mark.parametrize(
+    ("multipliers", "lean"),
+    [({}, True), ({"attention_multiplier": 0.015625}, True), ({"residual_multiplier": 0.22}, False)],
+)
+def test_the_probe_catches_what_the_shape_does_not_show(multipliers, lean):
+    """Granite has Llama's shape; its attention multiplier is the attention's own scaling (which the lean pass
+    reads), but its residual multiplier scales each block's output in a forward the lean pass does not run."""
+    config = GraniteConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **multipliers,
+    )
+    torch.manual_seed(0)
+    model = GraniteForCausalLM(config).eval()
+    assert (LeanDecoder.for_model(model, Forward(model).model_step) is not None) is lean
 
 
 def test_a_probe_that_differs_keeps_transformers_forward(tiny_dir):
