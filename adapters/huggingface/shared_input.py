@@ -93,6 +93,23 @@ class SharedInputSlice(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, shared input"
 
 
+def stacked_product(*linears: nn.Module) -> nn.Module | None:
+    """The one product of ``linears`` when they are, in order, every slice of one `SharedInput`; else ``None``.
+
+    For callers that want every slice's output at once (the engine's lean decoding pass): one call, no hand-out.
+    """
+    first = linears[0]
+    if not isinstance(first, SharedInputSlice):
+        return None
+    shared: SharedInput = first.__dict__["shared"]
+    if len(shared.sizes) != len(linears):
+        return None
+    for index, linear in enumerate(linears):
+        if not isinstance(linear, SharedInputSlice) or linear.__dict__["shared"] is not shared or linear.index != index:
+            return None
+    return shared.product
+
+
 def stack_shared_input_linears(model: nn.Module, probe_ids: torch.Tensor) -> int:
     """Stack the linear layers of ``model`` that read the same input; return how many layers were stacked.
 
@@ -195,4 +212,4 @@ def _logits(model: nn.Module, probe_ids: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
-__all__ = ["SharedInput", "SharedInputSlice", "stack_shared_input_linears"]
+__all__ = ["SharedInput", "SharedInputSlice", "stack_shared_input_linears", "stacked_product"]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from adapters.huggingface.engine import attention
-from adapters.huggingface.shared_input import SharedInputSlice
+from adapters.huggingface.shared_input import stacked_product
 from adapters.huggingface.torch_compat import has_forward_hooks
 from adapters.huggingface.transformers_compat import cache_layers, growing_cache, layer_kv
 
@@ -131,7 +131,7 @@ def self_attention(
     head_dim = module.head_dim
     queries_size = module.q_proj.out_features
     keys_size = module.k_proj.out_features
-    stacked = _stacked(module.q_proj, module.k_proj, module.v_proj)
+    stacked = stacked_product(module.q_proj, module.k_proj, module.v_proj)
     if stacked is not None:  # queries and keys side by side in one product: rotated together
         product = stacked(hidden)
         rotated = rotate(product[..., : queries_size + keys_size].view(rows, fed, -1, head_dim), cos, sin)
@@ -150,7 +150,7 @@ def self_attention(
 
 def feed_forward(module: Any, hidden: torch.Tensor) -> torch.Tensor:  # noqa: ANN401  a Llama-style MLP
     """``down(act(gate(hidden)) * up(hidden))``, gate and up in one product where they are stacked."""
-    stacked = _stacked(module.gate_proj, module.up_proj)
+    stacked = stacked_product(module.gate_proj, module.up_proj)
     if stacked is not None:
         gate, up = stacked(hidden).split((module.gate_proj.out_features, module.up_proj.out_features), dim=-1)
     else:
@@ -189,21 +189,6 @@ def step_attention_mask(mask: torch.Tensor, fed: int) -> torch.Tensor | None:
     column = torch.arange(columns, device=mask.device)
     causal = column <= column[columns - fed :, None]  # [fed, columns]: each new position sees up to its own column
     return visible & causal[None, None]
-
-
-def _stacked(*linears: nn.Module) -> nn.Module | None:
-    """The one product of ``linears`` when they are, in order, every part of one `SharedInput`; else ``None``."""
-    first = linears[0]
-    if not isinstance(first, SharedInputSlice):
-        return None
-    shared = first.__dict__["shared"]
-    if len(shared.sizes) != len(linears):
-        return None
-    for index, linear in enumerate(linears):
-        if not isinstance(linear, SharedInputSlice) or linear.__dict__["shared"] is not shared or linear.index != index:
-            return None
-    product: nn.Module = shared.product
-    return product
 
 
 def unsupported(model: PreTrainedModel) -> str | None:
