@@ -58,6 +58,15 @@ def tiny_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("lean") / "tiny", hidden_size=256)
 
 
+TINY_LAYERS = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+"""The sizes of the other families' tiny models built here."""
+
 SCHEMES = [
     "none",
     pytest.param("int8", marks=pytest.mark.skipif(not kernel_works("int8"), reason="no int8 CPU kernel")),
@@ -169,11 +178,7 @@ def test_a_model_of_another_shape_keeps_transformers_forward(tiny_dir):
     """Qwen3 normalises its queries and keys: the lean decoder refuses it, and the engine still decodes."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     config = Qwen3Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_LAYERS,
         head_dim=16,
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
@@ -201,11 +206,7 @@ def test_the_probe_catches_what_the_shape_does_not_show(multipliers, lean):
     """Granite has Llama's shape; its attention multiplier is the attention's own scaling (which the lean pass
     reads), but its residual multiplier scales each block's output in a forward the lean pass does not run."""
     config = GraniteConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_LAYERS,
         vocab_size=300,
         pad_token_id=0,
         bos_token_id=1,

@@ -95,7 +95,7 @@ class LeanDecoder:
 
         ``ids``/``positions``: ``[rows, fed]``, the new tokens after ``cache``'s columns; ``mask``: ``[rows, columns
         + fed]``, 1 on real tokens. Several new positions are a verifying pass: each attends as a one-token step at
-        its place would (`attention.one_query_at_a_time`).
+        its place would (`attention.each_query`).
         """
         inner = self.model.model
         fed = ids.shape[1]
@@ -177,7 +177,7 @@ def signed_sines(sin: torch.Tensor) -> torch.Tensor:
 def step_attention_mask(mask: torch.Tensor, fed: int) -> torch.Tensor | None:
     """The boolean ``[rows, 1, fed, columns]`` mask of the new positions (causal among them), ``None`` if all attend.
 
-    A one-token step with nothing masked gets ``None``, as transformers leaves it out; `attention.per_query` drops
+    A one-token step with nothing masked gets ``None``, as transformers leaves it out; `attention.each_query` drops
     it per query position when that position sees no masked column.
     """
     if fed == 1 and bool(mask.all()):
