@@ -313,8 +313,10 @@ def _without_ids(line: str) -> str:
 )
 def test_a_verifying_pass_gives_each_position_the_logits_of_a_one_token_step(tmp_path, scheme):
     """Bit for bit, prepacked float32, int8 or int4. Heads of 64 dimensions, as SmolLM2's: with those, one attention
-    call over all the new positions rounds otherwise (and an int8 step can turn that into another token)."""
-    model = load_model(str(build_tiny_model(tmp_path / "tiny", hidden_size=256)), device="cpu", quantize=scheme).model
+    call over all the new positions rounds otherwise (and an int8 step can turn that into another token). SmolLM2's
+    MLP width too: oneDNN multiplies one row of more than 1024 inputs otherwise than several (see `PackedLinear`)."""
+    directory = build_tiny_model(tmp_path / "tiny", hidden_size=256, intermediate_size=1536)
+    model = load_model(str(directory), device="cpu", quantize=scheme).model
     attention.install()
     prompt = torch.randint(3, 390, (1, 40), generator=torch.Generator().manual_seed(1))
     fed = [7, 300, 12, 250, 3]

@@ -50,6 +50,20 @@ def test_greedy_generation_is_token_for_token_the_same(model_dir):
     assert actual.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("in_features", [64, 576, 1536, 2048])
+def test_a_row_is_multiplied_the_same_alone_and_among_others(in_features):
+    """Bit for bit: a decoding step at batch 1 multiplies one row, a verifying pass or a batch several. (oneDNN takes
+    another path for one row of more than 1024 inputs on some CPUs, which `PackedLinear` steps around.)"""
+    layer = PackedLinear(nn.Linear(in_features, 96), keep_weight=False)
+    inputs = torch.randn(6, 1, in_features, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        together = layer(inputs)
+        for count in (1, 2, 3):
+            assert torch.equal(layer(inputs[:count]), together[:count]), count
+        assert torch.equal(layer(inputs[0, 0]), together[0, 0])  # one row without leading dimensions
+    assert layer(inputs[:1]).shape == (1, 1, 96)
+
+
 def test_unshared_weights_are_released_and_a_tied_one_is_kept():
     model = tied_tiny_llama(100)
     assert model.lm_head.weight is model.model.embed_tokens.weight

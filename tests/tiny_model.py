@@ -97,9 +97,17 @@ def tied_tiny_llama(vocab_size: int, *, seed: int = 0) -> LlamaForCausalLM:
 
 
 def build_tiny_model(
-    directory: Path, *, vocab_size: int = 400, seed: int = 0, context_length: int = 256, hidden_size: int = 32
+    directory: Path,
+    *,
+    vocab_size: int = 400,
+    seed: int = 0,
+    context_length: int = 256,
+    hidden_size: int = 32,
+    intermediate_size: int | None = None,
 ) -> Path:
     """Save a tiny random ``LlamaForCausalLM`` and its tokenizer into ``directory``; return ``directory``.
+
+    ``intermediate_size``: the MLP's width (twice ``hidden_size`` by default).
 
     Loadable with ``AutoModelForCausalLM.from_pretrained(directory)`` and ``AutoTokenizer.from_pretrained(directory)``.
     The weights are random (seeded), so output is gibberish but deterministic.
@@ -109,7 +117,7 @@ def build_tiny_model(
     tokenizer.model_max_length = context_length
     config = LlamaConfig(
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

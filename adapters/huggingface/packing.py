@@ -48,15 +48,34 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias
         self.weight: torch.Tensor = linear.weight if keep_weight else torch.empty_like(weight, device="meta")
         """The original weight when another module shares it; else only its shape and dtype (on ``meta``)."""
+        self.one_row_as_two = one_row_rounds_otherwise(self.packed, self.in_features, weight.dtype)
+        """Whether a single row is multiplied as the first of two, so that it rounds as it does among others."""
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """``inputs @ weight.T + bias``."""
+        """``inputs @ weight.T + bias``; a row's product is the same alone as among other rows."""
         bias = None if self.bias is None else self.bias.detach()
+        if self.one_row_as_two and inputs.numel() == self.in_features:
+            row = inputs.reshape(1, self.in_features)
+            outputs = linear_pointwise(torch.cat((row, row)), self.packed, bias)[:1]
+            return outputs.reshape(*inputs.shape[:-1], self.out_features)
         return linear_pointwise(inputs, self.packed, bias)
 
     def extra_repr(self) -> str:
         """As ``nn.Linear`` shows itself."""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def one_row_rounds_otherwise(packed: torch.Tensor, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether oneDNN multiplies a single row of inputs otherwise than the same row among others (a probe).
+
+    It takes another kernel path for one row: on a Xeon with AVX-512, one with more than 1024 inputs (SmolLM2's
+    ``down_proj``, 1536) came out different in the last bits, while two or more rows agreed with each other. A
+    decoding step at batch 1 multiplies one row; the verifying pass of speculative decoding and a batched step
+    multiply several, and must give a row the same logits.
+    """
+    rows = torch.randn(2, in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        return not torch.equal(linear_pointwise(rows[:1], packed, None), linear_pointwise(rows, packed, None)[:1])
 
 
 def packing_supported(dtype: torch.dtype) -> bool:
@@ -127,4 +146,10 @@ def _all_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for module in model.modules() for p in module.parameters(recurse=False)]
 
 
-__all__ = ["PackedLinear", "pack_linear_layers", "packing_supported", "relative_difference"]
+__all__ = [
+    "PackedLinear",
+    "one_row_rounds_otherwise",
+    "pack_linear_layers",
+    "packing_supported",
+    "relative_difference",
+]
