@@ -100,6 +100,44 @@ def test_steps_and_verifying_passes_give_transformers_logits_bit_for_bit(tiny_di
             assert torch.equal(actual, expected), (start, fed)
 
 
+class Doubled(torch.nn.Module):
+    """Wraps a layer and doubles its output, as a LoRA wrapper changes what a layer gives (and, as that wrapper
+    does, passes reads of the layer's attributes on)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.out_features = inner.out_features
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.inner(inputs) * 2
+
+
+@pytest.mark.parametrize("part", ["o_proj", "down_proj", "k_proj"])
+def test_a_layer_replaced_after_the_first_pass_is_the_one_the_next_pass_calls(tiny_dir, part):
+    """The decoder looks its modules up once, and again after any module is set (LoRA wraps layers at run time)."""
+    model = load_model(str(tiny_dir), device="cpu").model
+    attention.install()
+    forward = Forward(model)
+    decoder = LeanDecoder.for_model(model, forward.model_step)
+    assert decoder is not None
+    ids = torch.randint(3, 390, (2, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    positions = torch.arange(12).expand(2, -1)
+    with torch.inference_mode():
+        theirs = growing_cache(model.config)
+        forward.model_pass(ids[:, :10], positions[:, :10], mask[:, :10], theirs, keep=1)
+        mine = copy.deepcopy(theirs)
+        arguments = (ids[:, 10:11], positions[:, 10:11], mask[:, :11])
+        before = decoder(*arguments, copy.deepcopy(mine))
+        parent = model.model.layers[1].mlp if part == "down_proj" else model.model.layers[1].self_attn
+        setattr(parent, part, Doubled(getattr(parent, part)))
+        expected = forward.model_step(*arguments, theirs)
+        actual = decoder(*arguments, mine)
+    assert not torch.equal(actual, before)
+    assert torch.equal(actual, expected)
+
+
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_rotation_gives_transformers_rotary_embedding_bit_for_bit(head_dim):
     generator = torch.Generator().manual_seed(head_dim)
