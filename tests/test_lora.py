@@ -15,7 +15,8 @@ from litestar.testing import TestClient
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from adapters.huggingface.lora import AdapterFiles, AdapterGenerator
+from adapters.huggingface.lora import AdapterFiles, AdapterGenerator, LoraWeights
+from adapters.huggingface.packing import PackedLinear, packing_supported
 from domain.generation import GenerationParams
 from entrypoints.bootstrap import load_services
 from entrypoints.http.app import create_app
@@ -120,6 +121,24 @@ def test_adapters_in_one_batch_decode_through_the_lean_decoder_as_peft(models: d
         assert max(counter.rows) == 3
         for adapter, prompt, tokens in zip((None, "pirate", "poet"), prompts, batched, strict=True):
             assert tokens == peft_reference(models, adapter, prompt, len(tokens))
+
+
+@pytest.mark.skipif(not packing_supported(torch.float32), reason="oneDNN is not available here")
+def test_on_a_packed_layer_a_rows_delta_is_the_same_alone_and_among_other_rows() -> None:
+    """Bit for bit, as the packed layer's own product: speculation's verifying pass and a batch then give a row the
+    logits of its one-token step alone (MKL's products round one to eight rows otherwise)."""
+    generator = torch.Generator().manual_seed(5)
+    a, b = torch.randn(8, 1536, generator=generator), torch.randn(96, 8, generator=generator)
+    weights = LoraWeights(a, b, 0.5).packed_for(PackedLinear(torch.nn.Linear(1536, 96), keep_weight=False))
+    assert weights.packed is not None
+    inputs = torch.randn(6, 1, 1536, generator=generator)
+    with torch.inference_mode():
+        together = weights.delta(inputs)
+        for count in (1, 2, 3):
+            assert torch.equal(weights.delta(inputs[:count]), together[:count]), count
+        expected = torch.nn.functional.linear(torch.nn.functional.linear(inputs, a), b) * 0.5
+    assert torch.allclose(together, expected, rtol=1e-4, atol=1e-4)
+    assert LoraWeights(a, b, 0.5).packed_for(torch.nn.Linear(1536, 96)).packed is None  # unpacked base: as PEFT
 
 
 def _read(path: Path) -> AdapterFiles:
