@@ -221,20 +221,22 @@ class ModelRegistry:
         try:
             services = await asyncio.to_thread(self.loader, entry.settings)
         except Exception as error:
+            entry.loading = None
             entry.failure = f"the model {entry.name} failed to load: {error}"
             log.exception("model.load.failed", model=entry.name)
             if entry.pinned and self.on_failure is not None:
                 self.on_failure(error)
             raise ModelNotReadyError(entry.failure) from error
+        try:  # before the services are published: a request for an adapter must never find it half attached
+            await self._attach_adapters(entry, services)
         finally:
             entry.loading = None
-        entry.failure, entry.services = None, services
+            entry.failure, entry.services = None, services
         entry.memory_bytes = services.memory_bytes or entry.memory_bytes
         entry.last_used = time.monotonic()
         seconds = time.perf_counter() - started
         self.on_loaded(entry.name, seconds)
         log.info("model.ready", model=entry.name, seconds=round(seconds, 2), memory_mib=entry.memory_bytes // 2**20)
-        await self._attach_adapters(entry, services)
         await self.make_room(entry)
         return services
 
@@ -287,6 +289,9 @@ class ModelRegistry:
         files = await asyncio.to_thread(self.read_adapter, choice.path)
         base = self._base_of(choice, files)
         adapter = AdapterEntry(choice.name, choice.path, base, files, f"{choice.name}#{next(self._serial)}")
+        if base.loading is not None:  # that load attaches only the adapters served when it began: wait, then attach
+            with contextlib.suppress(ModelNotReadyError):
+                await asyncio.shield(base.loading)
         if base.services is not None:
             await self._attach(base.services, adapter)
         if choice.name in self.adapters:  # loaded twice at once: the first one stays

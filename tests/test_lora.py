@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ from litestar.testing import TestClient
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from adapters.huggingface.lora import AdapterFiles, AdapterGenerator, LoraWeights
+from adapters.huggingface.lora import AdapterFiles, AdapterGenerator, LoraAdapters, LoraWeights
 from adapters.huggingface.packing import PackedLinear, packing_supported
+from adapters.huggingface.quantization import Int8Linear, kernel_works
 from domain.generation import GenerationParams
 from entrypoints.bootstrap import load_services
 from entrypoints.http.app import create_app
@@ -126,7 +128,8 @@ def test_adapters_in_one_batch_decode_through_the_lean_decoder_as_peft(models: d
 @pytest.mark.skipif(not packing_supported(torch.float32), reason="oneDNN is not available here")
 def test_on_a_packed_layer_a_rows_delta_is_the_same_alone_and_among_other_rows() -> None:
     """Bit for bit, as the packed layer's own product: speculation's verifying pass and a batch then give a row the
-    logits of its one-token step alone (MKL's products round one to eight rows otherwise)."""
+    logits of its one-token step alone (MKL's products round one to eight rows otherwise). Quantized layers get
+    packed adapters too; a plain ``nn.Linear`` (unpacked on purpose) keeps PEFT's products."""
     generator = torch.Generator().manual_seed(5)
     a, b = torch.randn(8, 1536, generator=generator), torch.randn(96, 8, generator=generator)
     weights = LoraWeights(a, b, 0.5).packed_for(PackedLinear(torch.nn.Linear(1536, 96), keep_weight=False))
@@ -139,6 +142,8 @@ def test_on_a_packed_layer_a_rows_delta_is_the_same_alone_and_among_other_rows()
         expected = torch.nn.functional.linear(torch.nn.functional.linear(inputs, a), b) * 0.5
     assert torch.allclose(together, expected, rtol=1e-4, atol=1e-4)
     assert LoraWeights(a, b, 0.5).packed_for(torch.nn.Linear(1536, 96)).packed is None  # unpacked base: as PEFT
+    if kernel_works("int8"):
+        assert LoraWeights(a, b, 0.5).packed_for(Int8Linear(torch.nn.Linear(1536, 96))).packed is not None
 
 
 def _read(path: Path) -> AdapterFiles:
@@ -178,6 +183,32 @@ def test_adapters_are_listed_and_answer_under_their_own_name(client: TestClient)
     assert pirate["model"] == "pirate"
     assert base["choices"][0]["text"] != pirate["choices"][0]["text"]
     assert client.get("/v1/models", headers=AUTH).json()["data"][1]["status"] == "unloaded"  # beta never asked for
+
+
+def test_the_first_request_for_an_adapter_finds_it_whole_however_slowly_it_attaches(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model is ready (health, requests) only once its adapters are attached: a request that came first ran on a
+    half-attached adapter (or none), and got another answer than the next."""
+    attach = LoraAdapters.attach
+
+    def slow(self: LoraAdapters, key: str, adapter: AdapterFiles) -> None:
+        time.sleep(0.5)
+        attach(self, key, adapter)
+
+    monkeypatch.setattr(LoraAdapters, "attach", slow)
+    settings = ServerSettings(
+        models=(ModelChoice(name="alpha", source=str(models["alpha"])),),
+        loras=(LoraChoice(name="pirate", path=models["pirate"]),),
+        device="cpu",
+        api_keys=(KEY,),
+    )
+    with TestClient(create_app(settings)) as client:
+        while client.get("/health").status_code != 200:
+            pass
+        first = complete(client, "pirate")["choices"]
+        assert complete(client, "pirate")["choices"] == first
+        assert complete(client, "alpha")["choices"] != first
 
 
 def test_load_and_unload_an_adapter_at_run_time(client: TestClient, models: dict[str, Path]) -> None:

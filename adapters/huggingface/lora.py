@@ -19,6 +19,7 @@ never meets keys and values cached for the old one (see `PrefixCache`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import threading
@@ -31,7 +32,7 @@ import structlog
 import torch
 from torch import nn
 
-from adapters.huggingface.packing import PackedLinear
+from adapters.huggingface.packing import PackedLinear, packing_supported
 from adapters.huggingface.threads import runs_on_own_thread
 from domain.errors import InvalidRequestError
 from domain.generation import GeneratedTokens, GenerationParams, TokenLogprob
@@ -60,7 +61,7 @@ class LoraWeights:
     b: torch.Tensor
     scale: float
     packed: tuple[PackedLinear, PackedLinear] | None = None
-    """``A`` and ``B`` prepacked for oneDNN (`packed_for`), where the layer they add to is packed."""
+    """``A`` and ``B`` prepacked for oneDNN (`packed_for`)."""
 
     def delta(self, inputs: torch.Tensor) -> torch.Tensor:
         """``(inputs @ A.T) @ B.T * scale``, as PEFT computes it.
@@ -75,8 +76,12 @@ class LoraWeights:
         return nn.functional.linear(nn.functional.linear(inputs, self.a), self.b) * self.scale
 
     def packed_for(self, base: nn.Module) -> LoraWeights:
-        """These weights, packed where ``base`` (the layer they add to) is a `PackedLinear`, else as they are."""
-        if not isinstance(base, PackedLinear):
+        """These weights, prepacked unless ``base`` (the layer they add to) is a plain ``nn.Linear``.
+
+        A plain base is unpacked on purpose (``--no-pack-weights``) or off the CPU; a packed or quantized one is on
+        the CPU, where packing the adapter too makes each row's delta independent of the rows beside it.
+        """
+        if isinstance(base, nn.Linear) or self.a.device.type != "cpu" or not _packable(self.a.dtype):
             return self
         down, up = (
             nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype) for w in (self.a, self.b)
@@ -169,6 +174,9 @@ class _Selection:
 
     groups: tuple[tuple[str, torch.Tensor | None], ...]
 
+
+_packable = functools.cache(packing_supported)
+"""Whether oneDNN packs weights of a dtype here (its probe, run once a dtype)."""
 
 _current = threading.local()
 
