@@ -115,7 +115,8 @@ class Doubled(torch.nn.Module):
 
 @pytest.mark.parametrize("part", ["o_proj", "down_proj", "k_proj"])
 def test_a_layer_replaced_after_the_first_pass_is_the_one_the_next_pass_calls(tiny_dir, part):
-    """The decoder looks its modules up once, and again after any module is set (LoRA wraps layers at run time)."""
+    """The decoder plans each layer once, and again when one of its parts is another module (LoRA wraps layers at
+    run time, while requests decode)."""
     model = load_model(str(tiny_dir), device="cpu").model
     attention.install()
     forward = Forward(model)

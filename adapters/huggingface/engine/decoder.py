@@ -5,9 +5,10 @@ output-capturing hooks and keyword plumbing, and each decoder layer rotates its 
 stacked projections for their parts one by one and goes through the attention registry. `LeanDecoder` runs the
 same modules (norms, linear layers, whatever wraps them: packed, quantized, stacked, LoRA) and the same attention
 kernels in the same order, but rotates queries and keys in one op, takes a stacked product whole, builds the
-mask and rotary angles once a pass, and finds each layer's parts once (`LayerPlan`), again only after a module is
-set anywhere (as LoRA wrapping a layer does). A step of SmolLM2-135M at batch 1 on a 2-core Xeon took 16.8 ms against
-transformers' 19.9 in int8, 34.5 against 37.8 in float32 (README, "A lean decoding pass").
+mask and rotary angles once a pass, and works out once what a layer's parts give (`LayerPlan`: a stacked product,
+sizes), again only for a layer whose parts are other modules than before (LoRA wrapping some). A step of
+SmolLM2-135M at batch 1 on a 2-core Xeon took 16.8 ms against transformers' 19.9 in int8, 34.5 against 37.8 in
+float32 (README, "A lean decoding pass").
 
 It is used only where it gives transformers' logits bit for bit: a model qualifies by its shape (a Llama-style
 decoder: embedding, layers of norm / attention / norm / gated MLP, final norm, output projection, full attention)
@@ -66,10 +67,7 @@ class LeanDecoder:
             *(layer.mlp for layer in layers),
         )
         """The modules whose own ``forward`` this decoder does the work of, instead of calling it."""
-        watch_module_registrations()
         self._layers: tuple[LayerPlan, ...] = ()
-        self._planned_at = -1
-        """`MODULE_REGISTRATIONS`'s count when ``_layers`` were planned."""
 
     def hooked(self) -> bool:
         """Whether a forward hook waits on a module this decoder does not call (then transformers' forward must run)."""
@@ -103,44 +101,28 @@ class LeanDecoder:
         + fed]``, 1 on real tokens. Several new positions are a verifying pass: each attends as a one-token step at
         its place would (`attention.each_query`).
         """
-        if self._planned_at != MODULE_REGISTRATIONS.count:  # a module was set since (LoRA wrapping a layer, say)
-            self._planned_at = MODULE_REGISTRATIONS.count
-            self._layers = tuple(LayerPlan.of(layer) for layer in self.model.model.layers)
         inner = self.model.model
         fed = ids.shape[1]
         hidden = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(hidden, positions)
         angles = cos.unsqueeze(2), signed_sines(sin).unsqueeze(2)  # [rows, fed, 1, head_dim]: broadcast over heads
         attention_mask = step_attention_mask(mask, fed)
-        for layer, cache_layer in zip(self._layers, cache_layers(cache), strict=True):
+        for layer, cache_layer in zip(self._planned(), cache_layers(cache), strict=True):
             hidden = hidden + layer.attention(layer.attention_norm(hidden), angles, cache_layer, attention_mask)
             hidden = hidden + layer.mlp(layer.mlp_norm(hidden))
         hidden = inner.norm(hidden)
         logits: torch.Tensor = self.model.get_output_embeddings()(hidden)
         return logits
 
-
-@attrs.define
-class ModuleRegistrations:
-    """How many times a module has been set on another in this process, counted by torch's global hook.
-
-    A `LayerPlan` holds modules found by name; a new count means one may have been replaced since.
-    """
-
-    count: int = 0
-
-    def __call__(self, _parent: nn.Module, _name: str, _module: nn.Module) -> None:
-        """Torch's module registration hook: count, and leave the module as it is (``None``)."""
-        self.count += 1
-
-
-MODULE_REGISTRATIONS = ModuleRegistrations()
-
-
-@functools.cache
-def watch_module_registrations() -> None:
-    """Count module registrations from now on (`MODULE_REGISTRATIONS`); once per process."""
-    torch.nn.modules.module.register_module_module_registration_hook(MODULE_REGISTRATIONS)
+    def _planned(self) -> tuple[LayerPlan, ...]:
+        """Each layer's plan, made again for a layer whose parts are not the ones it was made of (LoRA wraps some)."""
+        plans = list(self._layers)
+        for index, layer in enumerate(self.model.model.layers):
+            parts = LayerPlan.parts_of(layer)
+            if index >= len(plans) or plans[index].parts != parts:
+                plans[index : index + 1] = [LayerPlan.of(layer, parts)]
+        self._layers = tuple(plans)
+        return self._layers
 
 
 @attrs.frozen
@@ -238,17 +220,42 @@ class MlpPlan:
 
 @attrs.frozen
 class LayerPlan:
-    """What the lean pass calls for one decoder layer, looked up once instead of by name at every step."""
+    """What the lean pass calls for one decoder layer, and what it derives from them (a stacked product, sizes).
 
+    Worked out once, and reused while the layer's parts stay the same modules.
+    """
+
+    parts: tuple[nn.Module, ...]
+    """The modules the plan was made of (`parts_of`): a new one anywhere (LoRA wrapping a layer) makes a new plan."""
     attention_norm: nn.Module
     attention: AttentionPlan
     mlp_norm: nn.Module
     mlp: MlpPlan
 
+    @staticmethod
+    def parts_of(layer: Any) -> tuple[nn.Module, ...]:  # noqa: ANN401  a Llama-style decoder layer
+        """The modules of ``layer`` the lean pass calls, and those whose parts it reads."""
+        attention, mlp = layer.self_attn, layer.mlp
+        return (
+            layer.input_layernorm,
+            layer.post_attention_layernorm,
+            attention,
+            attention.q_proj,
+            attention.k_proj,
+            attention.v_proj,
+            attention.o_proj,
+            mlp,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+            mlp.act_fn,
+        )
+
     @classmethod
-    def of(cls, layer: Any) -> LayerPlan:  # noqa: ANN401  a Llama-style decoder layer
-        """The plan of ``layer``."""
+    def of(cls, layer: Any, parts: tuple[nn.Module, ...]) -> LayerPlan:  # noqa: ANN401  a Llama-style layer
+        """The plan of ``layer``, whose `parts_of` are ``parts``."""
         return cls(
+            parts=parts,
             attention_norm=layer.input_layernorm,
             attention=AttentionPlan.of(layer.self_attn),
             mlp_norm=layer.post_attention_layernorm,
