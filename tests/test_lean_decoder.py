@@ -74,14 +74,20 @@ SCHEMES = [
 ]
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_steps_and_verifying_passes_give_transformers_logits_bit_for_bit(tiny_dir, scheme):
-    """Left-padded rows, one-token steps and a verifying pass, on prepacked float32, int8 and int4 weights."""
-    model = load_model(str(tiny_dir), device="cpu", quantize=scheme).model
+def lean(directory, scheme: str) -> tuple[torch.nn.Module, Forward, LeanDecoder]:
+    """The model at ``directory`` loaded as the server loads it (``scheme``), its engine passes and its lean decoder."""
+    model = load_model(str(directory), device="cpu", quantize=scheme).model
     attention.install()
     forward = Forward(model)
     decoder = LeanDecoder.for_model(model, forward.model_step)
     assert decoder is not None
+    return model, forward, decoder
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_steps_and_verifying_passes_give_transformers_logits_bit_for_bit(tiny_dir, scheme):
+    """Left-padded rows, one-token steps and a verifying pass, on prepacked float32, int8 and int4 weights."""
+    model, forward, decoder = lean(tiny_dir, scheme)
     ids = torch.randint(3, 390, (3, 30), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[0, :7] = 0
@@ -117,11 +123,7 @@ class Doubled(torch.nn.Module):
 def test_a_layer_replaced_after_the_first_pass_is_the_one_the_next_pass_calls(tiny_dir, part):
     """The decoder plans each layer once, and again when one of its parts is another module (LoRA wraps layers at
     run time, while requests decode)."""
-    model = load_model(str(tiny_dir), device="cpu").model
-    attention.install()
-    forward = Forward(model)
-    decoder = LeanDecoder.for_model(model, forward.model_step)
-    assert decoder is not None
+    model, forward, decoder = lean(tiny_dir, "none")
     ids = torch.randint(3, 390, (2, 12), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
     positions = torch.arange(12).expand(2, -1)

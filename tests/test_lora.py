@@ -150,20 +150,24 @@ def _read(path: Path) -> AdapterFiles:
     return AdapterFiles.read(path)
 
 
-@pytest.fixture
-def client(models: dict[str, Path]) -> Iterator[TestClient]:
+@contextlib.contextmanager
+def served(models: dict[str, Path], *names: str) -> Iterator[TestClient]:
+    """A server of the tiny models ``names``, with pirate on alpha, once it answers ``/health``."""
     settings = ServerSettings(
-        models=(
-            ModelChoice(name="alpha", source=str(models["alpha"])),
-            ModelChoice(name="beta", source=str(models["beta"])),
-        ),
+        models=tuple(ModelChoice(name=name, source=str(models[name])) for name in names),
         loras=(LoraChoice(name="pirate", path=models["pirate"]),),
         device="cpu",
         api_keys=(KEY,),
     )
-    with TestClient(create_app(settings)) as test_client:
-        while test_client.get("/health").status_code != 200:
+    with TestClient(create_app(settings)) as client:
+        while client.get("/health").status_code != 200:
             pass
+        yield client
+
+
+@pytest.fixture
+def client(models: dict[str, Path]) -> Iterator[TestClient]:
+    with served(models, "alpha", "beta") as test_client:
         yield test_client
 
 
@@ -197,15 +201,7 @@ def test_the_first_request_for_an_adapter_finds_it_whole_however_slowly_it_attac
         attach(self, key, adapter)
 
     monkeypatch.setattr(LoraAdapters, "attach", slow)
-    settings = ServerSettings(
-        models=(ModelChoice(name="alpha", source=str(models["alpha"])),),
-        loras=(LoraChoice(name="pirate", path=models["pirate"]),),
-        device="cpu",
-        api_keys=(KEY,),
-    )
-    with TestClient(create_app(settings)) as client:
-        while client.get("/health").status_code != 200:
-            pass
+    with served(models, "alpha") as client:
         first = complete(client, "pirate")["choices"]
         assert complete(client, "pirate")["choices"] == first
         assert complete(client, "alpha")["choices"] != first
