@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,6 +206,41 @@ def test_the_first_request_for_an_adapter_finds_it_whole_however_slowly_it_attac
         first = complete(client, "pirate")["choices"]
         assert complete(client, "pirate")["choices"] == first
         assert complete(client, "alpha")["choices"] != first
+
+
+def test_an_adapter_added_while_its_base_attaches_others_is_attached_too(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beta loads on demand with one adapter named at start; a second one comes while that one attaches. The load
+    attaches only the adapters served when it began, so the new one must wait for it and attach itself."""
+    attach, attaching = LoraAdapters.attach, threading.Event()
+
+    def slow(self: LoraAdapters, key: str, adapter: AdapterFiles) -> None:
+        if key.startswith("beta-lora#"):
+            attaching.set()
+        time.sleep(0.5)
+        attach(self, key, adapter)
+
+    monkeypatch.setattr(LoraAdapters, "attach", slow)
+    settings = ServerSettings(
+        models=tuple(ModelChoice(name=name, source=str(models[name])) for name in ("alpha", "beta")),
+        loras=(LoraChoice(name="beta-lora", path=models["beta-lora"]),),
+        device="cpu",
+        api_keys=(KEY,),
+    )
+    with TestClient(create_app(settings)) as client:
+        while client.get("/health").status_code != 200:
+            pass
+        loading = threading.Thread(target=complete, args=(client, "beta"))
+        loading.start()
+        assert attaching.wait(timeout=60)
+        added = {"lora_name": "second", "lora_path": str(models["beta-lora"])}
+        response = client.post("/v1/load_lora_adapter", json=added, headers=AUTH)
+        loading.join()
+        assert response.status_code == 200, response.text
+        second = complete(client, "second")["choices"]
+        assert second == complete(client, "beta-lora")["choices"]  # the same adapter under two names
+        assert second != complete(client, "beta")["choices"]
 
 
 def test_load_and_unload_an_adapter_at_run_time(client: TestClient, models: dict[str, Path]) -> None:
