@@ -152,11 +152,11 @@ def _read(path: Path) -> AdapterFiles:
 
 
 @contextlib.contextmanager
-def served(models: dict[str, Path], *names: str) -> Iterator[TestClient]:
-    """A server of the tiny models ``names``, with pirate on alpha, once it answers ``/health``."""
+def served(models: dict[str, Path], *names: str, lora: str = "pirate") -> Iterator[TestClient]:
+    """A server of the tiny models ``names`` and the adapter ``lora``, once it answers ``/health``."""
     settings = ServerSettings(
         models=tuple(ModelChoice(name=name, source=str(models[name])) for name in names),
-        loras=(LoraChoice(name="pirate", path=models["pirate"]),),
+        loras=(LoraChoice(name=lora, path=models[lora]),),
         device="cpu",
         api_keys=(KEY,),
     )
@@ -222,15 +222,7 @@ def test_an_adapter_added_while_its_base_attaches_others_is_attached_too(
         attach(self, key, adapter)
 
     monkeypatch.setattr(LoraAdapters, "attach", slow)
-    settings = ServerSettings(
-        models=tuple(ModelChoice(name=name, source=str(models[name])) for name in ("alpha", "beta")),
-        loras=(LoraChoice(name="beta-lora", path=models["beta-lora"]),),
-        device="cpu",
-        api_keys=(KEY,),
-    )
-    with TestClient(create_app(settings)) as client:
-        while client.get("/health").status_code != 200:
-            pass
+    with served(models, "alpha", "beta", lora="beta-lora") as client:
         loading = threading.Thread(target=complete, args=(client, "beta"))
         loading.start()
         assert attaching.wait(timeout=60)
