@@ -19,6 +19,7 @@ way.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import structlog
@@ -48,7 +49,7 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias
         self.weight: torch.Tensor = linear.weight if keep_weight else torch.empty_like(weight, device="meta")
         """The original weight when another module shares it; else only its shape and dtype (on ``meta``)."""
-        self.one_row_as_two = one_row_rounds_otherwise(self.packed, self.in_features, weight.dtype)
+        self.one_row_as_two = one_row_rounds_otherwise(self.in_features, self.out_features, weight.dtype)
         """Whether a single row is multiplied as the first of two, so that it rounds as it does among others."""
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -65,15 +66,19 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def one_row_rounds_otherwise(packed: torch.Tensor, in_features: int, dtype: torch.dtype) -> bool:
+@functools.cache
+def one_row_rounds_otherwise(in_features: int, out_features: int, dtype: torch.dtype) -> bool:
     """Whether oneDNN multiplies a single row of inputs otherwise than the same row among others (a probe).
 
     It takes another kernel path for one row: on a Xeon with AVX-512, one with more than 1024 inputs (SmolLM2's
     ``down_proj``, 1536) came out different in the last bits, while two or more rows agreed with each other. A
     decoding step at batch 1 multiplies one row; the verifying pass of speculative decoding and a batched step
-    multiply several, and must give a row the same logits.
+    multiply several, and must give a row the same logits. The kernel follows the shape, not the values: probed
+    once a shape, on random weights (a model's 30 layers of a shape share one probe).
     """
-    rows = torch.randn(2, in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    packed = reorder_linear_weight(torch.randn(out_features, in_features, generator=generator).to(dtype))
+    rows = torch.randn(2, in_features, generator=generator).to(dtype)
     with torch.no_grad():
         return not torch.equal(linear_pointwise(rows[:1], packed, None), linear_pointwise(rows, packed, None)[:1])
 
