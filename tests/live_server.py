@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import uvicorn
@@ -64,3 +65,22 @@ def wait_ready(base: str, timeout: float = 120.0) -> None:
         time.sleep(0.1)
     msg = "the server never became ready"
     raise RuntimeError(msg)
+
+
+def leave_once_generating(base: str, path: str, body: dict[str, object], produced: Callable[[], int]) -> None:
+    """POST ``body`` to ``path`` and hang up once ``produced()`` says generation has begun (a client that leaves).
+
+    A raw socket, so that leaving waits for the server however loaded the machine is: a client that gave up after a
+    fixed time could leave before its request was even read, and test nothing of stopping a generation.
+    """
+    address = httpx.URL(base)
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {address.host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    )
+    with socket.create_connection((address.host, address.port or 80)) as sock:
+        sock.sendall(head.encode() + payload)
+        deadline = time.monotonic() + 60  # only ends a failure
+        while produced() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)

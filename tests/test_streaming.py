@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 
@@ -18,6 +17,7 @@ from domain.messages import ChatMessage, Conversation, Role
 from entrypoints.bootstrap import build_services
 from entrypoints.settings import ServerSettings
 from tests.fakes import FakeGenerator, generation_params
+from tests.live_server import leave_once_generating
 
 USER = [{"role": "user", "content": "Hello"}]
 
@@ -121,8 +121,7 @@ def test_client_disconnect_stops_a_non_streamed_generation(live_url: str, fake: 
     fake.reply = "x" * 400
     fake.step_delay = 0.01
     body = {"messages": USER, "max_tokens": 400}
-    with httpx.Client(timeout=0.5) as http, contextlib.suppress(httpx.ReadTimeout):
-        http.post(f"{live_url}/v1/chat/completions", json=body)
+    leave_once_generating(live_url, "/v1/chat/completions", body, lambda: fake.produced)
     deadline = time.monotonic() + 5
     while fake.closed_early == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
