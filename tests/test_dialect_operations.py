@@ -88,19 +88,20 @@ def test_a_request_that_arrives_while_draining_is_refused(fake: FakeGenerator, p
 
 
 @pytest.mark.parametrize(("path", "body"), DIALECTS)
-@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("leaving", ["a stream after its first text", "a stream unread", "a whole answer"])
 def test_a_client_that_leaves_stops_the_generation(
-    live_url: str, fake: FakeGenerator, path: str, body: dict, stream: bool
+    live_url: str, fake: FakeGenerator, path: str, body: dict, leaving: str
 ) -> None:
+    stream, reads = leaving.startswith("a stream"), leaving.endswith("text")
     fake.reply = "x" * 2000
     fake.step_delay = 0.01  # 20 s for the whole reply: leaving must stop it long before
     request = body | {"stream": stream, "max_output_tokens": 2000, "max_tokens": 2000}
     if path == "/v1/responses":
         del request["max_tokens"]
-    if stream:  # leaves after its first text, however long that takes on a loaded machine
+    if reads:  # leaves after its first text, however long that takes on a loaded machine
         with httpx.Client(timeout=30) as http, http.stream("POST", f"{live_url}{path}", json=request) as response:
             next(line for line in response.iter_lines() if '"x' in line)
-    else:
+    else:  # leaves once the first token is out, maybe before the stream's first byte was sent
         leave_once_generating(live_url, path, request, lambda: fake.produced)
     deadline = time.monotonic() + 30
     while fake.closed_early == 0 and time.monotonic() < deadline:

@@ -7,6 +7,7 @@ import json
 import time
 
 import httpx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from litestar.testing import TestClient
@@ -115,6 +116,21 @@ def test_client_disconnect_stops_generation(live_url: str, fake: FakeGenerator) 
     assert fake.closed_early == 1
     assert fake.produced == produced, "generation went on after the client left"
     assert produced < 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body"), [("/v1/chat/completions", {"messages": USER}), ("/v1/completions", {"prompt": "Hello"})]
+)
+def test_a_stream_left_unread_stops_generation(live_url: str, fake: FakeGenerator, path: str, body: dict) -> None:
+    """A client that leaves maybe before the stream's first byte was sent: the body's generators never start."""
+    fake.reply = "x" * 2000
+    fake.step_delay = 0.01
+    leave_once_generating(live_url, path, body | {"stream": True, "max_tokens": 2000}, lambda: fake.produced)
+    deadline = time.monotonic() + 30
+    while fake.closed_early == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fake.closed_early == 1
+    assert fake.produced < 1000
 
 
 def test_client_disconnect_stops_a_non_streamed_generation(live_url: str, fake: FakeGenerator) -> None:

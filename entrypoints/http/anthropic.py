@@ -29,10 +29,10 @@ from entrypoints.http.anthropic_wire import (
     stop_reason,
     tool_input,
 )
-from entrypoints.http.controllers import read_json, read_request, started, until_disconnected
+from entrypoints.http.controllers import event_stream, read_json, read_request, until_disconnected
 from entrypoints.http.lifecycle import RequestWatch
 from entrypoints.http.openapi import NAMED_EVENTS, body_operation
-from entrypoints.http.streaming import EventStream, StreamEvent, keepalive, named_event, stream_error
+from entrypoints.http.streaming import StreamEvent, named_event, stream_error
 from entrypoints.http.wire import structure, unstructure
 
 log = structlog.get_logger(__name__)
@@ -178,8 +178,9 @@ class MessagesController(Controller):
         shell = MessageBody(message_id, services.model_id, [], None, None, AnthropicUsage(0, 0))
         writer = MessageWriter(shell, tuple(body.stop_sequences or ()))
         if body.stream:
-            first = await started(request, events, patience=watch.keepalive)
-            return EventStream(keepalive(message_events(first, writer), watch.keepalive))  # type: ignore[return-value]
+            return await event_stream(  # type: ignore[return-value]
+                request, events, lambda first: message_events(first, writer), watch.keepalive
+            )
         return await until_disconnected(request, written(events, writer))
 
     @post(

@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import structlog
 from litestar import Controller, Request, post
+from litestar.background_tasks import BackgroundTask
+from litestar.response import ServerSentEventMessage
 
 from application.generation import complete
 from domain.errors import InvalidRequestError
@@ -30,7 +32,7 @@ from entrypoints.http.openai_requests import ChatCompletionRequest, CompletionRe
 from entrypoints.http.openapi import body_operation
 from entrypoints.http.refusals import ClientDisconnectedError
 from entrypoints.http.request_id import remember_response_id
-from entrypoints.http.streaming import ChunkFactory, EventStream, keepalive, sse_stream
+from entrypoints.http.streaming import EventStream, keepalive, sse_stream
 from entrypoints.http.wire import structure
 
 log = structlog.get_logger(__name__)
@@ -98,18 +100,24 @@ async def until_disconnected(request: Request[Any, Any, Any], work: Awaitable[T]
     return task.result()
 
 
-async def started(
-    request: Request[Any, Any, Any], events: CompletionStream, *, patience: float | None = None
-) -> CompletionStream:
-    """``events`` once its first event has come, or ``patience`` seconds have passed without it.
+async def event_stream(
+    request: Request[Any, Any, Any],
+    events: CompletionStream,
+    messages: Callable[[CompletionStream], AsyncIterator[ServerSentEventMessage]],
+    keepalive_seconds: float | None,
+) -> EventStream:
+    """The server-sent events ``messages`` makes of ``events``, answered once the first event has come.
 
     What fails before any output (a full queue, a generator error) is then a plain HTTP error with its status, not
-    an error event in a 200 stream. A prefill that takes longer than ``patience`` starts the stream anyway, so it can
-    send keep-alive comments while the first event is on its way.
+    an error event in a 200 stream. A prefill that takes longer than ``keepalive_seconds`` starts the stream anyway,
+    so it can send keep-alive comments while the first event is on its way.
+
+    The response closes ``events`` when it is over, also when the client left before its body began: the body's
+    generators never started then, so their own ``finally`` never ran, and the generation would go on for nobody.
     """
     first = asyncio.ensure_future(anext(events))
     try:
-        await until_disconnected(request, asyncio.wait({first}, timeout=patience))
+        await until_disconnected(request, asyncio.wait({first}, timeout=keepalive_seconds))
     except BaseException:
         first.cancel()
         await asyncio.wait({first})
@@ -118,22 +126,15 @@ async def started(
     if first.done() and first.exception() is not None:
         await events.aclose()
         first.result()  # raises what failed before any output
-    return _after(first, events)
+    body = keepalive(messages(_after(first, events)), keepalive_seconds)
 
+    async def close() -> None:
+        await body.aclose()
+        first.cancel()
+        await asyncio.wait({first})
+        await events.aclose()
 
-async def event_stream(
-    request: Request[Any, Any, Any],
-    events: CompletionStream,
-    chunks: ChunkFactory,
-    include_usage: bool,
-    *,
-    announce: range = range(0),
-    keepalive_seconds: float | None = None,
-) -> EventStream:
-    """The server-sent events of ``events``, answered once the first event has come (see ``started``)."""
-    first = await started(request, events, patience=keepalive_seconds)
-    messages = sse_stream(first, chunks, include_usage=include_usage, announce=announce)
-    return EventStream(keepalive(messages, keepalive_seconds))
+    return EventStream(body, background=BackgroundTask(close))
 
 
 async def _after(first: asyncio.Future[CompletionEvent], events: CompletionStream) -> CompletionStream:
@@ -169,13 +170,12 @@ class ChatController(Controller):
         shape = AnswerShape.of(body, response_id, services.model_id)
         events = watch(services.chat.stream(body.conversation(), body.to_params(unknown), n=body.n))
         if body.stream:
+            chunks = chat_chunks(shape)
             return await event_stream(  # type: ignore[return-value]
                 request,
                 events,
-                chat_chunks(shape),
-                body.include_usage,
-                announce=range(body.n),
-                keepalive_seconds=watch.keepalive,
+                lambda first: sse_stream(first, chunks, include_usage=body.include_usage, announce=range(body.n)),
+                watch.keepalive,
             )
         return chat_completion(await until_disconnected(request, complete(events)), shape)
 
@@ -201,7 +201,11 @@ class CompletionsController(Controller):
         shape = AnswerShape.of(body, response_id, services.model_id)
         events = watch(services.completion.stream(body.prompts(), body.to_params(unknown), n=body.n, echo=body.echo))
         if body.stream:
+            chunks = completion_chunks(shape)
             return await event_stream(  # type: ignore[return-value]
-                request, events, completion_chunks(shape), body.include_usage, keepalive_seconds=watch.keepalive
+                request,
+                events,
+                lambda first: sse_stream(first, chunks, include_usage=body.include_usage),
+                watch.keepalive,
             )
         return text_completion(await until_disconnected(request, complete(events)), shape)

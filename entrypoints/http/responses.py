@@ -23,7 +23,7 @@ from domain.errors import InvalidRequestError
 from domain.generation import Choice, Completion, CompletionEvent, CompletionStream, FinishReason, TextDelta
 from domain.messages import ChatMessage, Conversation, Role
 from entrypoints.bootstrap import Services
-from entrypoints.http.controllers import read_request, started, until_disconnected
+from entrypoints.http.controllers import event_stream, read_request, until_disconnected
 from entrypoints.http.lifecycle import RequestWatch
 from entrypoints.http.openai_bodies import ErrorBody
 from entrypoints.http.openapi import NAMED_EVENTS, body_operation
@@ -46,7 +46,7 @@ from entrypoints.http.responses_wire import (
     response_shell,
     response_usage,
 )
-from entrypoints.http.streaming import EventStream, StreamEvent, keepalive, named_event, stream_error
+from entrypoints.http.streaming import StreamEvent, named_event, stream_error
 from entrypoints.http.wire import unstructure
 
 log = structlog.get_logger(__name__)
@@ -329,8 +329,9 @@ class ResponsesController(Controller):
                 responses.put(StoredResponse(finished.response, kept_items, (*turns, answer)))
 
         if body.stream:
-            first = await started(request, events, patience=watch.keepalive)
-            return EventStream(keepalive(response_events(first, writer, keep), watch.keepalive))  # type: ignore[return-value]
+            return await event_stream(  # type: ignore[return-value]
+                request, events, lambda first: response_events(first, writer, keep), watch.keepalive
+            )
         await until_disconnected(request, written(events, writer))
         keep(writer)
         return writer.response

@@ -92,7 +92,7 @@ PING = ServerSentEventMessage(data=None, comment="ping", sep="\n")
 
 async def keepalive(
     messages: AsyncIterator[ServerSentEventMessage], interval: float | None
-) -> AsyncIterator[ServerSentEventMessage]:
+) -> AsyncGenerator[ServerSentEventMessage]:
     """``messages``, with a ``: ping`` comment whenever none has been sent for ``interval`` seconds.
 
     A long prefill on a CPU can outlast a proxy's idle timeout; the comment keeps the connection open.
