@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextvars
 import inspect
 import re
+import socket
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
@@ -212,3 +215,20 @@ def test_ray_serve_request_context_keeps_the_internal_id_its_router_files_calls_
     assert ray_compat.INTERNAL_REQUEST_ID in inspect.getsource(default_impl.get_request_metadata)
     filing = inspect.getsource(RequestRouter._add_pending_request_to_indices)
     assert "internal_request_id" in filing, "Ray's router files waiting calls differently now: is own_request needed?"
+
+
+def test_litestar_reports_a_client_that_left_mid_body_as_the_compat_module_reads_it(live_url: str) -> None:
+    """``litestar_compat.request_body`` turns Litestar's report into a 499; a 500 here means the report changed."""
+    address = httpx.URL(live_url)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {address.host}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n"
+    )
+    with socket.create_connection((address.host, address.port or 80)) as sock:
+        sock.sendall(head.encode() + b'{"messages": [')  # a tenth of the body it announced, then it leaves
+    deadline = time.monotonic() + 10
+    while 'status="499"' not in (metrics := httpx.get(f"{live_url}/metrics").text) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    counted = [line for line in metrics.splitlines() if line.startswith("hf_openai_requests_total{")]
+    assert any('status="499"' in line for line in counted), counted
+    assert not any('status="500"' in line for line in counted), "a client leaving is not a server error"

@@ -20,6 +20,7 @@ from entrypoints.http.anthropic import MessagesController
 from entrypoints.http.controllers import ChatController, CompletionsController
 from entrypoints.http.errors import handle_error
 from entrypoints.http.lifecycle import Drain, watch_provider
+from entrypoints.http.litestar_compat import request_body
 from entrypoints.http.metrics import Metrics, MetricsMiddleware, metrics_route
 from entrypoints.http.models import LoraController, ModelsController
 from entrypoints.http.request_id import add_request_id
@@ -62,7 +63,7 @@ def services_provider(
         name = None
         if request.method == "POST":
             with contextlib.suppress(ValueError, UnicodeDecodeError):
-                body = json.loads(await request.body())
+                body = json.loads(await request_body(request))
                 name = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
         async with registry.serving(name) as services:
             metrics.model_requests.labels(services.model_id).inc()

@@ -20,6 +20,7 @@ from domain.generation import CompletionEvent, CompletionStream
 from domain.options import OPTION_NAMES
 from entrypoints.bootstrap import Services
 from entrypoints.http.lifecycle import RequestWatch
+from entrypoints.http.litestar_compat import request_body
 from entrypoints.http.openai_answers import (
     AnswerShape,
     chat_chunks,
@@ -43,7 +44,7 @@ T = TypeVar("T")
 async def read_json(request: Request[Any, Any, Any]) -> Any:  # noqa: ANN401  any JSON value
     """The decoded JSON body; anything else is the client's error."""
     try:
-        return json.loads(await request.body())
+        return json.loads(await request_body(request))
     except (ValueError, UnicodeDecodeError) as error:
         msg = f"the request body is not valid JSON: {error}"
         raise InvalidRequestError(msg) from error
