@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from litestar.testing import TestClient
+from litestar.utils import sync as litestar_sync
 
 from application.generation import complete
 from domain.generation import Completion, TextDelta
@@ -149,6 +151,28 @@ def test_client_disconnect_stops_a_non_streamed_generation(live_url: str, fake: 
     counted = [line for line in metrics.splitlines() if line.startswith("hf_openai_requests_total{")]
     assert any('status="499"' in line for line in counted), counted
     assert not any('status="500"' in line for line in counted), "a client leaving is not a server error"
+
+
+def test_a_streamed_chunk_takes_no_hop_through_the_thread_pool(
+    client: TestClient, fake: FakeGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hooks Litestar calls for every message sent run on the event loop: a plain function would go to a thread."""
+    hops = []
+
+    def counted(function: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(function)
+        return real(function, *args, **kwargs)
+
+    real = litestar_sync.sync_to_thread
+    monkeypatch.setattr(litestar_sync, "sync_to_thread", counted)
+    counts = []
+    for length in (4, 40):
+        fake.reply = "x" * length
+        hops.clear()
+        text = client.post("/v1/chat/completions", json={"messages": USER, "stream": True}).text
+        assert text.count('"content": "x"') == length
+        counts.append(len(hops))
+    assert counts[0] == counts[1], f"thread-pool hops grow with the chunks: {counts}, {hops}"
 
 
 def test_health_answers_while_a_long_generation_runs(live_url: str, fake: FakeGenerator) -> None:

@@ -72,8 +72,8 @@ def services_provider(
     return provide_services
 
 
-def start_request_context(_request: Request[Any, Any, Any]) -> None:
-    """Each request's logs carry only its own context."""
+async def start_request_context(_request: Request[Any, Any, Any]) -> None:
+    """Each request's logs carry only its own context (cleared in the request's own task, not a worker thread's)."""
     structlog.contextvars.clear_contextvars()
 
 

@@ -19,8 +19,13 @@ def remember_response_id(scope: Any, response_id: str) -> None:  # noqa: ANN401 
     scope.setdefault("state", {})[_STATE_KEY] = response_id
 
 
-def add_request_id(message: Any, scope: Any) -> None:  # noqa: ANN401  Litestar's ``before_send`` hook
-    """Put ``x-request-id`` on the start of every HTTP response."""
+async def add_request_id(message: Any, scope: Any) -> None:  # noqa: ANN401  Litestar's ``before_send`` hook
+    """Put ``x-request-id`` on the start of every HTTP response.
+
+    A coroutine function, though it awaits nothing: Litestar runs a plain function hook in its thread pool, and
+    this one is called for every message sent (each streamed chunk), which then took a hop to a worker thread and
+    back (with two hand-offs of the GIL and a wake-up of the event loop) to do nothing.
+    """
     if message.get("type") != "http.response.start":
         return
     headers = MutableScopeHeaders.from_message(message)
