@@ -1,0 +1,51 @@
+"""The bridge from worker threads to the event loop: order, one wake-up a burst, and a loop that is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from adapters.huggingface.delivery import ThreadToLoop
+
+
+def test_a_burst_of_items_for_many_consumers_wakes_the_loop_once_and_keeps_each_ones_order() -> None:
+    async def scenario() -> tuple[list[list[int]], int]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        real = loop.call_soon_threadsafe
+
+        def counted(*args: Any) -> Any:
+            nonlocal wakeups
+            wakeups += 1
+            return real(*args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        consumers = [ThreadToLoop[int]() for _ in range(16)]
+
+        def step() -> None:  # an engine step: every row's token, one after the other
+            for token in range(3):
+                for consumer in consumers:
+                    assert consumer.put(token)
+
+        worker = threading.Thread(target=step)
+        worker.start()
+        worker.join()  # the loop is held meanwhile, as a busy loop would be
+        received = [[await consumer.get() for _ in range(3)] for consumer in consumers]
+        return received, wakeups
+
+    received, wakeups = asyncio.run(scenario())
+    assert received == [[0, 1, 2]] * 16
+    assert wakeups == 1
+
+
+def test_items_keep_coming_after_a_delivery_and_put_says_false_once_the_loop_is_gone() -> None:
+    async def scenario() -> ThreadToLoop[str]:
+        consumer = ThreadToLoop[str]()
+        for word in ("one", "two"):
+            await asyncio.to_thread(consumer.put, word)
+            assert await consumer.get() == word  # each a burst of its own, each delivered
+        return consumer
+
+    consumer = asyncio.run(scenario())
+    assert consumer.put("late") is False
