@@ -8,6 +8,8 @@ import time
 import attrs
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -18,6 +20,7 @@ from transformers import (
 )
 
 from adapters.huggingface.engine import BatchingGenerator, BatchLimits
+from adapters.huggingface.engine.rows import best
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.prefix_cache import PrefixCache
 from adapters.huggingface.processors import HoldEnd, apply, lean
@@ -458,3 +461,17 @@ def test_the_cache_stays_within_its_budget(model_dir, prompts):
         generator.close()
     assert generator.prefixes.blocks == 3
     assert generator.prefixes.held_bytes == 3 * block
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([0.0, -0.0, 1.5, -2.0, 7.0, float("inf"), float("-inf"), float("nan")]), min_size=1, max_size=9
+    ),
+    st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+)
+def test_the_greedy_pick_is_torchs_argmax_ties_nans_and_infinities_included(values: list[float], dtype: torch.dtype):
+    scores = torch.tensor([values, values[::-1]], dtype=dtype)
+    picked = best(scores)
+    assert picked.dtype == torch.long
+    assert torch.equal(picked, torch.argmax(scores, dim=-1, keepdim=True))

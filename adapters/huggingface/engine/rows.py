@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import numpy as np
 import structlog
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
@@ -116,7 +117,7 @@ def advance(row: Row, logits: torch.Tensor, *, draft: Sequence[int] = (), cached
             if row.config.do_sample:
                 token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=row.rng)
             else:
-                token = torch.argmax(scores, dim=-1, keepdim=True)
+                token = best(scores)
             row.ids = torch.cat([row.ids, token.to(row.ids.dtype)], dim=-1)
             picked.append(int(token))
             if row.recorder is not None:
@@ -134,6 +135,17 @@ def advance(row: Row, logits: torch.Tensor, *, draft: Sequence[int] = (), cached
     except Exception as error:  # noqa: BLE001  only this request is at fault
         fail([row], error)
     return accepted
+
+
+def best(scores: torch.Tensor) -> torch.Tensor:
+    """``torch.argmax(scores, dim=-1, keepdim=True)``: the first of the highest scores (a NaN counts as highest).
+
+    On the CPU, in float32 or float64, numpy's argmax, which gives the same index: torch's CPU argmax is not
+    vectorised, and took 75 us over SmolLM2's 49152 scores on a 2-core Xeon against numpy's 4.4, once a row a step.
+    """
+    if scores.device.type != "cpu" or scores.dtype not in {torch.float32, torch.float64}:
+        return torch.argmax(scores, dim=-1, keepdim=True)
+    return torch.from_numpy(np.argmax(scores.numpy(), axis=-1, keepdims=True))
 
 
 def release(row: Row) -> None:
@@ -160,4 +172,4 @@ def fail(rows: Sequence[Row], error: Exception) -> None:
         release(row)
 
 
-__all__ = ["Delivery", "Row", "advance", "fail", "prepare", "release"]
+__all__ = ["Delivery", "Row", "advance", "best", "fail", "prepare", "release"]
