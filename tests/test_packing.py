@@ -123,3 +123,10 @@ def test_loading_packs_on_the_cpu_unless_asked_not_to(model_dir):
     plain = load_model(str(model_dir), device="cpu", progress=False, pack_weights=False)
     assert {type(m) for m in linears(packed.model)} == {PackedLinear}
     assert {type(m) for m in linears(plain.model)} == {nn.Linear}
+
+
+def test_the_packing_probe_leaves_the_global_random_state_alone():
+    torch.manual_seed(287)
+    state = torch.get_rng_state()
+    assert packing_supported(torch.float32)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -83,12 +83,28 @@ def one_row_rounds_otherwise(in_features: int, out_features: int, dtype: torch.d
         return not torch.equal(linear_pointwise(rows[:1], packed, None), linear_pointwise(rows, packed, None)[:1])
 
 
+def probe_linear(
+    in_features: int, out_features: int, generator: torch.Generator, *, dtype: torch.dtype = torch.float32
+) -> nn.Linear:
+    """A linear layer for a kernel probe, its weights drawn from ``generator``, not from torch's global generator.
+
+    A probe then answers the same in any process, whatever was drawn before it, and leaves the caller's random
+    state as it was.
+    """
+    probe = nn.Linear(in_features, out_features, device="meta").to_empty(device="cpu")
+    with torch.no_grad():
+        probe.weight.copy_(torch.randn(out_features, in_features, generator=generator) / 8)
+        probe.bias.copy_(torch.randn(out_features, generator=generator) / 8)
+    return probe.to(dtype)
+
+
 def packing_supported(dtype: torch.dtype) -> bool:
     """Whether oneDNN can run prepacked linear layers of ``dtype`` here, and agrees with ``nn.Linear`` on a probe."""
     if dtype not in PACKABLE_DTYPES or not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return False
-    probe = nn.Linear(64, 48, dtype=dtype)
-    inputs = torch.randn(3, 5, 64, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    probe = probe_linear(64, 48, generator, dtype=dtype)
+    inputs = torch.randn(3, 5, 64, generator=generator).to(dtype)
     try:
         with torch.no_grad():
             packed = PackedLinear(probe, keep_weight=True)(inputs).float()

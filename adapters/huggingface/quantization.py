@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from adapters.huggingface.cpu_features import cpu_flags
-from adapters.huggingface.packing import pack_linear_layers, relative_difference
+from adapters.huggingface.packing import pack_linear_layers, probe_linear, relative_difference
 from adapters.huggingface.shared_input import stack_shared_input_linears
 from adapters.huggingface.torch_compat import (
     INT4_GROUP_SIZE,
@@ -158,16 +158,13 @@ KERNEL_PROBE_BOUND = 0.25
 def kernel_works(scheme: str) -> bool:
     """Whether the ``scheme``'s kernel runs here and agrees with ``nn.Linear`` on a probe (loosely: it rounds).
 
-    The probe's weights come from a generator of its own: drawn from torch's global one, as ``nn.Linear``'s own
-    initialisation draws them, one int4 probe in 300 differed by more than the bound it had then (0.1; the kernel
-    rounds each weight to one of 16 levels), so a server could refuse ``--quantize int4`` at random, and the probe
-    moved the global random state of whoever called it.
+    The probe's weights come from a generator of its own (`probe_linear`). Drawn from torch's global one, as
+    ``nn.Linear``'s own initialisation draws them, one int4 probe in 300 differed by more than the bound it had
+    then (0.1; the kernel rounds each weight to one of 16 levels), so a server could refuse ``--quantize int4`` at
+    random, and the probe moved the global random state of whoever called it.
     """
     generator = torch.Generator().manual_seed(0)
-    probe = nn.Linear(64, 32, device="meta").to_empty(device="cpu")  # no draw from the global generator
-    with torch.no_grad():
-        probe.weight.copy_(torch.randn(32, 64, generator=generator) / 8)
-        probe.bias.copy_(torch.randn(32, generator=generator) / 8)
+    probe = probe_linear(64, 32, generator)
     inputs = torch.randn(3, 64, generator=generator)
     build = {"int8": Int8Linear, "int4": Int4Linear}[scheme]
     try:
