@@ -84,3 +84,13 @@ def leave_once_generating(base: str, path: str, body: dict[str, object], produce
         deadline = time.monotonic() + 60  # only ends a failure
         while produced() == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+def assert_counted_as_gone(base: str) -> None:
+    """``/metrics`` at ``base`` comes to count a request with status 499 (client gone), and none with 500."""
+    deadline = time.monotonic() + 10
+    while 'status="499"' not in (metrics := httpx.get(f"{base}/metrics").text) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    counted = [line for line in metrics.splitlines() if line.startswith("hf_openai_requests_total{")]
+    assert any('status="499"' in line for line in counted), counted
+    assert not any('status="500"' in line for line in counted), "a client leaving is not a server error"

@@ -20,7 +20,7 @@ from domain.messages import ChatMessage, Conversation, Role
 from entrypoints.bootstrap import build_services
 from entrypoints.settings import ServerSettings
 from tests.fakes import FakeGenerator, generation_params
-from tests.live_server import leave_once_generating
+from tests.live_server import assert_counted_as_gone, leave_once_generating
 
 USER = [{"role": "user", "content": "Hello"}]
 
@@ -145,12 +145,7 @@ def test_client_disconnect_stops_a_non_streamed_generation(live_url: str, fake: 
         time.sleep(0.02)
     assert fake.closed_early == 1
     assert fake.produced < 200
-    deadline = time.monotonic() + 5
-    while 'status="499"' not in (metrics := httpx.get(f"{live_url}/metrics").text) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    counted = [line for line in metrics.splitlines() if line.startswith("hf_openai_requests_total{")]
-    assert any('status="499"' in line for line in counted), counted
-    assert not any('status="500"' in line for line in counted), "a client leaving is not a server error"
+    assert_counted_as_gone(live_url)
 
 
 def test_a_streamed_chunk_takes_no_hop_through_the_thread_pool(
