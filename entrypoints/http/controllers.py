@@ -133,6 +133,8 @@ async def event_stream(
         await body.aclose()
         first.cancel()
         await asyncio.wait({first})
+        if not first.cancelled():
+            first.exception()  # retrieved: a failure nobody was left to read is not logged as unhandled
         await events.aclose()
 
     return EventStream(body, background=BackgroundTask(close))
