@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 from typing import Any
 
 from adapters.huggingface.delivery import ThreadToLoop
@@ -49,3 +51,16 @@ def test_items_keep_coming_after_a_delivery_and_put_says_false_once_the_loop_is_
 
     consumer = asyncio.run(scenario())
     assert consumer.put("late") is False
+
+
+def test_a_loop_that_is_over_is_not_kept_alive_by_its_mailbox() -> None:
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def scenario() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        ThreadToLoop[int]()
+
+    for _ in range(3):
+        asyncio.run(scenario())
+    gc.collect()
+    assert [loop() for loop in loops] == [None, None, None]

@@ -39,20 +39,22 @@ class _Mailbox:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self._loop = weakref.ref(loop)
+        """Weakly: `_mailboxes` holds the mailbox as long as the loop lives, so a strong reference would keep both."""
         self._lock = threading.Lock()
         self._waiting: list[tuple[asyncio.Queue[Any], Any]] = []
 
     def post(self, queue: asyncio.Queue[Any], item: object) -> bool:
         """Queue ``item`` for ``queue``, waking the loop unless a delivery is already on its way."""
-        if self._loop.is_closed():
+        loop = self._loop()
+        if loop is None or loop.is_closed():
             return False
         with self._lock:
             self._waiting.append((queue, item))
             if len(self._waiting) > 1:
                 return True
         try:
-            self._loop.call_soon_threadsafe(self._deliver)
+            loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # closed meanwhile
             return False
         return True
