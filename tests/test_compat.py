@@ -169,6 +169,38 @@ def test_torch_int4_cpu_ops_are_where_the_compat_module_calls_them():
     assert (actual - expected).abs().max() < 0.2 * expected.abs().max(), "the int4 CPU kernel changed its meaning"
 
 
+class Unscriptable(torch.nn.Module):
+    """A module TorchScript cannot compile: its forward keeps Python objects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[object] = []
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.seen.append(object())
+        return inputs
+
+
+def test_torchscript_compiles_the_linear_layers_the_lean_decoder_runs_compiled():
+    """The lean decoder compiles each layer's halves with ``torch.jit.script``, which torch deprecates: while it still
+    compiles them, they give the numbers their Python forward gives; where it cannot, ``script`` answers ``None``."""
+    from adapters.huggingface.packing import PackedLinear  # noqa: PLC0415
+    from adapters.huggingface.quantization import Int4Linear, Int8Linear, kernel_works  # noqa: PLC0415
+
+    linear = torch.nn.Linear(64, 32)
+    layers = [linear, PackedLinear(linear, keep_weight=False)]
+    layers += [Int8Linear(linear)] if kernel_works("int8") else []
+    layers += [Int4Linear(linear)] if kernel_works("int4") else []
+    inputs = torch.randn(3, 2, 64)
+    for layer in layers:
+        compiled = torch_compat.script(layer)
+        assert compiled is not None, f"TorchScript no longer compiles {type(layer).__name__}: mend torch_compat"
+        with torch.inference_mode():
+            assert torch.equal(compiled(inputs), layer(inputs)), f"compiled {type(layer).__name__} differs"
+            assert torch.equal(compiled(inputs[:1, :1]), layer(inputs[:1, :1]))
+    assert torch_compat.script(Unscriptable()) is None
+
+
 def test_no_module_outside_the_compat_modules_touches_a_librarys_private_names():
     private = re.compile(
         r"(litestar\._\w|torch\.ops\.\w+\._\w|\bmodel\._\w|generation_config\._\w|config\._\w|ray\.[\w.]*\._\w)"

@@ -88,6 +88,7 @@ def lean(directory, scheme: str) -> tuple[torch.nn.Module, Forward, LeanDecoder]
 def test_steps_and_verifying_passes_give_transformers_logits_bit_for_bit(tiny_dir, scheme):
     """Left-padded rows, one-token steps and a verifying pass, on prepacked float32, int8 and int4 weights."""
     model, forward, decoder = lean(tiny_dir, scheme)
+    assert decoder.compiled_layers() == model.config.num_hidden_layers  # what runs here is the compiled pass
     ids = torch.randint(3, 390, (3, 30), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[0, :7] = 0
@@ -139,6 +140,70 @@ def test_a_layer_replaced_after_the_first_pass_is_the_one_the_next_pass_calls(ti
         actual = decoder(*arguments, mine)
     assert not torch.equal(actual, before)
     assert torch.equal(actual, expected)
+
+
+class Counted(torch.nn.Module):
+    """Wraps a layer and counts its calls in a way TorchScript cannot compile (a Python object per call)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.out_features = inner.out_features
+        self.calls: list[object] = []
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.calls.append(object())
+        return self.inner(inputs)
+
+
+def test_a_layer_with_a_part_torchscript_cannot_compile_runs_in_python(tiny_dir):
+    """The other layers stay compiled; that layer calls its parts in Python, and the logits stay transformers'."""
+    model, forward, decoder = lean(tiny_dir, "int8" if kernel_works("int8") else "none")
+    layers = model.config.num_hidden_layers
+    counted_part = Counted(model.model.layers[0].mlp.down_proj)
+    model.model.layers[0].mlp.down_proj = counted_part
+    ids = torch.randint(3, 390, (2, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    positions = torch.arange(12).expand(2, -1)
+    with torch.inference_mode():
+        theirs = growing_cache(model.config)
+        forward.model_pass(ids[:, :10], positions[:, :10], mask[:, :10], theirs, keep=1)
+        mine = copy.deepcopy(theirs)
+        arguments = (ids[:, 10:11], positions[:, 10:11], mask[:, :11])
+        expected = forward.model_step(*arguments, theirs)
+        calls = len(counted_part.calls)
+        actual = decoder(*arguments, mine)
+    assert decoder.compiled_layers() == layers - 1
+    assert len(counted_part.calls) == calls + 1
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("part", ["input_layernorm", "q_proj", "down_proj"])
+def test_a_hook_on_a_part_of_a_layer_sees_every_step(tiny_dir, part):
+    """A compiled layer calls its parts without their hooks, and a stacked product stands in for its slices: a hook
+    on any of them sends the steps through transformers' forward, which calls it."""
+    model = load_model(str(tiny_dir), device="cpu", quantize="none").model
+    generator = BatchingGenerator(
+        HuggingFaceGenerator(model, AutoTokenizer.from_pretrained(tiny_dir), model_id="t"), speculation=Speculation(0)
+    )
+    try:
+        counter = counted(generator)
+        prompt = generator.encode("Hello, world!", add_special_tokens=True)
+        unhooked = tokens_of(collect(generator, prompt, greedy(max_new_tokens=6)))
+        assert counter.rows == [1] * 5
+        layer = model.model.layers[1]
+        module = getattr(layer, part, None) or getattr(layer.self_attn, part, None) or getattr(layer.mlp, part)
+        calls: list[int] = []
+        handle = module.register_forward_hook(lambda _module, inputs, _output: calls.append(inputs[0].shape[1]))
+        try:
+            hooked = tokens_of(collect(generator, prompt, greedy(max_new_tokens=6)))
+        finally:
+            handle.remove()
+        assert hooked == unhooked
+        assert counter.rows == [1] * 5  # no more lean passes
+        assert calls[1:] == [1] * 5  # the prefill, then each step
+    finally:
+        generator.close()
 
 
 @pytest.mark.parametrize("head_dim", [16, 64, 128])

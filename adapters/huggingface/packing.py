@@ -54,11 +54,13 @@ class PackedLinear(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inputs @ weight.T + bias``; a row's product is the same alone as among other rows."""
-        bias = None if self.bias is None else self.bias.detach()
+        bias: torch.Tensor | None = self.bias
+        if bias is not None:
+            bias = bias.detach()
         if self.one_row_as_two and inputs.numel() == self.in_features:
             row = inputs.reshape(1, self.in_features)
             outputs = linear_pointwise(torch.cat((row, row)), self.packed, bias)[:1]
-            return outputs.reshape(*inputs.shape[:-1], self.out_features)
+            return outputs.reshape(list(inputs.shape[:-1]) + [self.out_features])  # noqa: RUF005  no starred list in TorchScript
         return linear_pointwise(inputs, self.packed, bias)
 
     def extra_repr(self) -> str:

@@ -202,6 +202,8 @@ class Int8Linear(nn.Module):
         self.packed = pack_int8_dynamic_weight(torch.cat([weight, weight.new_zeros(weight.shape[0], 2)], dim=1), None)
         """The weight with two zero columns, which meet the inputs' two bounds (see `forward`)."""
         self.bounds = torch.tensor([1.0, -1.0])
+        self.tiny = torch.finfo(torch.float32).tiny
+        """The least magnitude a row is divided by (an all-zero row stays zero)."""
         self.weight: torch.Tensor = torch.empty_like(linear.weight, device="meta")
         """Only the float weight's shape and dtype (on ``meta``), for code that asks a linear layer for them."""
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
@@ -215,10 +217,12 @@ class Int8Linear(nn.Module):
         rows hold: a token's product is the same alone, in a batch, in a prompt or in a decoding step.
         """
         inputs = inputs.float()
-        magnitudes = inputs.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-        bounded = torch.cat([inputs / magnitudes, self.bounds.expand(*inputs.shape[:-1], 2)], dim=-1)
+        magnitudes = inputs.abs().amax(dim=-1, keepdim=True).clamp(min=self.tiny)
+        bounds = self.bounds.expand(list(inputs.shape[:-1]) + [2])  # noqa: RUF005  no starred list in TorchScript
+        bounded = torch.cat([inputs / magnitudes, bounds], dim=-1)
         outputs = linear_int8_dynamic(bounded, self.packed, reduce_range=self.reduce_range) * magnitudes
-        return outputs if self.bias is None else outputs + self.bias
+        bias = self.bias
+        return outputs if bias is None else outputs + bias
 
     def extra_repr(self) -> str:
         """As ``nn.Linear`` shows itself, with the scheme."""
@@ -246,7 +250,8 @@ class Int4Linear(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inputs @ weight.T + bias``, approximately."""
         outputs = linear_int4(inputs.to(torch.bfloat16).contiguous(), self.packed, self.scales_and_zeros).float()
-        return outputs if self.bias is None else outputs + self.bias
+        bias = self.bias
+        return outputs if bias is None else outputs + bias
 
     def extra_repr(self) -> str:
         """As ``nn.Linear`` shows itself, with the scheme."""

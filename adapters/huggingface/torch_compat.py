@@ -4,13 +4,15 @@ oneDNN's prepacked linear layer is what inductor uses when it freezes a CPU mode
 The quantized linear layers (``adapters.huggingface.quantization``) use FBGEMM's dynamically quantized int8 product,
 reached through per-channel quantized tensors that torch has deprecated, and the CPU's int4 weight-only product,
 a private aten op. The engine's lean decoding pass (``adapters.huggingface.engine.decoder``) reads modules' private hook
-dictionaries, to leave hooked models to their own forward.
+dictionaries, to leave hooked models to their own forward, and compiles each layer's parts with TorchScript, which
+torch has deprecated.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +20,11 @@ from torch.nn.modules import module as module_hooks
 
 INT4_GROUP_SIZE = 32
 """Weights per scale and zero point in `pack_int4_weight` (GGUF's block size)."""
+
+if TYPE_CHECKING:
+    PackedInt8Weight = torch.ScriptObject
+else:  # the class of FBGEMM's packed weights, for TorchScript to read in `linear_int8_dynamic`'s signature
+    PackedInt8Weight = torch.classes.quantized.LinearPackedParamsBase
 
 
 def reorder_linear_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -32,7 +39,7 @@ def linear_pointwise(inputs: torch.Tensor, packed: torch.Tensor, bias: torch.Ten
     return outputs
 
 
-def pack_int8_dynamic_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
+def pack_int8_dynamic_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedInt8Weight:
     """``weight`` (float32, ``[out, in]``) quantized to int8 per output row and packed for FBGEMM.
 
     Symmetric: each row's scale is its largest magnitude over 127. ``torch.quantize_per_channel`` warns that it is
@@ -43,15 +50,21 @@ def pack_int8_dynamic_weight(weight: torch.Tensor, bias: torch.Tensor | None) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         quantized = torch.quantize_per_channel(weight.float(), scales, zero_points, 0, torch.qint8)
-        packed: torch.ScriptObject = torch.ops.quantized.linear_prepack(quantized, bias)
+        packed: PackedInt8Weight = torch.ops.quantized.linear_prepack(quantized, bias)
     return packed
 
 
-def linear_int8_dynamic(inputs: torch.Tensor, packed: torch.ScriptObject, *, reduce_range: bool) -> torch.Tensor:
+def linear_int8_dynamic(
+    inputs: torch.Tensor,
+    packed: PackedInt8Weight,
+    *,
+    reduce_range: bool,
+) -> torch.Tensor:
     """``inputs @ weight.T + bias`` with ``inputs`` quantized per call (``quantized::linear_dynamic``).
 
     ``reduce_range``: the inputs take 7 bits instead of 8, so that kernels summing pairs of products in 16 bits
-    (AVX2's, AVX-512's without VNNI) cannot saturate.
+    (AVX2's, AVX-512's without VNNI) cannot saturate. ``packed``'s annotation names the op's class, which
+    TorchScript needs (`script`).
     """
     outputs: torch.Tensor = torch.ops.quantized.linear_dynamic(inputs, packed, reduce_range)
     return outputs
@@ -74,13 +87,34 @@ def pack_int4_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scales_and_zeros
 
 
-def linear_int4(inputs: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """``inputs @ weight.T`` over a weight from `pack_int4_weight` (``aten._weight_int4pack_mm_for_cpu``, 2-D only)."""
+def linear_int4(
+    inputs: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int = INT4_GROUP_SIZE
+) -> torch.Tensor:
+    """``inputs @ weight.T`` over a weight from `pack_int4_weight` (``aten._weight_int4pack_mm_for_cpu``, 2-D only).
+
+    ``group_size``: always `INT4_GROUP_SIZE`; an argument because TorchScript reads no global (`script`).
+    """
     flat = inputs.reshape(-1, inputs.shape[-1])
     outputs: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(  # noqa: SLF001
-        flat, packed, INT4_GROUP_SIZE, scales_and_zeros
+        flat, packed, group_size, scales_and_zeros
     )
-    return outputs.reshape(*inputs.shape[:-1], outputs.shape[-1])
+    return outputs.reshape(list(inputs.shape[:-1]) + [outputs.shape[-1]])  # noqa: RUF005  no starred list in TorchScript
+
+
+def script(module: nn.Module) -> nn.Module | None:
+    """``module`` compiled by TorchScript (``torch.jit.script``), or ``None`` where it cannot be compiled.
+
+    A compiled module runs its ops, and its submodules', from C++: no Python between two ops. Torch 2.13 deprecates
+    TorchScript for ``torch.compile``, which compiles for a minute and once per shape (README, "What was tried"); the
+    warning is silenced here, and the canary in ``tests/test_compat.py`` checks that it still compiles and gives the
+    same numbers. The compiled module shares ``module``'s parameters and buffers.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return torch.jit.script(module)
+        except Exception:  # noqa: BLE001  TorchScript raises many kinds; the caller keeps the module as it is
+            return None
 
 
 def has_forward_hooks(modules: Iterable[nn.Module]) -> bool:
@@ -102,4 +136,5 @@ __all__ = [
     "pack_int4_weight",
     "pack_int8_dynamic_weight",
     "reorder_linear_weight",
+    "script",
 ]
