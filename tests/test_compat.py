@@ -110,21 +110,41 @@ def test_the_growing_cache_stands_in_for_the_models_own(tiny):
 def test_torch_module_hooks_are_where_the_compat_module_reads_them():
     """The lean decoder leaves a model to its own forward while a hook waits on a module it bypasses."""
     layer, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    assert not torch_compat.has_forward_hooks([layer, other])
+    watch = torch_compat.forward_hooks_watch([layer, other])  # made before the hooks: torch fills its dictionaries
+    assert not watch()
     for register in (torch.nn.Module.register_forward_hook, torch.nn.Module.register_forward_pre_hook):
-        handle = register(other, lambda *_: None)
-        assert torch_compat.has_forward_hooks([layer, other]), f"{register.__name__} is not seen: mend torch_compat"
-        handle.remove()
-        assert not torch_compat.has_forward_hooks([layer, other])
+        for options in ({}, {"prepend": True}, {"with_kwargs": True}):
+            handle = register(other, lambda *_, **__: None, **options)
+            assert watch(), f"{register.__name__}({options}) is not seen: mend torch_compat"
+            assert torch_compat.forward_hooks_watch([other])()
+            handle.remove()
+            assert not watch()
     for register_global in (
         torch.nn.modules.module.register_module_forward_hook,
         torch.nn.modules.module.register_module_forward_pre_hook,
     ):
         handle = register_global(lambda *_: None)
         try:
-            assert torch_compat.has_forward_hooks([layer]), f"{register_global.__name__} is not seen: mend torch_compat"
+            assert watch(), f"{register_global.__name__} is not seen: mend torch_compat"
         finally:
             handle.remove()
+
+
+def test_torch_module_children_are_where_the_compat_module_watches_them():
+    """The lean decoder plans its layers again when a part is set anew (LoRA wraps parts at run time)."""
+    block = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    watch = torch_compat.children_watch([block])
+    assert not watch()
+    block[1] = block[1]  # the same module again: nothing changed
+    assert not watch()
+    block[1] = torch.nn.GELU()
+    assert watch(), "a replaced child is not seen: mend torch_compat"
+    watch = torch_compat.children_watch([block])
+    block.extra = torch.nn.Identity()
+    assert watch(), "a new child is not seen: mend torch_compat"
+    watch = torch_compat.children_watch([block])
+    del block.extra
+    assert watch(), "a removed child is not seen: mend torch_compat"
 
 
 def test_torch_onednn_ops_are_where_the_compat_module_calls_them():

@@ -11,7 +11,7 @@ torch has deprecated.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -117,19 +117,47 @@ def script(module: nn.Module) -> nn.Module | None:
             return None
 
 
-def has_forward_hooks(modules: Iterable[nn.Module]) -> bool:
-    """Whether a forward hook or pre-hook is registered on any of ``modules``, or on every module (torch's globals).
+def forward_hooks_watch(modules: Iterable[nn.Module]) -> Callable[[], bool]:
+    """A check, to call as often as needed, of whether a forward hook or pre-hook waits on any of ``modules``.
 
-    Reads ``nn.Module``'s hook dictionaries, which torch keeps private.
+    Or on every module (torch's globals). It holds ``nn.Module``'s hook dictionaries, which torch keeps private and
+    fills and empties in place, so a call is one pass over them in C: the lean decoder asks before every step, about
+    its layers' 450 modules (reading them module by module took a quarter of a millisecond of each step).
     """
-    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:  # noqa: SLF001
-        return True
-    return any(module._forward_hooks or module._forward_pre_hooks for module in modules)  # noqa: SLF001
+    dictionaries = tuple(
+        hooks
+        for module in dict.fromkeys(modules)
+        for hooks in (module._forward_hooks, module._forward_pre_hooks)  # noqa: SLF001
+    )
+
+    def hooked() -> bool:
+        if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:  # noqa: SLF001
+            return True
+        return any(dictionaries)
+
+    return hooked
+
+
+def children_watch(modules: Iterable[nn.Module]) -> Callable[[], bool]:
+    """A check of whether any of ``modules`` has had a child module set, replaced or removed since the watch was made.
+
+    It compares the modules' child dictionaries (private to ``nn.Module``, which sets children in them in place)
+    with what they held: 29 us for SmolLM2's 30 layers and their blocks, where looking up the lean decoder's parts
+    layer by layer took 290 us of each step.
+    """
+    dictionaries = tuple(module._modules for module in dict.fromkeys(modules))  # noqa: SLF001
+    held = tuple(tuple(children.items()) for children in dictionaries)
+
+    def changed() -> bool:
+        return tuple(tuple(children.items()) for children in dictionaries) != held
+
+    return changed
 
 
 __all__ = [
     "INT4_GROUP_SIZE",
-    "has_forward_hooks",
+    "children_watch",
+    "forward_hooks_watch",
     "linear_int4",
     "linear_int8_dynamic",
     "linear_pointwise",

@@ -38,7 +38,7 @@ from torch import nn
 
 from adapters.huggingface.engine import attention
 from adapters.huggingface.shared_input import stacked_product
-from adapters.huggingface.torch_compat import has_forward_hooks, script
+from adapters.huggingface.torch_compat import children_watch, forward_hooks_watch, script
 from adapters.huggingface.transformers_compat import cache_layers, growing_cache, layer_kv
 
 if TYPE_CHECKING:
@@ -75,8 +75,10 @@ class LeanDecoder:
         )
         """The modules whose own ``forward`` this decoder does the work of, instead of calling it."""
         self._layers: tuple[LayerPlan, ...] = ()
-        self._watched: tuple[nn.Module, ...] = ()
-        """`bypassed` and every layer's parts, which a compiled plan calls without their hooks."""
+        self._hooked: Callable[[], bool] = lambda: False
+        """Watches `bypassed` and every layer's parts, which a compiled plan calls without their hooks."""
+        self._replaced: Callable[[], bool] = lambda: True
+        """Watches the layers and their blocks for a part set anew (LoRA wraps parts at run time)."""
         self._planned()
 
     def hooked(self) -> bool:
@@ -84,7 +86,7 @@ class LeanDecoder:
 
         A compiled layer runs its parts without their hooks, and a stacked product stands in for its slices.
         """
-        return has_forward_hooks(self._watched)
+        return self._hooked()
 
     def compiled_layers(self) -> int:
         """How many layers run compiled by TorchScript (`LayerPlan.compiled`)."""
@@ -138,17 +140,23 @@ class LeanDecoder:
         return logits
 
     def _planned(self) -> tuple[LayerPlan, ...]:
-        """Each layer's plan, made again for a layer whose parts are not the ones it was made of (LoRA wraps some)."""
+        """Each layer's plan, made again for a layer whose parts are not the ones it was made of (LoRA wraps some).
+
+        Looked into only when a part was set anew in a layer or its blocks (`children_watch`).
+        """
+        if not self._replaced():
+            return self._layers
+        layers = self.model.model.layers
         plans = list(self._layers)
-        changed = False
-        for index, layer in enumerate(self.model.model.layers):
+        for index, layer in enumerate(layers):
             parts = LayerPlan.parts_of(layer)
             if index >= len(plans) or plans[index].parts != parts:
                 plans[index : index + 1] = [LayerPlan.of(layer, parts)]
-                changed = True
-        if changed:
-            self._layers = tuple(plans)
-            self._watched = (*self.bypassed, *(part for plan in plans for part in plan.parts))
+        self._layers = tuple(plans[: len(layers)])
+        self._hooked = forward_hooks_watch((*self.bypassed, *(part for plan in plans for part in plan.parts)))
+        self._replaced = children_watch(
+            (self.model.model, layers, *(block for layer in layers for block in (layer, layer.self_attn, layer.mlp)))
+        )
         return self._layers
 
 
