@@ -209,7 +209,7 @@ class LayerOutput(nn.Module):
         self.products = nn.ModuleList(products)
         self.down_proj = mlp.down_proj
         self.act_fn = mlp.act_fn
-        self.sizes: list[int] = [mlp.gate_proj.out_features, mlp.up_proj.out_features]
+        self.sizes = [mlp.gate_proj.out_features, mlp.up_proj.out_features]  # unannotated: TorchScript infers it
 
     def forward(self, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The layer's output, from its input ``hidden`` and its attention's output ``attended``.
