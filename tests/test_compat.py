@@ -62,6 +62,15 @@ def test_transformers_generate_helpers_are_where_the_compat_module_calls_them(na
     hook(GenerationMixin, name, *parameters)
 
 
+def test_transformers_causal_mask_is_what_the_compat_module_calls():
+    """The lean prefill builds its attention mask with the function and keywords Llama's forward uses."""
+    from transformers import masking_utils  # noqa: PLC0415
+    from transformers.models.llama import modeling_llama  # noqa: PLC0415
+
+    hook(masking_utils, "create_causal_mask", "config", "inputs_embeds", "attention_mask", "cache", "position_ids")
+    assert modeling_llama.create_causal_mask is masking_utils.create_causal_mask, "Llama builds its mask otherwise"
+
+
 def test_transformers_dynamic_layer_keeps_the_members_the_growing_layer_relies_on():
     for name in ("update", "lazy_initialization", "get_seq_length"):
         hook(DynamicLayer, name)

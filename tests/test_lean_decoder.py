@@ -23,17 +23,23 @@ from adapters.huggingface.engine.forward import Forward
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.loading import load_model
 from adapters.huggingface.quantization import kernel_works
-from adapters.huggingface.transformers_compat import growing_cache
+from adapters.huggingface.transformers_compat import cache_layers, growing_cache, layer_kv
 from tests.test_huggingface_generator import ForwardCounter, collect, greedy, tokens_of
 from tests.tiny_model import build_tiny_model
 
 
 class CountingDecoder:
-    """Stands in for an engine's `LeanDecoder`, counting the rows of each pass it runs."""
+    """Stands in for an engine's `LeanDecoder`, counting the rows of each pass it runs (decoding steps and prefills
+    apart)."""
 
     def __init__(self, decoder: LeanDecoder) -> None:
         self.decoder = decoder
         self.rows: list[int] = []
+        self.prefilled: list[int] = []
+
+    @property
+    def prefills(self) -> bool:
+        return self.decoder.prefills
 
     def hooked(self) -> bool:
         return self.decoder.hooked()
@@ -41,6 +47,10 @@ class CountingDecoder:
     def __call__(self, ids: torch.Tensor, *args: object) -> torch.Tensor:
         self.rows.append(ids.shape[0])
         return self.decoder(ids, *args)  # type: ignore[arg-type]
+
+    def prefill(self, ids: torch.Tensor, *args: object, keep: int) -> torch.Tensor:
+        self.prefilled.append(ids.shape[0])
+        return self.decoder.prefill(ids, *args, keep=keep)  # type: ignore[arg-type]
 
 
 def counted(generator: BatchingGenerator) -> CountingDecoder:
@@ -79,7 +89,7 @@ def lean(directory, scheme: str) -> tuple[torch.nn.Module, Forward, LeanDecoder]
     model = load_model(str(directory), device="cpu", quantize=scheme).model
     attention.install()
     forward = Forward(model)
-    decoder = LeanDecoder.for_model(model, forward.model_step)
+    decoder = LeanDecoder.for_model(model, forward.model_step, forward.model_pass)
     assert decoder is not None
     return model, forward, decoder
 
@@ -105,6 +115,29 @@ def test_steps_and_verifying_passes_give_transformers_logits_bit_for_bit(tiny_di
             actual = decoder(*arguments, mine)
             assert actual.shape == (3, fed, model.config.vocab_size)
             assert torch.equal(actual, expected), (start, fed)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_prefill_gives_transformers_logits_bit_for_bit(tiny_dir, scheme):
+    """Rows of other lengths left-padded, then the rest of each prompt after a cached prefix laid out as the engine
+    lays out prefix-cache hits (``[zeros | prefix | zeros | rest]``): every position's logits and the cache as
+    transformers' forward leaves them."""
+    model, forward, decoder = lean(tiny_dir, scheme)
+    assert decoder.prefills
+    ids = torch.randint(3, 390, (3, 24), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # a shorter prefix
+    mask[1, 9:12] = 0  # a shorter rest, right-aligned after the prefixes' columns
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        theirs, mine = growing_cache(model.config), growing_cache(model.config)
+        for start, end in ((0, 9), (9, 24)):
+            arguments = (ids[:, start:end], positions[:, start:end], mask[:, :end])
+            expected = forward.model_pass(*arguments, theirs, keep=end - start)
+            actual = decoder.prefill(*arguments, mine, keep=end - start)
+            assert torch.equal(actual, expected), (start, end)
+        for a, b in zip(cache_layers(theirs), cache_layers(mine), strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(layer_kv(a), layer_kv(b), strict=True))
 
 
 class Doubled(torch.nn.Module):
@@ -201,7 +234,8 @@ def test_a_hook_on_a_part_of_a_layer_sees_every_step(tiny_dir, part):
             handle.remove()
         assert hooked == unhooked
         assert counter.rows == [1] * 5  # no more lean passes
-        assert calls[1:] == [1] * 5  # the prefill, then each step
+        assert counter.prefilled == [1]
+        assert calls == [len(prompt)] + [1] * 5  # the prefill, then each step
     finally:
         generator.close()
 
@@ -255,6 +289,7 @@ def test_the_engine_decodes_through_it_as_the_plain_generator(tiny_dir):
 
         assert asyncio.run(together()) == expected
         assert max(counter.rows) == 3  # the rows decoded together, through the lean decoder
+        assert sum(counter.prefilled) == 3  # each was prefilled through it
         assert generator.drafts.proposed > 0  # and it ran verifying passes
     finally:
         generator.close()
@@ -270,12 +305,14 @@ def test_a_hooked_model_decodes_through_its_own_forward(tiny_dir):
         prompt = generator.encode("Hello, world!", add_special_tokens=True)
         unhooked = tokens_of(collect(generator, prompt, greedy(max_new_tokens=6)))
         assert counter.rows == [1] * 5  # the first token comes from the prefill
+        assert counter.prefilled == [1]
         hook = ForwardCounter()
         with hook.attached(model):
             hooked = tokens_of(collect(generator, prompt, greedy(max_new_tokens=6)))
         assert hooked == unhooked
         assert counter.rows == [1] * 5  # no more lean passes
-        assert hook.lengths[1:] == [1] * 5  # the hook saw each step
+        assert counter.prefilled == [1]
+        assert hook.lengths == [len(prompt)] + [1] * 5  # the hook saw the prefill and each step
     finally:
         generator.close()
 

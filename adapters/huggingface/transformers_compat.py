@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import create_causal_mask
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -97,6 +98,27 @@ def reorder_cache(model: Any, cache: Any, beam_indices: torch.Tensor) -> Any:  #
         return model._reorder_cache(cache, beam_indices)  # noqa: SLF001
     cache.reorder_cache(beam_indices)
     return cache
+
+
+# --- a decoder's forward --------------------------------------------------------------------------------------------
+
+
+def causal_mask(
+    config: PretrainedConfig,
+    embeddings: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: DynamicCache,
+    positions: torch.Tensor,
+) -> torch.Tensor | None:
+    """The attention mask a Llama-style model's forward builds for ``embeddings`` after ``cache`` (``None``: causal).
+
+    The same call as ``LlamaModel.forward`` makes (its keywords moved between releases: ``past_key_values`` became
+    ``cache``), for the engine's lean prefill to attend exactly as transformers' forward does.
+    """
+    mask: torch.Tensor | None = create_causal_mask(
+        config=config, inputs_embeds=embeddings, attention_mask=attention_mask, cache=cache, position_ids=positions
+    )
+    return mask
 
 
 # --- the key/value cache's layers ------------------------------------------------------------------------------------
@@ -188,6 +210,7 @@ def layer_kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
 __all__ = [
     "GrowingLayer",
     "cache_layers",
+    "causal_mask",
     "crop_cache",
     "eos_token_tensor",
     "growing_cache",

@@ -87,6 +87,20 @@ def each_query(
     return torch.cat(outputs, dim=1)
 
 
+def whole_prompt(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Transformers' sdpa attention of a prefill's new positions, as a Llama-style layer's forward calls it.
+
+    ``query``: ``[batch, heads, positions, dim]``; ``mask``: what `transformers_compat.causal_mask` built (``None``:
+    causal). Returns ``[batch, positions, heads, dim]``. Outside `one_query_at_a_time`, `per_query` is this call.
+    """
+    output: torch.Tensor = sdpa_attention_forward(
+        module, query, key, value, mask, dropout=0.0, scaling=getattr(module, "scaling", None)
+    )[0]
+    return output
+
+
 def one_query(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -126,4 +140,13 @@ def installed() -> bool:
     return ALL_ATTENTION_FUNCTIONS.get("sdpa") is per_query
 
 
-__all__ = ["Attend", "each_query", "install", "installed", "one_query", "one_query_at_a_time", "per_query"]
+__all__ = [
+    "Attend",
+    "each_query",
+    "install",
+    "installed",
+    "one_query",
+    "one_query_at_a_time",
+    "per_query",
+    "whole_prompt",
+]

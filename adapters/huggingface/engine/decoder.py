@@ -21,7 +21,12 @@ It is used only where it gives transformers' logits bit for bit: a model qualifi
 decoder: embedding, layers of norm / attention / norm / gated MLP, final norm, output projection, full attention)
 and by a probe at start-up that runs one-token steps and a verifying pass both ways, left padding included, and
 compares the logits exactly. Anything else (other families, sliding windows, another attention implementation, a
-probe that differs) keeps transformers' forward. Prefill stays transformers': it runs once a request.
+probe that differs) keeps transformers' forward.
+
+Prefills go through the same compiled halves (`LeanDecoder.prefill`), with the attention mask transformers builds
+and its own sdpa call, where a second probe (`probe_prefill`: left padding, and the rest of a prompt after cached
+columns) finds transformers' logits and cache bit for bit; else they keep transformers' forward. The uncached
+dozen tokens of a chat prompt took 31 against 45 ms on the 2-core Xeon (int8, alternating in one process).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from torch import nn
 from adapters.huggingface.engine import attention
 from adapters.huggingface.shared_input import stacked_product
 from adapters.huggingface.torch_compat import children_watch, forward_hooks_watch, script
-from adapters.huggingface.transformers_compat import cache_layers, growing_cache, layer_kv
+from adapters.huggingface.transformers_compat import cache_layers, causal_mask, growing_cache, layer_kv
 
 if TYPE_CHECKING:
     from transformers import DynamicCache, PreTrainedModel
@@ -54,6 +59,9 @@ STACKED_PREFIX = "shared_input_"
 
 ModelStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "DynamicCache"], torch.Tensor]
 """``(ids, positions, mask, cache) -> logits`` of every new position: a decoding step or verifying pass."""
+
+ModelPass = Callable[..., torch.Tensor]
+"""``(ids, positions, mask, cache, *, keep) -> logits`` of the last ``keep`` positions: a prefill."""
 
 
 class LeanDecoder:
@@ -79,6 +87,8 @@ class LeanDecoder:
         """Watches `bypassed` and every layer's parts, which a compiled plan calls without their hooks."""
         self._replaced: Callable[[], bool] = lambda: True
         """Watches the layers and their blocks for a part set anew (LoRA wraps parts at run time)."""
+        self.prefills = False
+        """Whether `prefill` gives transformers' prefill bit for bit (`probe_prefill` found it so)."""
         self._planned()
 
     def hooked(self) -> bool:
@@ -93,10 +103,13 @@ class LeanDecoder:
         return sum(plan.compiled for plan in self._layers)
 
     @classmethod
-    def for_model(cls, model: PreTrainedModel, reference: ModelStep) -> LeanDecoder | None:
+    def for_model(
+        cls, model: PreTrainedModel, reference: ModelStep, prefill_reference: ModelPass | None = None
+    ) -> LeanDecoder | None:
         """A decoder for ``model`` if its shape qualifies and its probe matches ``reference`` exactly, else ``None``.
 
-        ``reference``: the engine's step through transformers' forward (the probe compares against it).
+        ``reference``: the engine's step through transformers' forward (the probe compares against it);
+        ``prefill_reference``: its prefill, against which `probe_prefill` decides whether `prefill` is used.
         """
         reason = unsupported(model)
         if reason is None:
@@ -106,10 +119,19 @@ class LeanDecoder:
             except Exception as error:  # noqa: BLE001  any failure keeps transformers' forward
                 reason = f"the probe failed: {type(error).__name__}: {error}"
             if reason is None:
+                prefill_reason = "no reference" if prefill_reference is None else None
+                if prefill_reference is not None:
+                    try:
+                        prefill_reason = probe_prefill(decoder, prefill_reference)
+                    except Exception as error:  # noqa: BLE001  prefills keep transformers' forward
+                        prefill_reason = f"the probe failed: {type(error).__name__}: {error}"
+                decoder.prefills = prefill_reason is None
                 log.info(
                     "engine.lean_decoder.ready",
                     layers=len(decoder.model.model.layers),
                     compiled_layers=decoder.compiled_layers(),
+                    prefills=decoder.prefills,
+                    **({} if prefill_reason is None else {"prefill_unavailable": prefill_reason}),
                 )
                 return decoder
         log.info("engine.lean_decoder.unavailable", reason=reason)
@@ -137,6 +159,28 @@ class LeanDecoder:
             hidden = layer.output(hidden, attended)
         hidden = inner.norm(hidden)
         logits: torch.Tensor = self.model.get_output_embeddings()(hidden)
+        return logits
+
+    def prefill(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, *, keep: int
+    ) -> torch.Tensor:
+        """The last ``keep`` positions' logits of a prefill, ``[rows, keep, vocab]``, as transformers' forward has them.
+
+        The arguments are `__call__`'s, any number of new positions after ``cache``'s columns (none, or a cached
+        prefix). The attention takes the mask transformers builds and its sdpa call (`attention.whole_prompt`); the
+        rest is each layer's compiled halves, which compute each position on its own.
+        """
+        inner = self.model.model
+        hidden = inner.embed_tokens(ids)
+        attention_mask = causal_mask(self.model.config, hidden, None if bool(mask.all()) else mask, cache, positions)
+        cos, sin = inner.rotary_emb(hidden, positions)
+        angles = cos.unsqueeze(2), signed_sines(sin).unsqueeze(2)
+        for layer, cache_layer in zip(self._planned(), cache_layers(cache), strict=True):
+            queries, keys, values = layer.attention_input(hidden, *angles)
+            keys, values = cache_layer.update(keys, values)
+            attended = attention.whole_prompt(layer.attention_module, queries, keys, values, attention_mask)
+            hidden = layer.output(hidden, attended)
+        logits: torch.Tensor = self.model.get_output_embeddings()(inner.norm(hidden[:, -keep:]))
         return logits
 
     def _planned(self) -> tuple[LayerPlan, ...]:
@@ -241,6 +285,9 @@ class LayerPlan:
     attention_input: nn.Module
     """`AttentionInput`, compiled by TorchScript where it can be."""
     attend: attention.Attend
+    """The attention of one query position (a decoding step's)."""
+    attention_module: nn.Module
+    """The layer's attention block, which a prefill's attention reads (`attention.whole_prompt`)."""
     output: nn.Module
     """`LayerOutput`, compiled by TorchScript where it can be."""
     compiled: bool
@@ -288,6 +335,7 @@ class LayerPlan:
             attend=functools.partial(
                 attention.one_query, groups=attention_module.num_key_value_groups, scaling=attention_module.scaling
             ),
+            attention_module=attention_module,
             output=cast("nn.Module", output),
             compiled=both,
         )
@@ -401,4 +449,47 @@ def probe(decoder: LeanDecoder, reference: ModelStep) -> str | None:
     return None
 
 
-__all__ = ["LeanDecoder", "ModelStep", "probe", "rotate", "signed_sines", "step_attention_mask", "unsupported"]
+def probe_prefill(decoder: LeanDecoder, reference: ModelPass) -> str | None:
+    """Prefill through ``decoder`` and ``reference``; why they differ, or ``None``.
+
+    Two rows, the first left-padded, every position's logits compared; then three more positions after the cached
+    ones, as the engine prefills the rest of a prompt whose beginning came from the prefix cache.
+    """
+    model = decoder.model
+    device = model.device
+    ids = torch.randint(
+        0, int(model.config.vocab_size), (PROBE_ROWS, PROBE_PROMPT + 3), generator=torch.Generator().manual_seed(1)
+    )
+    ids = ids.to(device)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        theirs, mine = growing_cache(model.config), growing_cache(model.config)
+        for start, end in ((0, PROBE_PROMPT), (PROBE_PROMPT, PROBE_PROMPT + 3)):
+            arguments = (ids[:, start:end], positions[:, start:end], mask[:, :end])
+            keep = end - start
+            expected = reference(*arguments, theirs, keep=keep)
+            actual = decoder.prefill(*arguments, mine, keep=keep)
+            if not torch.equal(expected, actual):
+                difference = float((expected - actual).abs().max())
+                return f"its prefill logits differ from transformers' by up to {difference:.3g}"
+        if any(
+            not torch.equal(layer_kv(a)[0], layer_kv(b)[0])
+            for a, b in zip(cache_layers(theirs), cache_layers(mine), strict=True)
+        ):
+            return "its prefill's cached keys differ from transformers'"
+    return None
+
+
+__all__ = [
+    "LeanDecoder",
+    "ModelPass",
+    "ModelStep",
+    "probe",
+    "probe_prefill",
+    "rotate",
+    "signed_sines",
+    "step_attention_mask",
+    "unsupported",
+]

@@ -43,7 +43,11 @@ class Forward:
 
         Float32 is what ``generate`` samples from; only those positions go through the output projection.
         ``adapters``: each row's LoRA adapter (``None``: the base model); none given, every row is the base model's.
+        The lean decoder runs it where its prefill gives transformers' (`LeanDecoder.prefills`) and no hook waits.
         """
+        decoder = self.decoder
+        if decoder is not None and decoder.prefills and cache is not None and not decoder.hooked():
+            return self._timed(lambda: decoder.prefill(ids, positions, mask, cache, keep=keep), ids, adapters)
         return self._timed(lambda: self.model_pass(ids, positions, mask, cache, keep=keep), ids, adapters)
 
     def step(

@@ -73,7 +73,7 @@ class BatchingGenerator(TellsModelFacts):
         if self.batchable_model:
             model = self.model
             forward.decoder = on_own_thread(  # its OpenMP team ends with it (see `on_own_thread`)
-                lambda: LeanDecoder.for_model(model, forward.model_step), name="lean-decoder-probe"
+                lambda: LeanDecoder.for_model(model, forward.model_step, forward.model_pass), name="lean-decoder-probe"
             )
         self._engine = EngineLoop(
             forward,
