@@ -140,6 +140,18 @@ def test_a_prefill_gives_transformers_logits_bit_for_bit(tiny_dir, scheme):
             assert all(torch.equal(x, y) for x, y in zip(layer_kv(a), layer_kv(b), strict=True))
 
 
+def after_a_prompt(model, forward: Forward, *, seed: int):
+    """Two rows prefilled with 10 tokens through transformers' forward: the next step's arguments and two copies
+    of the cache (``theirs``, ``mine``)."""
+    ids = torch.randint(3, 390, (2, 11), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    positions = torch.arange(11).expand(2, -1)
+    with torch.inference_mode():
+        theirs = growing_cache(model.config)
+        forward.model_pass(ids[:, :10], positions[:, :10], mask[:, :10], theirs, keep=1)
+    return (ids[:, 10:11], positions[:, 10:11], mask), theirs, copy.deepcopy(theirs)
+
+
 class Doubled(torch.nn.Module):
     """Wraps a layer and doubles its output, as a LoRA wrapper changes what a layer gives (and, as that wrapper
     does, passes reads of the layer's attributes on)."""
@@ -158,14 +170,8 @@ def test_a_layer_replaced_after_the_first_pass_is_the_one_the_next_pass_calls(ti
     """The decoder plans each layer once, and again when one of its parts is another module (LoRA wraps layers at
     run time, while requests decode)."""
     model, forward, decoder = lean(tiny_dir, "none")
-    ids = torch.randint(3, 390, (2, 12), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(ids)
-    positions = torch.arange(12).expand(2, -1)
+    arguments, theirs, mine = after_a_prompt(model, forward, seed=4)
     with torch.inference_mode():
-        theirs = growing_cache(model.config)
-        forward.model_pass(ids[:, :10], positions[:, :10], mask[:, :10], theirs, keep=1)
-        mine = copy.deepcopy(theirs)
-        arguments = (ids[:, 10:11], positions[:, 10:11], mask[:, :11])
         before = decoder(*arguments, copy.deepcopy(mine))
         parent = model.model.layers[1].mlp if part == "down_proj" else model.model.layers[1].self_attn
         setattr(parent, part, Doubled(getattr(parent, part)))
@@ -195,14 +201,8 @@ def test_a_layer_with_a_part_torchscript_cannot_compile_runs_in_python(tiny_dir)
     layers = model.config.num_hidden_layers
     counted_part = Counted(model.model.layers[0].mlp.down_proj)
     model.model.layers[0].mlp.down_proj = counted_part
-    ids = torch.randint(3, 390, (2, 12), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones_like(ids)
-    positions = torch.arange(12).expand(2, -1)
+    arguments, theirs, mine = after_a_prompt(model, forward, seed=5)
     with torch.inference_mode():
-        theirs = growing_cache(model.config)
-        forward.model_pass(ids[:, :10], positions[:, :10], mask[:, :10], theirs, keep=1)
-        mine = copy.deepcopy(theirs)
-        arguments = (ids[:, 10:11], positions[:, 10:11], mask[:, :11])
         expected = forward.model_step(*arguments, theirs)
         calls = len(counted_part.calls)
         actual = decoder(*arguments, mine)

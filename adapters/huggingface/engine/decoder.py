@@ -420,13 +420,7 @@ def probe(decoder: LeanDecoder, reference: ModelStep) -> str | None:
     only where transformers' attention goes one query at a time (`attention.installed`), as the engine's do.
     """
     model = decoder.model
-    device = model.device
-    vocab = int(model.config.vocab_size)
-    ids = torch.randint(0, vocab, (PROBE_ROWS, PROBE_PROMPT + 4), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(device)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    ids, positions, mask = probe_rows(model, PROBE_PROMPT + 4, seed=0)
     with torch.inference_mode():
         cache = growing_cache(model.config)
         reference(ids[:, :PROBE_PROMPT], positions[:, :PROBE_PROMPT], mask[:, :PROBE_PROMPT], cache)
@@ -437,49 +431,51 @@ def probe(decoder: LeanDecoder, reference: ModelStep) -> str | None:
         for start, fed in passes:
             end = start + fed
             arguments = (ids[:, start:end], positions[:, start:end], mask[:, :end])
-            expected, actual = reference(*arguments, theirs), decoder(*arguments, mine)
-            if not torch.equal(expected, actual):
-                difference = float((expected - actual).abs().max())
-                return f"its logits differ from transformers' by up to {difference:.3g} ({fed} new positions)"
-        if any(
-            not torch.equal(layer_kv(a)[0], layer_kv(b)[0])
-            for a, b in zip(cache_layers(theirs), cache_layers(mine), strict=True)
-        ):
-            return "its cached keys differ from transformers'"
-    return None
+            reason = difference(reference(*arguments, theirs), decoder(*arguments, mine), f"{fed} new positions")
+            if reason is not None:
+                return reason
+        return None if same_keys(theirs, mine) else "its cached keys differ from transformers'"
 
 
 def probe_prefill(decoder: LeanDecoder, reference: ModelPass) -> str | None:
     """Prefill through ``decoder`` and ``reference``; why they differ, or ``None``.
 
-    Two rows, the first left-padded, every position's logits compared; then three more positions after the cached
-    ones, as the engine prefills the rest of a prompt whose beginning came from the prefix cache.
+    `probe`'s two rows, every position's logits compared; then three more positions after the cached ones, as the
+    engine prefills the rest of a prompt whose beginning came from the prefix cache.
     """
     model = decoder.model
-    device = model.device
-    ids = torch.randint(
-        0, int(model.config.vocab_size), (PROBE_ROWS, PROBE_PROMPT + 3), generator=torch.Generator().manual_seed(1)
-    )
-    ids = ids.to(device)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    ids, positions, mask = probe_rows(model, PROBE_PROMPT + 3, seed=1)
     with torch.inference_mode():
         theirs, mine = growing_cache(model.config), growing_cache(model.config)
         for start, end in ((0, PROBE_PROMPT), (PROBE_PROMPT, PROBE_PROMPT + 3)):
             arguments = (ids[:, start:end], positions[:, start:end], mask[:, :end])
-            keep = end - start
-            expected = reference(*arguments, theirs, keep=keep)
-            actual = decoder.prefill(*arguments, mine, keep=keep)
-            if not torch.equal(expected, actual):
-                difference = float((expected - actual).abs().max())
-                return f"its prefill logits differ from transformers' by up to {difference:.3g}"
-        if any(
-            not torch.equal(layer_kv(a)[0], layer_kv(b)[0])
-            for a, b in zip(cache_layers(theirs), cache_layers(mine), strict=True)
-        ):
-            return "its prefill's cached keys differ from transformers'"
-    return None
+            expected = reference(*arguments, theirs, keep=end - start)
+            reason = difference(expected, decoder.prefill(*arguments, mine, keep=end - start), "prefill")
+            if reason is not None:
+                return reason
+        return None if same_keys(theirs, mine) else "its prefill's cached keys differ from transformers'"
+
+
+def probe_rows(model: Any, length: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN401
+    """A probe's ``(ids, positions, mask)``: `PROBE_ROWS` rows of ``length`` random tokens, the first left-padded."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, int(model.config.vocab_size), (PROBE_ROWS, length), generator=generator).to(model.device)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return ids, (mask.cumsum(dim=1) - 1).clamp(min=0), mask
+
+
+def difference(expected: torch.Tensor, actual: torch.Tensor, what: str) -> str | None:
+    """Why ``actual`` logits are not ``expected`` bit for bit, or ``None``."""
+    if torch.equal(expected, actual):
+        return None
+    return f"its logits differ from transformers' by up to {float((expected - actual).abs().max()):.3g} ({what})"
+
+
+def same_keys(theirs: DynamicCache, mine: DynamicCache) -> bool:
+    """Whether two caches hold the same keys, bit for bit."""
+    pairs = zip(cache_layers(theirs), cache_layers(mine), strict=True)
+    return all(torch.equal(layer_kv(a)[0], layer_kv(b)[0]) for a, b in pairs)
 
 
 __all__ = [
