@@ -3,9 +3,9 @@
 oneDNN's prepacked linear layer is what inductor uses when it freezes a CPU model; torch offers it only as private ops.
 The quantized linear layers (``adapters.huggingface.quantization``) use FBGEMM's dynamically quantized int8 product,
 reached through per-channel quantized tensors that torch has deprecated, and the CPU's int4 weight-only product,
-a private aten op. The engine's lean decoding pass (``adapters.huggingface.engine.decoder``) reads modules' private hook
-dictionaries, to leave hooked models to their own forward, and compiles each layer's parts with TorchScript, which
-torch has deprecated.
+a private aten op. The engine's lean decoding pass (``adapters.huggingface.engine.decoder``) watches modules' private
+hook and child dictionaries, to leave hooked models to their own forward and to notice a part set anew, and compiles
+each layer's parts with TorchScript, which torch has deprecated.
 """
 
 from __future__ import annotations
