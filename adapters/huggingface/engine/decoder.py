@@ -119,7 +119,7 @@ class LeanDecoder:
             except Exception as error:  # noqa: BLE001  any failure keeps transformers' forward
                 reason = f"the probe failed: {type(error).__name__}: {error}"
             if reason is None:
-                prefill_reason = "no reference" if prefill_reference is None else None
+                prefill_reason: str | None = "no reference"
                 if prefill_reference is not None:
                     try:
                         prefill_reason = probe_prefill(decoder, prefill_reference)
@@ -147,18 +147,13 @@ class LeanDecoder:
         its place would (`attention.each_query`).
         """
         inner = self.model.model
-        fed = ids.shape[1]
-        hidden = inner.embed_tokens(ids)
-        cos, sin = inner.rotary_emb(hidden, positions)
-        angles = cos.unsqueeze(2), signed_sines(sin).unsqueeze(2)  # [rows, fed, 1, head_dim]: broadcast over heads
-        attention_mask = step_attention_mask(mask, fed)
-        for layer, cache_layer in zip(self._planned(), cache_layers(cache), strict=True):
-            queries, keys, values = layer.attention_input(hidden, *angles)
-            keys, values = cache_layer.update(keys, values)
-            attended = attention.each_query(queries, keys, values, attention_mask, layer.attend)
-            hidden = layer.output(hidden, attended)
-        hidden = inner.norm(hidden)
-        logits: torch.Tensor = self.model.get_output_embeddings()(hidden)
+        attention_mask = step_attention_mask(mask, ids.shape[1])
+
+        def attend(layer: LayerPlan, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            return attention.each_query(queries, keys, values, attention_mask, layer.attend)
+
+        hidden = self._through_layers(inner.embed_tokens(ids), positions, cache, attend)
+        logits: torch.Tensor = self.model.get_output_embeddings()(inner.norm(hidden))
         return logits
 
     def prefill(
@@ -171,17 +166,37 @@ class LeanDecoder:
         rest is each layer's compiled halves, which compute each position on its own.
         """
         inner = self.model.model
-        hidden = inner.embed_tokens(ids)
-        attention_mask = causal_mask(self.model.config, hidden, None if bool(mask.all()) else mask, cache, positions)
-        cos, sin = inner.rotary_emb(hidden, positions)
-        angles = cos.unsqueeze(2), signed_sines(sin).unsqueeze(2)
+        embeddings = inner.embed_tokens(ids)
+        attention_mask = causal_mask(
+            self.model.config, embeddings, None if bool(mask.all()) else mask, cache, positions
+        )
+
+        def attend(layer: LayerPlan, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            return attention.whole_prompt(layer.attention_module, queries, keys, values, attention_mask)
+
+        hidden = self._through_layers(embeddings, positions, cache, attend)
+        logits: torch.Tensor = self.model.get_output_embeddings()(inner.norm(hidden[:, -keep:]))
+        return logits
+
+    def _through_layers(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        attend: Callable[[LayerPlan, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The embeddings ``hidden`` through every layer, the new keys and values added to ``cache``.
+
+        ``attend(layer, queries, keys, values)``: the layer's attention over the cached and new keys (a decoding
+        step's, one query at a time, or a prefill's).
+        """
+        cos, sin = self.model.model.rotary_emb(hidden, positions)
+        angles = cos.unsqueeze(2), signed_sines(sin).unsqueeze(2)  # [rows, fed, 1, head_dim]: broadcast over heads
         for layer, cache_layer in zip(self._planned(), cache_layers(cache), strict=True):
             queries, keys, values = layer.attention_input(hidden, *angles)
             keys, values = cache_layer.update(keys, values)
-            attended = attention.whole_prompt(layer.attention_module, queries, keys, values, attention_mask)
-            hidden = layer.output(hidden, attended)
-        logits: torch.Tensor = self.model.get_output_embeddings()(inner.norm(hidden[:, -keep:]))
-        return logits
+            hidden = layer.output(hidden, attend(layer, queries, keys, values))
+        return hidden
 
     def _planned(self) -> tuple[LayerPlan, ...]:
         """Each layer's plan, made again for a layer whose parts are not the ones it was made of (LoRA wraps some).
