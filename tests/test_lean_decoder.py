@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from transformers import (
+    AttentionInterface,
     AutoModelForCausalLM,
     AutoTokenizer,
     GraniteConfig,
@@ -15,6 +16,7 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from adapters.huggingface.engine import BatchingGenerator, Speculation, attention
@@ -264,6 +266,69 @@ def test_the_mask_of_a_verifying_pass_is_causal_among_the_new_positions():
         [[[True, True, True, False, False], [True, True, True, True, False], [True, True, True, True, True]]],
     ]
     assert step_attention_mask(mask, 3).tolist() == expected
+
+
+def test_one_query_takes_the_grouped_heads_under_a_mask_on_the_cpu():
+    """A left-padded batch's one-query attention: transformers' numbers (to rounding), from torch's grouped-query
+    kernel (where transformers would lay a key head's query heads out as its positions), which gives a row with
+    nothing masked the numbers it gets in the same batch with no mask at all."""
+    generator = torch.Generator().manual_seed(4)
+    query, key, value = (
+        torch.randn(3, 9, 1, 64, generator=generator),
+        *torch.randn(2, 3, 3, 40, 64, generator=generator),
+    )
+    mask = torch.ones(3, 1, 1, 40, dtype=torch.bool)
+    mask[1, ..., :7] = False
+    mask[2, ..., :30] = False
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    theirs = sdpa_attention_forward(module, query, key, value, mask, scaling=0.125)[0]
+    mine = attention.one_query(query, key, value, mask, groups=3, scaling=0.125)
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    grouped = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=0.125, enable_gqa=True
+    )
+    assert torch.equal(mine, grouped.transpose(1, 2))
+    unmasked = attention.one_query(query, key, value, None, groups=3, scaling=0.125)
+    assert torch.equal(mine[0], unmasked[0])
+
+
+def test_transformers_forward_attends_one_query_as_the_lean_decoder():
+    """`per_query` hands one query position to `one_query` (on the CPU), and keeps transformers' own call for what
+    `one_query` does not do."""
+    generator = torch.Generator().manual_seed(5)
+    query, key, value = (
+        torch.randn(2, 4, 1, 16, generator=generator),
+        *torch.randn(2, 2, 2, 9, 16, generator=generator),
+    )
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[0, ..., :4] = False
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    output, _ = attention.per_query(module, query, key, value, mask, dropout=0.0, scaling=0.25, position_ids=None)
+    assert torch.equal(output, attention.one_query(query, key, value, mask, groups=2, scaling=0.25))
+    bias = torch.zeros(1, 4, 1, 9)
+    output, _ = attention.per_query(module, query, key, value, mask, scaling=0.25, position_bias=bias)
+    assert torch.equal(
+        output, sdpa_attention_forward(module, query, key, value, mask, scaling=0.25, position_bias=bias)[0]
+    )
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_an_engine_without_drafts_decodes_through_it(tiny_dir, scheme):
+    """The engine routes transformers' attention through `per_query` with speculation off too: else transformers'
+    one-query attention under a mask is another layout than the lean decoder's, and its probe keeps transformers'
+    forward (int8 magnifies the difference)."""
+    AttentionInterface.register("sdpa", sdpa_attention_forward)  # as a process that never ran an engine has it
+    loaded = load_model(str(tiny_dir), device="cpu", quantize=scheme)
+    generator = BatchingGenerator(
+        HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id="t"), speculation=Speculation(0)
+    )
+    try:
+        assert attention.installed()
+        assert generator._engine.forward.decoder is not None
+    finally:
+        generator.close()
 
 
 def test_the_engine_decodes_through_it_as_the_plain_generator(tiny_dir):

@@ -66,8 +66,7 @@ class BatchingGenerator(TellsModelFacts):
         if not self.batchable_model:
             layers = DynamicCache(config=self.model.config).layers
             log.warning("batching.unsupported_cache", layers=sorted({type(layer).__name__ for layer in layers}))
-        if self.speculation.tokens:
-            attention.install()  # verifying passes attend one query at a time
+        attention.install()  # one query's attention as the lean decoder's; verifying passes one query at a time
         self._scheduler = Scheduler(self.limits)
         forward = Forward(self.model, self.threads)
         if self.batchable_model:
