@@ -307,6 +307,11 @@ def test_transformers_forward_attends_one_query_as_the_lean_decoder():
     module.num_key_value_groups = 2
     output, _ = attention.per_query(module, query, key, value, mask, dropout=0.0, scaling=0.25, position_ids=None)
     assert torch.equal(output, attention.one_query(query, key, value, mask, groups=2, scaling=0.25))
+    wide = torch.randn(2, 4, 1, 288, generator=generator), *torch.randn(2, 2, 2, 9, 288, generator=generator)
+    per_head = torch.ones(2, 4, 1, 9, dtype=torch.bool)
+    per_head[1, 3, ..., :5] = False  # heads wider than torch's grouped kernel takes, a mask of each head's
+    output, _ = attention.per_query(module, *wide, per_head, scaling=0.25)
+    assert torch.equal(output, sdpa_attention_forward(module, *wide, per_head, scaling=0.25)[0])
     bias = torch.zeros(1, 4, 1, 9)
     output, _ = attention.per_query(module, query, key, value, mask, scaling=0.25, position_bias=bias)
     assert torch.equal(

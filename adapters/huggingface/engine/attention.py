@@ -156,6 +156,8 @@ def one_query(
             options["enable_gqa"] = True
         else:
             query = query.reshape(batch, heads // groups, groups, dim)
+            if mask is not None and mask.shape[1] == heads:  # a mask of each query head's: laid out as the queries
+                mask = mask.reshape(mask.shape[0], heads // groups, groups, mask.shape[-1])
     output = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling, **options
     )
