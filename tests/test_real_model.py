@@ -142,9 +142,13 @@ def test_health_and_api_answer_503_while_the_model_loads() -> None:
     with TestClient(create_app(ServerSettings(), loader=slow_loader)) as client:
         health = client.get("/health")
         assert (health.status_code, health.json()) == (503, {"status": "loading"})
-        refused = client.post("/v1/chat/completions", json={"messages": USER})
+        with structlog.testing.capture_logs() as logs:
+            refused = client.post("/v1/chat/completions", json={"messages": USER})
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "model_not_ready"
+        assert [(e["event"], e["log_level"]) for e in logs if e["event"].startswith("request.")] == [
+            ("request.unavailable", "warning")  # an expected refusal, without an error's traceback
+        ]
         release.set()
         deadline = time.monotonic() + 10
         while client.get("/health").status_code != 200:

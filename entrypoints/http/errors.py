@@ -55,6 +55,8 @@ def handle_error(request: Request[Any, Any, Any], error: Exception) -> Response[
     status, body = error_body(error)
     if isinstance(error, RefusalError):
         log.warning("request.refused", status=status, code=body.error.code)
+    elif isinstance(error, ModelNotReadyError):  # expected while a model loads: no traceback
+        log.warning("request.unavailable", status=status, code=body.error.code, error=body.error.message)
     elif status >= 500:  # noqa: PLR2004
         log.error("request.failed", status=status, exc_info=error)
     else:
