@@ -259,7 +259,19 @@ def running(server: Server, timeout: float) -> Iterator[subprocess.Popen[bytes]]
 
 
 async def stream_one(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> Sample:
-    """One streaming chat request; completion tokens from the usage chunk (else one per content chunk)."""
+    """One streaming chat request; completion tokens from the usage chunk (else one per content chunk).
+
+    A request whose kept-alive connection the server had closed (``RemoteProtocolError`` before any answer; llama.cpp's
+    server does this now and then) is sent once more on a new connection, as the OpenAI SDK retries it.
+    """
+    sample = await _stream_once(client, server, prompt, max_tokens)
+    if sample.error is not None and sample.error.startswith("RemoteProtocolError") and sample.ttft is None:
+        sample = await _stream_once(client, server, prompt, max_tokens)
+    return sample
+
+
+async def _stream_once(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> Sample:
+    """`stream_one`'s request, sent once."""
     body = {
         "model": server.model,
         "messages": [{"role": "user", "content": prompt}],
