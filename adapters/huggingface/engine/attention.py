@@ -66,11 +66,11 @@ def per_query(
 
     One query position goes to `one_query` where it applies (`one_position`), as the lean decoder's do.
     """
+    if query.shape[2] > 1 and not getattr(_state, "active", False):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     attend = one_position(module, query, kwargs)
     if query.shape[2] == 1:
         return attend(query, key, value, attention_mask), None
-    if not getattr(_state, "active", False):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return each_query(query, key, value, attention_mask, attend), None
 
 
@@ -165,7 +165,11 @@ def one_query(
 
 
 def install() -> None:
-    """Route transformers' ``sdpa`` attention through `per_query`, which is sdpa itself outside the switch."""
+    """Route transformers' ``sdpa`` attention through `per_query` (see there).
+
+    Outside `one_query_at_a_time` that is sdpa itself, but for one query position on the CPU, which goes to
+    `one_query` as the lean decoder's does.
+    """
     AttentionInterface.register("sdpa", per_query)
 
 
