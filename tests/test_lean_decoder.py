@@ -142,6 +142,23 @@ def test_a_prefill_gives_transformers_logits_bit_for_bit(tiny_dir, scheme):
             assert all(torch.equal(x, y) for x, y in zip(layer_kv(a), layer_kv(b), strict=True))
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_prefill_of_one_position_gives_transformers_logits_bit_for_bit(tiny_dir, scheme):
+    """The rest of a prompt can be one token after its cached blocks: one query position under a mask, which
+    transformers' forward hands to `attention.one_query` (through `per_query`), and so must the lean prefill."""
+    model, forward, decoder = lean(tiny_dir, scheme)
+    ids = torch.randint(3, 390, (2, 10), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        theirs, mine = growing_cache(model.config), growing_cache(model.config)
+        for start, end in ((0, 9), (9, 10)):
+            arguments = (ids[:, start:end], positions[:, start:end], mask[:, :end])
+            expected = forward.model_pass(*arguments, theirs, keep=end - start)
+            assert torch.equal(decoder.prefill(*arguments, mine, keep=end - start), expected), (start, end)
+
+
 def after_a_prompt(model, forward: Forward, *, seed: int):
     """Two rows prefilled with 10 tokens through transformers' forward: the next step's arguments and two copies
     of the cache (``theirs``, ``mine``)."""

@@ -123,10 +123,13 @@ def whole_prompt(
     """Transformers' sdpa attention of a prefill's new positions, as a Llama-style layer's forward calls it.
 
     ``query``: ``[batch, heads, positions, dim]``; ``mask``: what `transformers_compat.causal_mask` built (``None``:
-    causal). Returns ``[batch, positions, heads, dim]``. Outside `one_query_at_a_time`, `per_query` is this call.
+    causal). Returns ``[batch, positions, heads, dim]``. The call goes to the ``sdpa`` function registered with
+    transformers, as its forward's does: `per_query` where the engine installed it (which hands a single position to
+    `one_query`), transformers' own otherwise.
     """
-    output: torch.Tensor = sdpa_attention_forward(
-        module, query, key, value, mask, dropout=0.0, scaling=getattr(module, "scaling", None)
+    scaling = getattr(module, "scaling", None)
+    output: torch.Tensor = ALL_ATTENTION_FUNCTIONS["sdpa"](
+        module, query, key, value, mask, dropout=0.0, scaling=scaling
     )[0]
     return output
 
