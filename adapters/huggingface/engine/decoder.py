@@ -24,9 +24,10 @@ compares the logits exactly. Anything else (other families, sliding windows, ano
 probe that differs) keeps transformers' forward.
 
 Prefills go through the same compiled halves (`LeanDecoder.prefill`), with the attention mask transformers builds
-and its own sdpa call, where a second probe (`probe_prefill`: left padding, and the rest of a prompt after cached
-columns) finds transformers' logits and cache bit for bit; else they keep transformers' forward. The uncached
-dozen tokens of a chat prompt took 31 against 45 ms on the 2-core Xeon (int8, alternating in one process).
+and the sdpa function its forward calls, where a second probe (`probe_prefill`: left padding, and the rest of a
+prompt after cached columns) finds transformers' logits and cache bit for bit; else they keep transformers' forward.
+The uncached dozen tokens of a chat prompt took 31 against 45 ms on the 2-core Xeon (int8, alternating in one
+process).
 """
 
 from __future__ import annotations
