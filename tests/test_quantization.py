@@ -11,14 +11,17 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from adapters.huggingface import native
 from adapters.huggingface.cpu_features import cpu_flags
 from adapters.huggingface.engine import BatchingGenerator, BatchLimits
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.loading import gguf_weight_types, load_model
 from adapters.huggingface.packing import PackedLinear, packing_supported
 from adapters.huggingface.quantization import (
+    INT8_LAYERS,
     Int4Linear,
     Int8Linear,
+    NativeInt8Linear,
     Quantization,
     QuantizationError,
     int8_reduce_range,
@@ -36,6 +39,8 @@ from tests.tiny_model import build_tiny_model, tied_tiny_llama
 CPU = torch.device("cpu")
 needs_int8 = pytest.mark.skipif(not kernel_works("int8"), reason="no int8 CPU kernel in this torch")
 needs_int4 = pytest.mark.skipif(not kernel_works("int4"), reason="no int4 CPU kernel in this torch")
+INT8_KINDS = [Int8Linear] + ([NativeInt8Linear] if native.int8_kernel_unavailable() is None else [])
+"""FBGEMM's int8 layer, and ours where it builds here (`tests/test_native.py` tests the kernel itself)."""
 
 
 @pytest.fixture(scope="module")
@@ -63,26 +68,28 @@ def test_int8_replaces_every_linear_layer_and_the_logits_stay_close(model_dir):
     count = quantize_linear_layers(quantized, "int8")
     assert count == sum(type(m) is nn.Linear for m in plain.modules()) > 0
     assert not any(type(m) is nn.Linear for m in quantized.modules())
-    assert type(quantized.lm_head) is Int8Linear
+    assert isinstance(quantized.lm_head, INT8_LAYERS)
     assert relative_error(logits(quantized), logits(plain)) < 0.05
 
 
 @needs_int8
-def test_int8_gives_each_token_its_own_input_scale():
+@pytest.mark.parametrize("kind", INT8_KINDS)
+def test_int8_gives_each_token_its_own_input_scale(kind):
     torch.manual_seed(0)
     linear = nn.Linear(64, 48)
     inputs = torch.randn(4, 64)
     inputs[0] *= 1000  # one token with huge activations, as a text's first token often has
     with torch.no_grad():
-        actual, expected = Int8Linear(linear)(inputs), linear(inputs)
+        actual, expected = kind(linear)(inputs), linear(inputs)
     for row in range(4):
         assert relative_error(actual[row], expected[row]) < 0.05
 
 
 @needs_int8
-def test_an_int8_token_gets_the_same_product_alone_and_in_any_batch():
+@pytest.mark.parametrize("kind", INT8_KINDS)
+def test_an_int8_token_gets_the_same_product_alone_and_in_any_batch(kind):
     torch.manual_seed(0)
-    layer = Int8Linear(nn.Linear(64, 48))
+    layer = kind(nn.Linear(64, 48))
     token = torch.randn(1, 64) * 0.1
     others = torch.randn(5, 64) * torch.tensor([30.0, -7.0, 0.01, 2.0, 500.0]).unsqueeze(1)
     with torch.no_grad():
@@ -94,10 +101,11 @@ def test_an_int8_token_gets_the_same_product_alone_and_in_any_batch():
 
 
 @needs_int8
-def test_int8_keeps_a_zero_row_zero_plus_bias():
+@pytest.mark.parametrize("kind", INT8_KINDS)
+def test_int8_keeps_a_zero_row_zero_plus_bias(kind):
     linear = nn.Linear(16, 8)
     with torch.no_grad():
-        outputs = Int8Linear(linear)(torch.zeros(2, 16))
+        outputs = kind(linear)(torch.zeros(2, 16))
     assert torch.allclose(outputs, linear.bias.detach().expand(2, 8))
 
 
@@ -116,7 +124,7 @@ def test_a_tied_embedding_keeps_its_float_weight_and_only_the_output_product_is_
     embedding = model.model.embed_tokens.weight.detach().clone()
     expected = logits_of(model)
     quantize_linear_layers(model, "int8")
-    assert type(model.lm_head) is Int8Linear
+    assert isinstance(model.lm_head, INT8_LAYERS)
     assert torch.equal(model.model.embed_tokens.weight, embedding)
     assert relative_error(logits_of(model), expected) < 0.05
 
@@ -132,8 +140,8 @@ def test_quantized_layers_are_never_packed_and_float_ones_are(model_dir):
     prepare_linear_layers(quantized, Quantization("int8", "test"), pack=True)
     prepare_linear_layers(packed, Quantization("none", "test"), pack=True)
     assert not any(isinstance(m, PackedLinear) for m in quantized.modules())
-    assert any(isinstance(m, Int8Linear) for m in quantized.modules())
-    assert not any(isinstance(m, Int8Linear) for m in packed.modules())
+    assert any(isinstance(m, INT8_LAYERS) for m in quantized.modules())
+    assert not any(isinstance(m, INT8_LAYERS) for m in packed.modules())
     if packing_supported(torch.float32):
         assert any(isinstance(m, PackedLinear) for m in packed.modules())
 
@@ -142,7 +150,7 @@ def test_quantized_layers_are_never_packed_and_float_ones_are(model_dir):
 def test_int8_generation_runs_through_the_batching_engine_and_the_plain_generator(model_dir):
     loaded = load_model(str(model_dir), device="cpu", quantize="int8")
     assert loaded.quantization.scheme == "int8"
-    assert type(loaded.model.lm_head) is Int8Linear
+    assert isinstance(loaded.model.lm_head, INT8_LAYERS)
     plain = HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id)
     engine = BatchingGenerator(
         HuggingFaceGenerator(loaded.model, loaded.tokenizer, model_id=loaded.model_id), BatchLimits(max_batch_size=4)

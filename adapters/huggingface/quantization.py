@@ -29,7 +29,6 @@ op on the GPU path.
 
 from __future__ import annotations
 
-import functools
 import gc
 from typing import TYPE_CHECKING
 
@@ -38,6 +37,7 @@ import structlog
 import torch
 from torch import nn
 
+from adapters.huggingface import native
 from adapters.huggingface.cpu_features import cpu_flags
 from adapters.huggingface.packing import pack_linear_layers, probe_linear, relative_difference
 from adapters.huggingface.shared_input import stack_shared_input_linears
@@ -166,7 +166,7 @@ def kernel_works(scheme: str) -> bool:
     generator = torch.Generator().manual_seed(0)
     probe = probe_linear(64, 32, generator)
     inputs = torch.randn(3, 64, generator=generator)
-    build = {"int8": Int8Linear, "int4": Int4Linear}[scheme]
+    build = {"int8": int8_layer, "int4": Int4Linear}[scheme]
     try:
         with torch.no_grad():
             actual, expected = build(probe)(inputs), probe(inputs)
@@ -227,6 +227,46 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         """As ``nn.Linear`` shows itself, with the scheme."""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class NativeInt8Linear(nn.Module):
+    """``nn.Linear`` over an int8 weight (one scale per output row), multiplied by our own kernel (`native`).
+
+    The kernel quantizes each input row to 8 bits with a scale of its own, so it needs none of `Int8Linear`'s
+    bounds; the weight is quantized as `Int8Linear`'s is. Used instead of it where the kernel builds (`int8_layer`).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.panels, self.sums, self.scales = native.pack_int8_weight(linear.weight)
+        self.weight: torch.Tensor = torch.empty_like(linear.weight, device="meta")
+        """Only the float weight's shape and dtype (on ``meta``), for code that asks a linear layer for them."""
+        bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs @ weight.T + bias``, approximately: each row quantized with its own scale."""
+        bias = self.bias
+        return native.int8_linear(
+            inputs.float(), self.panels, self.sums, self.scales, bias, out_features=self.out_features
+        )
+
+    def extra_repr(self) -> str:
+        """As ``nn.Linear`` shows itself, with the scheme."""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 (own kernel)"
+
+
+INT8_LAYERS = (Int8Linear, NativeInt8Linear)
+"""The classes an int8 layer is (`int8_layer` picks one)."""
+
+
+def int8_layer(linear: nn.Linear) -> nn.Module:
+    """``linear`` in int8: with our own kernel where it builds (`native`), else with FBGEMM's (`Int8Linear`)."""
+    if native.int8_kernel_unavailable() is None:
+        return NativeInt8Linear(linear)
+    return Int8Linear(linear, reduce_range=int8_reduce_range(cpu_flags()))
 
 
 class Int4Linear(nn.Module):
@@ -305,11 +345,12 @@ def quantize_linear_layers(model: nn.Module, scheme: str) -> int:
     that module's own use.
     """
     build: Callable[[nn.Linear], nn.Module] = Int4Linear
-    details: dict[str, int] = {}
+    details: dict[str, int | str] = {}
     if scheme == "int8":
-        reduce_range = int8_reduce_range(cpu_flags())
-        build = functools.partial(Int8Linear, reduce_range=reduce_range)
-        details["int8_input_bits"] = 7 if reduce_range else 8
+        build = int8_layer
+        own = native.int8_kernel_unavailable() is None
+        details["int8_kernel"] = "own (AVX-512 VNNI)" if own else "FBGEMM"
+        details["int8_input_bits"] = 8 if own or not int8_reduce_range(cpu_flags()) else 7
     linears = [
         (parent, name, child)
         for parent in model.modules()
@@ -328,11 +369,14 @@ def quantize_linear_layers(model: nn.Module, scheme: str) -> int:
 
 __all__ = [
     "FLOAT_WEIGHTS",
+    "INT8_LAYERS",
     "QUANTIZE_CHOICES",
     "Int4Linear",
     "Int8Linear",
+    "NativeInt8Linear",
     "Quantization",
     "QuantizationError",
+    "int8_layer",
     "int8_reduce_range",
     "prepare_linear_layers",
     "quantize_linear_layers",

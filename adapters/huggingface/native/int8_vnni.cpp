@@ -1,0 +1,170 @@
+// An int8 linear layer for CPUs with AVX-512 VNNI: each input row quantized to 8 bits with a scale of its own,
+// multiplied with `vpdpbusd` against int8 weights packed in panels of 16 output rows, scaled back to float32.
+//
+// Built at run time by adapters/huggingface/native/__init__.py, registered as torch.ops.hf_openai_server.int8_linear.
+// Every row goes through the same instructions whatever the other rows hold or how many there are (integer sums are
+// exact, the scaling is per element), so a token's product is the same alone, in a batch or in a prompt.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kPanel = 16;  // output rows per panel: one 512-bit register of int32 sums
+constexpr int64_t kGroup = 4;   // inputs per vpdpbusd lane
+constexpr int64_t kRows = 4;    // input rows per micro-kernel
+
+// Each input row to unsigned 8 bits: round(x * 127 / max|x|) + 128 (to nearest, ties to even), and its scale
+// max|x| / 127. Sixteen inputs at a time, the rest one by one: both round the same product the same way.
+void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t padded, uint8_t* codes, float* scales) {
+  const int64_t vectorised = k - k % 16;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * k;
+    __m512 largest_lanes = _mm512_setzero_ps();
+    for (int64_t i = 0; i < vectorised; i += 16)
+      largest_lanes = _mm512_max_ps(largest_lanes, _mm512_abs_ps(_mm512_loadu_ps(row + i)));
+    float largest = _mm512_reduce_max_ps(largest_lanes);
+    for (int64_t i = vectorised; i < k; ++i) largest = std::max(largest, std::fabs(row[i]));
+    const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+    scales[r] = largest / 127.0f;
+    uint8_t* out = codes + r * padded;
+    const __m512 times = _mm512_set1_ps(inverse);
+    const __m512i offset = _mm512_set1_epi32(128);
+    for (int64_t i = 0; i < vectorised; i += 16) {
+      const __m512i rounded = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + i), times),
+                                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(rounded, offset)));
+    }
+    for (int64_t i = vectorised; i < k; ++i)
+      out[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(row[i] * inverse)) + 128);
+    for (int64_t i = k; i < padded; ++i) out[i] = 128;
+  }
+}
+
+// `rows` (1..kRows) input rows against `panels` (1, 2 or 4) consecutive panels: rows x panels sums in registers,
+// each loaded weight multiplied with every row.
+template <int rows, int panels>
+void micro_kernel(const uint8_t* codes, int64_t padded, const float* row_scales, const int8_t* weights,
+                  const int32_t* sums, const float* scales, const float* bias, int64_t n0, int64_t n,
+                  float* out, int64_t out_stride) {
+  __m512i acc[rows][panels];
+  for (int r = 0; r < rows; ++r)
+    for (int p = 0; p < panels; ++p) acc[r][p] = _mm512_setzero_si512();
+  const int64_t groups = padded / kGroup;
+  const int64_t panel_bytes = groups * kPanel * kGroup;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i w[panels];
+    for (int p = 0; p < panels; ++p) w[p] = _mm512_loadu_si512(weights + p * panel_bytes + g * kPanel * kGroup);
+    for (int r = 0; r < rows; ++r) {
+      int32_t four;
+      std::memcpy(&four, codes + r * padded + g * kGroup, sizeof(four));
+      const __m512i x = _mm512_set1_epi32(four);
+      for (int p = 0; p < panels; ++p) acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], x, w[p]);
+    }
+  }
+  for (int p = 0; p < panels; ++p) {
+    const int64_t start = n0 + p * kPanel;
+    if (start >= n) break;
+    const __mmask16 mask = static_cast<__mmask16>(start + kPanel <= n ? 0xFFFF : (1u << (n - start)) - 1);
+    const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(sums + start), 7);  // 128 * each row's weight sum
+    const __m512 weight_scale = _mm512_loadu_ps(scales + start);
+    const __m512 added = bias ? _mm512_maskz_loadu_ps(mask, bias + start) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; ++r) {
+      const __m512 exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][p], offset));
+      const __m512 scaled = _mm512_mul_ps(exact, _mm512_mul_ps(_mm512_set1_ps(row_scales[r]), weight_scale));
+      _mm512_mask_storeu_ps(out + r * out_stride + start, mask, bias ? _mm512_add_ps(scaled, added) : scaled);
+    }
+  }
+}
+
+// Every input row against `count` panels from `panel` on: a few panels at a time (they stay in cache), every row
+// against them before the next.
+template <int rows>
+void row_block(const uint8_t* codes, int64_t padded, const float* row_scales, const int8_t* weights,
+               const int32_t* sums, const float* scales, const float* bias, int64_t panel, int64_t count, int64_t n,
+               float* out) {
+  const int64_t panel_bytes = padded * kPanel;
+  const int8_t* w = weights + panel * panel_bytes;
+  if (count == 4)
+    micro_kernel<rows, 4>(codes, padded, row_scales, w, sums, scales, bias, panel * kPanel, n, out, n);
+  else if (count == 2)
+    micro_kernel<rows, 2>(codes, padded, row_scales, w, sums, scales, bias, panel * kPanel, n, out, n);
+  else
+    micro_kernel<rows, 1>(codes, padded, row_scales, w, sums, scales, bias, panel * kPanel, n, out, n);
+}
+
+void panels_kernel(const uint8_t* codes, int64_t m, int64_t padded, const float* row_scales, const int8_t* weights,
+                   const int32_t* sums, const float* scales, const float* bias, int64_t panel, int64_t end,
+                   int64_t n, float* out) {
+  while (panel < end) {
+    const int64_t count = end - panel >= 4 ? 4 : end - panel >= 2 ? 2 : 1;
+    for (int64_t r = 0; r < m; r += kRows) {
+      const uint8_t* c = codes + r * padded;
+      const float* s = row_scales + r;
+      float* o = out + r * n;
+      switch (std::min(kRows, m - r)) {
+        case 4: row_block<4>(c, padded, s, weights, sums, scales, bias, panel, count, n, o); break;
+        case 3: row_block<3>(c, padded, s, weights, sums, scales, bias, panel, count, n, o); break;
+        case 2: row_block<2>(c, padded, s, weights, sums, scales, bias, panel, count, n, o); break;
+        default: row_block<1>(c, padded, s, weights, sums, scales, bias, panel, count, n, o); break;
+      }
+    }
+    panel += count;
+  }
+}
+
+at::Tensor int8_linear(const at::Tensor& inputs, const at::Tensor& weights, const at::Tensor& sums,
+                       const at::Tensor& scales, const c10::optional<at::Tensor>& bias, int64_t out_features) {
+  TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "int8_linear: float32 inputs expected");
+  TORCH_CHECK(weights.scalar_type() == at::kChar && weights.dim() == 4 && weights.size(2) == kPanel &&
+                  weights.size(3) == kGroup && weights.is_contiguous(),
+              "int8_linear: weights packed by pack_int8_weight expected");
+  const int64_t rows_packed = weights.size(0) * kPanel;
+  TORCH_CHECK(out_features <= rows_packed && sums.scalar_type() == at::kInt && sums.numel() == rows_packed &&
+                  scales.scalar_type() == at::kFloat && scales.numel() == rows_packed,
+              "int8_linear: sums and scales of the packed weights expected");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() ||
+                  (bias->scalar_type() == at::kFloat && bias->numel() == out_features && bias->is_contiguous()),
+              "int8_linear: a float32 bias of out_features expected");
+  const int64_t k = inputs.size(-1);
+  const int64_t padded = weights.size(1) * kGroup;
+  TORCH_CHECK(k <= padded && padded - k < kGroup, "int8_linear: inputs have ", k, " features, the weights ", padded);
+  const at::Tensor x = inputs.reshape({-1, k}).contiguous();
+  const int64_t m = x.size(0);
+  auto out_sizes = inputs.sizes().vec();
+  out_sizes.back() = out_features;
+  at::Tensor out = at::empty(out_sizes, inputs.options());
+  if (m == 0) return out;
+  at::Tensor codes = at::empty({m, padded}, inputs.options().dtype(at::kByte));
+  at::Tensor row_scales = at::empty({m}, inputs.options());
+  quantize_rows(x.data_ptr<float>(), m, k, padded, codes.data_ptr<uint8_t>(), row_scales.data_ptr<float>());
+  const float* bias_data = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  const int64_t panels = weights.size(0);
+  const uint8_t* code_data = codes.data_ptr<uint8_t>();
+  const float* row_scale_data = row_scales.data_ptr<float>();
+  const int8_t* weight_data = weights.data_ptr<int8_t>();
+  const int32_t* sum_data = sums.data_ptr<int32_t>();
+  const float* scale_data = scales.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  at::parallel_for(0, (panels + 3) / 4, 1, [&](int64_t begin, int64_t end) {
+    panels_kernel(code_data, m, padded, row_scale_data, weight_data, sum_data, scale_data, bias_data, 4 * begin,
+                  std::min(4 * end, panels), out_features, out_data);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hf_openai_server, library) {
+  library.def(
+      "int8_linear(Tensor inputs, Tensor weights, Tensor sums, Tensor scales, Tensor? bias, int out_features) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hf_openai_server, CPU, library) { library.impl("int8_linear", &int8_linear); }
