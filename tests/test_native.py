@@ -5,13 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from adapters.huggingface import native
+from adapters.huggingface.loading import load_model
 from adapters.huggingface.quantization import Int8Linear, NativeInt8Linear, int8_layer
 from adapters.huggingface.torch_compat import script
+from tests.tiny_model import build_tiny_model, tied_tiny_llama
 
 needs_kernel = pytest.mark.skipif(
-    native.int8_kernel_unavailable() is not None, reason=f"no int8 kernel here: {native.int8_kernel_unavailable()}"
+    native.unavailable() is not None, reason=f"no int8 kernel here: {native.unavailable()}"
 )
 
 
@@ -95,29 +98,29 @@ def test_int8_layers_take_the_kernel_where_it_builds():
 
 def test_without_the_kernel_int8_layers_keep_fbgemm(monkeypatch):
     monkeypatch.setenv(native.DISABLE, "0")
-    native.int8_kernel_unavailable.cache_clear()
+    native.unavailable.cache_clear()
     try:
-        assert native.int8_kernel_unavailable() == f"{native.DISABLE}=0"
+        assert native.unavailable() == f"{native.DISABLE}=0"
         assert type(int8_layer(nn.Linear(8, 8))) is Int8Linear
     finally:
         monkeypatch.undo()
-        native.int8_kernel_unavailable.cache_clear()
+        native.unavailable.cache_clear()
 
 
 def test_a_cpu_without_vnni_or_a_failing_compiler_is_a_reason_not_an_error(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    native.int8_kernel_unavailable.cache_clear()
+    native.unavailable.cache_clear()
     try:
-        assert "avx512_vnni" in (native.int8_kernel_unavailable() or "")
-        monkeypatch.setattr(native, "cpu_flags", lambda: native.INT8_FEATURES)
+        assert "avx512_vnni" in (native.unavailable() or "")
+        monkeypatch.setattr(native, "cpu_flags", lambda: native.FEATURES)
         monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
         monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-        native.int8_kernel_unavailable.cache_clear()
-        assert "CalledProcessError" in (native.int8_kernel_unavailable() or "")
+        native.unavailable.cache_clear()
+        assert "CalledProcessError" in (native.unavailable() or "")
         assert not list(tmp_path.glob("*.so"))
     finally:
         monkeypatch.undo()
-        native.int8_kernel_unavailable.cache_clear()
+        native.unavailable.cache_clear()
 
 
 @needs_kernel
@@ -142,3 +145,57 @@ def test_the_op_refuses_what_pack_int8_weight_did_not_make():
         native.int8_linear(torch.randn(2, 12), panels, sums, scales, None, out_features=64)
     with pytest.raises(RuntimeError, match="bias"):
         native.int8_linear(torch.randn(2, 12), panels, sums, scales, torch.zeros(3), out_features=20)
+
+
+class GemmaStyleNorm(nn.Module):
+    """A norm that scales by ``1 + weight``, as Gemma's does: the probe must keep it."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(size) * 0.1)
+        self.variance_epsilon = 1e-6
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return normed * (1 + self.weight)
+
+
+@needs_kernel
+@pytest.mark.parametrize("size", [64, 576, 70])
+def test_the_own_norm_gives_llamas_to_rounding_and_each_row_the_same_bits_anywhere(size):
+    norm = LlamaRMSNorm(size, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(size, generator=torch.Generator().manual_seed(size)))
+    own = native.OwnRMSNorm(norm.weight, norm.variance_epsilon)
+    inputs = torch.randn(2, 21, size, generator=torch.Generator().manual_seed(1)) * 30
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        expected, together = norm(inputs), own(inputs)
+        try:
+            torch.set_num_threads(1)
+            single_threaded = own(inputs)
+        finally:
+            torch.set_num_threads(threads)
+        alone = own(inputs[1, 5:6])
+    assert float((together - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+    assert torch.equal(single_threaded, together)
+    assert torch.equal(alone, together[1, 5:6])
+    assert own.weight is norm.weight
+
+
+@needs_kernel
+def test_own_norms_replace_llama_style_norms_only(tmp_path):
+    model = tied_tiny_llama(96)
+    model.model.extra_norm = GemmaStyleNorm(model.config.hidden_size)
+    llama_norms = sum(isinstance(m, LlamaRMSNorm) for m in model.modules())
+    assert native.use_own_norms(model) == llama_norms > 0
+    assert not any(isinstance(m, LlamaRMSNorm) for m in model.modules())
+    assert isinstance(model.model.extra_norm, GemmaStyleNorm)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("scheme", "own"), [("int8", True), ("none", False)])
+def test_a_quantized_model_loads_with_own_norms_and_a_float_one_keeps_transformers(tmp_path, scheme, own):
+    model = load_model(str(build_tiny_model(tmp_path / "tiny")), device="cpu", quantize=scheme).model
+    assert isinstance(model.model.norm, native.OwnRMSNorm) is own
+    assert isinstance(model.model.layers[0].input_layernorm, native.OwnRMSNorm) is own

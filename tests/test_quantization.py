@@ -39,7 +39,7 @@ from tests.tiny_model import build_tiny_model, tied_tiny_llama
 CPU = torch.device("cpu")
 needs_int8 = pytest.mark.skipif(not kernel_works("int8"), reason="no int8 CPU kernel in this torch")
 needs_int4 = pytest.mark.skipif(not kernel_works("int4"), reason="no int4 CPU kernel in this torch")
-INT8_KINDS = [Int8Linear] + ([NativeInt8Linear] if native.int8_kernel_unavailable() is None else [])
+INT8_KINDS = [Int8Linear] + ([NativeInt8Linear] if native.unavailable() is None else [])
 """FBGEMM's int8 layer, and ours where it builds here (`tests/test_native.py` tests the kernel itself)."""
 
 

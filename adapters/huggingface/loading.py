@@ -28,6 +28,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
+from adapters.huggingface import native
 from adapters.huggingface.devices import resolve_device, resolve_dtype
 from adapters.huggingface.quantization import FLOAT_WEIGHTS, Quantization, prepare_linear_layers, resolve_quantization
 from adapters.huggingface.threads import runs_on_own_thread
@@ -183,6 +184,8 @@ def load_model(
             directory = gguf_snapshot(source.path, cache_dir or default_cache_dir())
         model, tokenizer = _load_directory(directory, source, torch_device, torch_dtype)
     prepare_linear_layers(model, quantization, pack=pack_weights)
+    if quantization.scheme != "none" and native.unavailable() is None:
+        native.use_own_norms(model)  # a quantized model gives up float32's bits already; a float one keeps them
     return LoadedModel(model_id=source.model_id, model=model, tokenizer=tokenizer, quantization=quantization)
 
 

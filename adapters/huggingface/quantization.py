@@ -264,7 +264,7 @@ INT8_LAYERS = (Int8Linear, NativeInt8Linear)
 
 def int8_layer(linear: nn.Linear) -> nn.Module:
     """``linear`` in int8: with our own kernel where it builds (`native`), else with FBGEMM's (`Int8Linear`)."""
-    if native.int8_kernel_unavailable() is None:
+    if native.unavailable() is None:
         return NativeInt8Linear(linear)
     return Int8Linear(linear, reduce_range=int8_reduce_range(cpu_flags()))
 
@@ -348,7 +348,7 @@ def quantize_linear_layers(model: nn.Module, scheme: str) -> int:
     details: dict[str, int | str] = {}
     if scheme == "int8":
         build = int8_layer
-        own = native.int8_kernel_unavailable() is None
+        own = native.unavailable() is None
         details["int8_kernel"] = "own (AVX-512 VNNI)" if own else "FBGEMM"
         details["int8_input_bits"] = 8 if own or not int8_reduce_range(cpu_flags()) else 7
     linears = [

@@ -1,20 +1,22 @@
-"""Kernels of our own, in C++, built with this machine's compiler the first time a server needs them.
+"""Kernels of our own, in C++ (``kernels.cpp``), built with this machine's compiler the first time a server needs them.
 
-One so far: an int8 linear layer for CPUs with AVX-512 VNNI (``int8_vnni.cpp``), which `Int8Linear` uses instead of
-FBGEMM's dynamically quantized product where it builds. A decoding step of a small model calls a hundred or more
-small products; FBGEMM's costs some 25 us a call beyond reading its weights (quantizing the inputs with the range of
-the whole call, packing them, its output pipeline), and it reads a 576-by-3072 weight at about half the memory's
-speed. This one quantizes each input row with a scale of its own (`Int8Linear` had to bound FBGEMM's inputs to get
-that), multiplies with ``vpdpbusd`` over weights packed in panels of 16 output rows, and scales back, in one call:
-measured on a 2-core AMD EPYC (Zen 4, AVX-512 VNNI), SmolLM2-135M's 120 layer products at one row took 4.6 against
-6.2 ms, at 16 rows 9.3 against 10.9 ms, at 64 rows the same as FBGEMM (README, "An int8 kernel of our own").
+They serve int8 models on CPUs with AVX-512 VNNI, where they build:
 
-It is built once per source, torch version and compiler flags, with ``g++`` (``$CXX``) straight into a shared
-library under torch's extensions folder (``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``), some 10
-seconds on two cores, and loaded with ``torch.ops.load_library``; the op is
-``torch.ops.hf_openai_server.int8_linear``. Without a compiler, without the CPU features, or with
-``HF_OPENAI_SERVER_NATIVE=0`` in the environment, `int8_kernel_unavailable` says why, and FBGEMM's product
-stays.
+- ``int8_linear``: the int8 product `NativeInt8Linear` (``quantization.py``) calls instead of FBGEMM's. A decoding
+  step of a small model calls a hundred or more small products; FBGEMM's costs some 25 us a call beyond reading its
+  weights (quantizing the inputs with the range of the whole call, packing them, its output pipeline), and reads a
+  576-by-3072 weight at about half the memory's speed. This one quantizes each input row with a scale of its own
+  (`Int8Linear` had to bound FBGEMM's inputs to get that), multiplies with ``vpdpbusd`` over weights packed in
+  panels of 16 output rows, and scales back, in one call. On a 2-core AMD EPYC (Zen 4, AVX-512 VNNI), SmolLM2-135M's
+  120 layer products at one row took 4.6 against 6.2 ms, at 16 rows 9.3 against 10.9 ms, at 64 rows the same as
+  FBGEMM (README, "An int8 kernel of our own").
+- ``rms_norm``: a Llama-style RMS norm in one pass, where transformers' takes eight ops; `OwnRMSNorm` stands in for
+  the model's norms (`use_own_norms`), so transformers' forward and the engine's lean pass both call it.
+
+The library is built once per source, torch version and compiler command, with ``g++`` (``$CXX``) straight into a
+shared library under torch's extensions folder (``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``), some
+10 seconds on two cores, and loaded with ``torch.ops.load_library``. Without a compiler, without the CPU features, or
+with ``HF_OPENAI_SERVER_NATIVE=0`` in the environment, `unavailable` says why, and torch's kernels stay.
 """
 
 from __future__ import annotations
@@ -27,18 +29,20 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import structlog
 import torch
+from torch import nn
 from torch.utils import cpp_extension
 
 from adapters.huggingface.cpu_features import cpu_flags
 
 log = structlog.get_logger(__name__)
 
-SOURCE = Path(__file__).with_name("int8_vnni.cpp")
-INT8_FEATURES = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
-"""The CPU flags (as ``/proc/cpuinfo`` names them) the int8 kernel is compiled for."""
+SOURCE = Path(__file__).with_name("kernels.cpp")
+FEATURES = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
+"""The CPU flags (as ``/proc/cpuinfo`` names them) the kernels are compiled for."""
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
 """``-fopenmp``: torch's ``at::parallel_for`` is inline OpenMP, and runs on one thread without it (the library then
 links the OpenMP runtime torch has already loaded). ``-ffp-contract=off``: no fused multiply-adds, so every row is
@@ -55,7 +59,7 @@ DISABLE = "HF_OPENAI_SERVER_NATIVE"
 
 
 @functools.cache
-def int8_kernel_unavailable() -> str | None:
+def unavailable() -> str | None:
     """Why the int8 kernel is not there, or ``None`` once ``torch.ops.hf_openai_server.int8_linear`` is loaded.
 
     Built and loaded on the first call only.
@@ -71,16 +75,16 @@ def int8_kernel_unavailable() -> str | None:
         except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
             reason = f"{type(error).__name__}: {str(error).strip()[-500:]}"
     if reason is None:
-        log.info("native.int8.ready", seconds=round(time.perf_counter() - started, 2))
+        log.info("native.kernels.ready", seconds=round(time.perf_counter() - started, 2))
     else:
-        log.info("native.int8.unavailable", reason=reason)
+        log.info("native.kernels.unavailable", reason=reason)
     return reason
 
 
 def _unavailable() -> str | None:
-    """Why the int8 kernel cannot be built here, before trying; ``None`` when it may be."""
+    """Why the kernels cannot be built here, before trying; ``None`` when they may be."""
     flags = cpu_flags()
-    missing = sorted(INT8_FEATURES - (flags or frozenset()))
+    missing = sorted(FEATURES - (flags or frozenset()))
     if os.environ.get(DISABLE, "").strip() == "0":
         return f"{DISABLE}=0"
     if missing:
@@ -95,7 +99,7 @@ def _compiler() -> str | None:
 
 
 def _built() -> Path:
-    """The kernel's shared library, compiled now unless a build of this very source and setup is there."""
+    """The kernels' shared library, compiled now unless a build of this very source and setup is there."""
     compiler = _compiler()
     if compiler is None:
         msg = "no C++ compiler"
@@ -106,7 +110,7 @@ def _built() -> Path:
     command = [compiler, *FLAGS, *ARCHITECTURE_FLAGS, abi, *includes, str(SOURCE), *libraries, "-lc10", "-ltorch_cpu"]
     key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, *command]).encode()).hexdigest()[:16]
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    library = folder / f"hf_openai_server_int8_vnni_{key}.so"
+    library = folder / f"hf_openai_server_kernels_{key}.so"
     if library.exists():
         return library
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,7 +120,7 @@ def _built() -> Path:
             [*command, "-o", str(partial)], check=True, capture_output=True, text=True, timeout=BUILD_SECONDS
         )
         partial.replace(library)
-    for stale in folder.glob("hf_openai_server_int8_vnni_*.so"):  # earlier sources (a loaded one stays mapped)
+    for stale in folder.glob("hf_openai_server_kernels_*.so"):  # earlier sources (a loaded one stays mapped)
         if stale != library:
             stale.unlink(missing_ok=True)
     return library
@@ -154,7 +158,7 @@ def int8_linear(
     *,
     out_features: int,
 ) -> torch.Tensor:
-    """``inputs @ weight.T + bias``, approximately, over a weight from `pack_int8_weight` (once the kernel is loaded).
+    """``inputs @ weight.T + bias``, approximately, over a weight from `pack_int8_weight` (once `unavailable` is None).
 
     Each row of ``inputs`` (float32, ``[..., in]``) is quantized to 8 bits with its own scale, so a row's product is
     the same bits alone, in a batch or in a prompt.
@@ -163,4 +167,63 @@ def int8_linear(
     return outputs
 
 
-__all__ = ["int8_kernel_unavailable", "int8_linear", "pack_int8_weight"]
+class OwnRMSNorm(nn.Module):
+    """A Llama-style RMS norm (``weight * x / sqrt(mean(x^2) + eps)``, in float32) through our ``rms_norm`` kernel.
+
+    Takes over the norm's own ``weight`` (the same parameter) and epsilon.
+    """
+
+    def __init__(self, weight: nn.Parameter, eps: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = eps
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` normed along its last dimension."""
+        normed: torch.Tensor = torch.ops.hf_openai_server.rms_norm(hidden, self.weight, self.variance_epsilon)
+        return normed
+
+    def extra_repr(self) -> str:
+        """Its size and epsilon, as transformers' norms show theirs."""
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, own kernel"
+
+
+NORM_PROBE_BOUND = 1e-5
+"""How far `OwnRMSNorm` may be from the norm it replaces, relative to the largest output (another summation order)."""
+
+
+def use_own_norms(model: nn.Module) -> int:
+    """Replace each float32 Llama-style RMS norm of ``model`` on the CPU with an `OwnRMSNorm`; return how many.
+
+    A norm qualifies when it holds a 1-D float32 ``weight`` and a ``variance_epsilon``, and gives `OwnRMSNorm`'s
+    output to `NORM_PROBE_BOUND` on a probe (Gemma's ``1 + weight`` or any other formula does not). The kernels
+    must be loaded (`unavailable` is ``None``).
+    """
+    generator = torch.Generator().manual_seed(0)
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
+    found = [(parent, name, child) for parent, name, child in found if _norm_parts(child) is not None]
+    replaced = 0
+    with torch.no_grad():
+        for parent, name, child in found:
+            weight, epsilon = cast("tuple[nn.Parameter, float]", _norm_parts(child))
+            own = OwnRMSNorm(weight, epsilon)
+            probe = torch.randn(3, weight.numel(), generator=generator) * 4
+            expected, actual = child(probe), own(probe)
+            if float((expected - actual).abs().max()) <= NORM_PROBE_BOUND * float(expected.abs().max()):
+                setattr(parent, name, own)
+                replaced += 1
+    log.info("native.norms.done", replaced=replaced, found=len(found))
+    return replaced
+
+
+def _norm_parts(module: nn.Module) -> tuple[nn.Parameter, float] | None:
+    """A norm's float32 CPU weight (1-D) and ``variance_epsilon``, if ``module`` has both, else ``None``."""
+    weight, epsilon = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if not isinstance(weight, nn.Parameter) or not isinstance(epsilon, float):
+        return None
+    if weight.dim() != 1 or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return None
+    return weight, epsilon
+
+
+__all__ = ["OwnRMSNorm", "int8_linear", "pack_int8_weight", "unavailable", "use_own_norms"]

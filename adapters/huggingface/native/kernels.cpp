@@ -1,9 +1,13 @@
-// An int8 linear layer for CPUs with AVX-512 VNNI: each input row quantized to 8 bits with a scale of its own,
-// multiplied with `vpdpbusd` against int8 weights packed in panels of 16 output rows, scaled back to float32.
+// Kernels of our own for CPUs with AVX-512 VNNI, built at run time by adapters/huggingface/native/__init__.py and
+// registered as torch.ops.hf_openai_server.*:
 //
-// Built at run time by adapters/huggingface/native/__init__.py, registered as torch.ops.hf_openai_server.int8_linear.
-// Every row goes through the same instructions whatever the other rows hold or how many there are (integer sums are
-// exact, the scaling is per element), so a token's product is the same alone, in a batch or in a prompt.
+// - int8_linear: each input row quantized to 8 bits with a scale of its own, multiplied with `vpdpbusd` against int8
+//   weights packed in panels of 16 output rows, scaled back to float32;
+// - rms_norm: a Llama-style RMS norm of each row, in one pass where torch takes eight ops.
+//
+// Each row goes through the same instructions whatever the other rows hold or how many there are (integer sums are
+// exact, the scaling is per element, a row's norm is summed by one thread), so a token gets the same numbers alone,
+// in a batch or in a prompt.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -159,12 +163,53 @@ at::Tensor int8_linear(const at::Tensor& inputs, const at::Tensor& weights, cons
   return out;
 }
 
+// weight * (x * (1 / sqrt(mean(x * x) + eps))) for each row of x, as transformers' LlamaRMSNorm computes it in
+// float32, the sum of squares in sixteen lanes (then added across) instead of torch's order.
+at::Tensor rms_norm(const at::Tensor& inputs, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "rms_norm: float32 inputs expected");
+  const int64_t k = inputs.size(-1);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.numel() == k && weight.is_contiguous(),
+              "rms_norm: a float32 weight of the inputs' last size expected");
+  const at::Tensor x = inputs.contiguous();
+  at::Tensor out = at::empty_like(x);
+  const int64_t m = k == 0 ? 0 : x.numel() / k;
+  const float* x_data = x.data_ptr<float>();
+  const float* w_data = weight.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  const float epsilon = static_cast<float>(eps);
+  const int64_t vectorised = k - k % 16;
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = x_data + r * k;
+      float* o = out_data + r * k;
+      __m512 lanes = _mm512_setzero_ps();
+      for (int64_t i = 0; i < vectorised; i += 16) {
+        const __m512 v = _mm512_loadu_ps(row + i);
+        lanes = _mm512_add_ps(lanes, _mm512_mul_ps(v, v));
+      }
+      float squares = _mm512_reduce_add_ps(lanes);
+      for (int64_t i = vectorised; i < k; ++i) squares += row[i] * row[i];
+      const float scale = 1.0f / std::sqrt(squares / static_cast<float>(k) + epsilon);
+      const __m512 times = _mm512_set1_ps(scale);
+      for (int64_t i = 0; i < vectorised; i += 16)
+        _mm512_storeu_ps(o + i,
+                         _mm512_mul_ps(_mm512_loadu_ps(w_data + i), _mm512_mul_ps(_mm512_loadu_ps(row + i), times)));
+      for (int64_t i = vectorised; i < k; ++i) o[i] = w_data[i] * (row[i] * scale);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hf_openai_server, library) {
   library.def(
       "int8_linear(Tensor inputs, Tensor weights, Tensor sums, Tensor scales, Tensor? bias, int out_features) "
       "-> Tensor");
+  library.def("rms_norm(Tensor inputs, Tensor weight, float eps) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(hf_openai_server, CPU, library) { library.impl("int8_linear", &int8_linear); }
+TORCH_LIBRARY_IMPL(hf_openai_server, CPU, library) {
+  library.impl("int8_linear", &int8_linear);
+  library.impl("rms_norm", &rms_norm);
+}
