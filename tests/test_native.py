@@ -9,7 +9,14 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from adapters.huggingface import native
 from adapters.huggingface.loading import load_model
-from adapters.huggingface.quantization import Int8Linear, NativeInt8Linear, int8_layer
+from adapters.huggingface.quantization import (
+    Int4Linear,
+    Int8Linear,
+    NativeInt4Linear,
+    NativeInt8Linear,
+    int4_layer,
+    int8_layer,
+)
 from adapters.huggingface.torch_compat import script
 from tests.tiny_model import build_tiny_model, tied_tiny_llama
 
@@ -82,8 +89,11 @@ def test_the_kernel_keeps_every_leading_dimension_and_takes_no_rows():
 
 
 @needs_kernel
-def test_the_layer_compiles_with_torchscript_and_gives_the_same_bits():
-    layer = NativeInt8Linear(nn.Linear(64, 48))
+@pytest.mark.parametrize(
+    "build", [NativeInt8Linear, NativeInt4Linear, lambda linear: native.OwnRMSNorm(linear.bias, 1e-6)]
+)
+def test_the_layers_compile_with_torchscript_and_give_the_same_bits(build):
+    layer = build(nn.Linear(64, 64))
     compiled = script(layer)
     inputs = torch.randn(4, 64)
     assert compiled is not None
@@ -92,8 +102,9 @@ def test_the_layer_compiles_with_torchscript_and_gives_the_same_bits():
 
 
 @needs_kernel
-def test_int8_layers_take_the_kernel_where_it_builds():
-    assert type(int8_layer(nn.Linear(8, 8))) is NativeInt8Linear
+def test_int8_and_int4_layers_take_the_kernels_where_they_build():
+    assert type(int8_layer(nn.Linear(32, 8))) is NativeInt8Linear
+    assert type(int4_layer(nn.Linear(32, 8))) is NativeInt4Linear
 
 
 def test_without_the_kernel_int8_layers_keep_fbgemm(monkeypatch):
@@ -101,7 +112,8 @@ def test_without_the_kernel_int8_layers_keep_fbgemm(monkeypatch):
     native.unavailable.cache_clear()
     try:
         assert native.unavailable() == f"{native.DISABLE}=0"
-        assert type(int8_layer(nn.Linear(8, 8))) is Int8Linear
+        assert type(int8_layer(nn.Linear(32, 16))) is Int8Linear
+        assert type(int4_layer(nn.Linear(32, 16))) is Int4Linear
     finally:
         monkeypatch.undo()
         native.unavailable.cache_clear()
@@ -199,3 +211,87 @@ def test_a_quantized_model_loads_with_own_norms_and_a_float_one_keeps_transforme
     model = load_model(str(build_tiny_model(tmp_path / "tiny")), device="cpu", quantize=scheme).model
     assert isinstance(model.model.norm, native.OwnRMSNorm) is own
     assert isinstance(model.model.layers[0].input_layernorm, native.OwnRMSNorm) is own
+
+
+def expected_int4_product(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What the int4 kernel computes, in torch: q4_1-style weights, 8-bit inputs per group of 32, in float64."""
+    rows, columns = weight.shape
+    groups = weight.reshape(rows, -1, 32)
+    minimum = groups.amin(dim=-1).half().float()
+    scale = ((groups.amax(dim=-1) - minimum) / 15).half().float()
+    codes = torch.where(scale[..., None] > 0, torch.round((groups - minimum[..., None]) / scale[..., None]), 0)
+    weights = (codes.clamp(0, 15) * scale[..., None] + minimum[..., None]).reshape(rows, columns)
+    input_groups = inputs.reshape(*inputs.shape[:-1], -1, 32)
+    largest = input_groups.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(largest > 0, 127 / largest, torch.zeros_like(largest))
+    quantized = (torch.round(input_groups * inverse) * (largest / 127)).reshape(inputs.shape)
+    outputs = quantized.double() @ weights.double().T
+    return (outputs if bias is None else outputs + bias.double()).float()
+
+
+@needs_kernel
+@pytest.mark.parametrize(("rows", "features", "outputs"), [(1, 576, 960), (3, 96, 37), (5, 32, 16), (9, 1536, 50)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_int4_kernel_gives_its_arithmetic_to_float_rounding(rows, features, outputs, with_bias):
+    generator = torch.Generator().manual_seed(rows * features)
+    weight = torch.randn(outputs, features, generator=generator) * 0.1
+    bias = torch.randn(outputs, generator=generator) if with_bias else None
+    inputs = torch.randn(rows, features, generator=generator) * torch.logspace(-3, 3, rows).unsqueeze(1)
+    actual = native.int4_linear(inputs, native.pack_int4_weight(weight), bias, out_features=outputs)
+    expected = expected_int4_product(inputs, weight, bias)
+    assert float((actual - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+    reference = nn.functional.linear(inputs, weight, bias)
+    assert float((actual - reference).abs().max()) < 0.2 * float(reference.abs().max())
+
+
+@needs_kernel
+def test_an_int4_row_gets_the_same_bits_alone_in_any_batch_and_on_any_thread_count():
+    generator = torch.Generator().manual_seed(0)
+    layer = NativeInt4Linear(nn.Linear(192, 72))
+    magnitudes = torch.tensor([1e3, 1, 1e-3, 5, 0.1, 2, 7, 30, 1, 1, 9])
+    inputs = torch.randn(11, 192, generator=generator) * magnitudes[:, None]
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        together = layer(inputs)
+        try:
+            torch.set_num_threads(1)
+            single_threaded = layer(inputs)
+        finally:
+            torch.set_num_threads(threads)
+        for row in range(11):
+            assert torch.equal(layer(inputs[row : row + 1]), together[row : row + 1])
+            assert torch.equal(layer(inputs[row:]), together[row:])
+        prompt = layer(inputs.unsqueeze(0))
+    assert torch.equal(single_threaded, together)
+    assert torch.equal(prompt[0], together)
+
+
+@needs_kernel
+def test_a_q4_1_block_comes_back_exactly():
+    """Weights that are q4_1 blocks already (a float16 scale and minimum, codes 0 to 15 spanning each block), as the
+    embedded GGUF file holds them, are packed without a further rounding: read back one input at a time, each
+    weight is itself to float rounding (another code would be off by a whole step, 1e-3 of these weights or more)."""
+    generator = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (16, 64), generator=generator).float()
+    codes[:, ::32] = 0
+    codes[:, 1::32] = 15
+    scale = (torch.rand(16, 2, 1, generator=generator) * 0.01).half().float()
+    minimum = (-torch.rand(16, 2, 1, generator=generator) * 0.05).half().float()
+    weight = (codes.reshape(16, 2, 32) * scale + minimum).reshape(16, 64)
+    inputs = torch.zeros(64, 64)
+    inputs[torch.arange(64), torch.arange(64)] = 1.0  # each row reads one weight column back
+    read = native.int4_linear(inputs, native.pack_int4_weight(weight), None, out_features=16)
+    assert float((read.T - weight).abs().max()) <= 1e-6 * float(weight.abs().max())
+
+
+@needs_kernel
+def test_the_int4_op_refuses_what_pack_int4_weight_did_not_make():
+    packed_weight = native.pack_int4_weight(torch.randn(20, 64))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        native.int4_linear(torch.randn(2, 40), packed_weight, None, out_features=20)
+    with pytest.raises(RuntimeError, match="packed by pack_int4_weight"):
+        native.int4_linear(torch.randn(2, 96), packed_weight, None, out_features=20)
+    with pytest.raises(RuntimeError, match="more outputs"):
+        native.int4_linear(torch.randn(2, 64), packed_weight, None, out_features=40)
+    with pytest.raises(RuntimeError, match="bias"):
+        native.int4_linear(torch.randn(2, 64), packed_weight, torch.zeros(3), out_features=20)

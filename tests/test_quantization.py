@@ -18,8 +18,8 @@ from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.loading import gguf_weight_types, load_model
 from adapters.huggingface.packing import PackedLinear, packing_supported
 from adapters.huggingface.quantization import (
+    INT4_LAYERS,
     INT8_LAYERS,
-    Int4Linear,
     Int8Linear,
     NativeInt8Linear,
     Quantization,
@@ -114,7 +114,7 @@ def test_int4_replaces_every_linear_layer_and_the_logits_stay_close(model_dir):
     plain, quantized = load(model_dir), load(model_dir)
     quantize_linear_layers(quantized, "int4")
     assert not any(type(m) is nn.Linear for m in quantized.modules())
-    assert type(quantized.lm_head) is Int4Linear
+    assert isinstance(quantized.lm_head, INT4_LAYERS)
     assert relative_error(logits(quantized), logits(plain)) < 0.2
 
 

@@ -166,7 +166,7 @@ def kernel_works(scheme: str) -> bool:
     generator = torch.Generator().manual_seed(0)
     probe = probe_linear(64, 32, generator)
     inputs = torch.randn(3, 64, generator=generator)
-    build = {"int8": int8_layer, "int4": Int4Linear}[scheme]
+    build = {"int8": int8_layer, "int4": int4_layer}[scheme]
     try:
         with torch.no_grad():
             actual, expected = build(probe)(inputs), probe(inputs)
@@ -298,6 +298,41 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4"
 
 
+class NativeInt4Linear(nn.Module):
+    """``nn.Linear`` over 4-bit weights in groups of 32, multiplied by our own kernel (`native`).
+
+    Each group has a float16 scale and minimum, as GGUF's q4_1 blocks do; each input row is quantized to 8 bits with
+    its own scale. Used instead of `Int4Linear` where the kernel builds (`int4_layer`).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.packed = native.pack_int4_weight(linear.weight)
+        self.weight: torch.Tensor = torch.empty_like(linear.weight, device="meta")
+        """Only the float weight's shape and dtype (on ``meta``), for code that asks a linear layer for them."""
+        bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs @ weight.T + bias``, approximately: each row quantized with its own scale."""
+        return native.int4_linear(inputs.float(), self.packed, self.bias, out_features=self.out_features)
+
+    def extra_repr(self) -> str:
+        """As ``nn.Linear`` shows itself, with the scheme."""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 (own kernel)"
+
+
+INT4_LAYERS = (Int4Linear, NativeInt4Linear)
+"""The classes an int4 layer is (`int4_layer` picks one)."""
+
+
+def int4_layer(linear: nn.Linear) -> nn.Module:
+    """``linear`` in int4: with our own kernel where it builds (`native`), else with torch's (`Int4Linear`)."""
+    return NativeInt4Linear(linear) if native.unavailable() is None else Int4Linear(linear)
+
+
 def int4_fits(linear: nn.Linear) -> bool:
     """Whether the int4 kernel takes this layer's shape (inputs a multiple of 32, outputs of 16)."""
     return linear.in_features % INT4_GROUP_SIZE == 0 and linear.out_features % 16 == 0
@@ -339,17 +374,19 @@ def probe_ids(model: nn.Module) -> torch.Tensor:
 
 
 def quantize_linear_layers(model: nn.Module, scheme: str) -> int:
-    """Replace each float ``nn.Linear`` of a CPU model with an `Int8Linear` or `Int4Linear`; return how many.
+    """Replace each float ``nn.Linear`` of a CPU model with an int8 or int4 layer (`int8_layer`, `int4_layer`).
+
+    Returns how many.
 
     The float weights are released, except one another module shares (a tied input embedding), which stays for
     that module's own use.
     """
-    build: Callable[[nn.Linear], nn.Module] = Int4Linear
-    details: dict[str, int | str] = {}
+    build: Callable[[nn.Linear], nn.Module] = int4_layer
+    own = native.unavailable() is None
+    details: dict[str, int | str] = {"kernel": "own (AVX-512 VNNI)" if own else "torch's"}
     if scheme == "int8":
         build = int8_layer
-        own = native.unavailable() is None
-        details["int8_kernel"] = "own (AVX-512 VNNI)" if own else "FBGEMM"
+        details["kernel"] = "own (AVX-512 VNNI)" if own else "FBGEMM"
         details["int8_input_bits"] = 8 if own or not int8_reduce_range(cpu_flags()) else 7
     linears = [
         (parent, name, child)
@@ -369,13 +406,16 @@ def quantize_linear_layers(model: nn.Module, scheme: str) -> int:
 
 __all__ = [
     "FLOAT_WEIGHTS",
+    "INT4_LAYERS",
     "INT8_LAYERS",
     "QUANTIZE_CHOICES",
     "Int4Linear",
     "Int8Linear",
+    "NativeInt4Linear",
     "NativeInt8Linear",
     "Quantization",
     "QuantizationError",
+    "int4_layer",
     "int8_layer",
     "int8_reduce_range",
     "prepare_linear_layers",

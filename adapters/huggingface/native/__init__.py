@@ -167,6 +167,54 @@ def int8_linear(
     return outputs
 
 
+INT4_GROUP = 32
+"""Inputs per int4 group: each group of each output row has its own scale and minimum (GGUF's q4_1 blocks)."""
+
+
+def pack_int4_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (``[out, in]``, ``in`` a multiple of 32) as 4-bit codes per group of 32, packed for `int4_linear`.
+
+    Asymmetric per group, as GGUF's q4_1: a weight is ``code * scale + minimum``, codes 0 to 15, the scale and
+    minimum float16 (a q4_1 file's own, so its weights come back exactly where a group spans codes 0 to 15). Returns
+    ``[out / 16, in / 32, 320]`` bytes: per panel of 16 output rows and group, four 64-byte blocks of codes (block
+    ``j``: each row's inputs ``4j..4j+3`` in the low nibbles, ``4j+16..4j+19`` in the high ones), then the 16 scales
+    and the 16 minimums.
+    """
+    rows, columns = weight.shape
+    padded_rows = -(-rows // PANEL) * PANEL
+    groups = torch.zeros(padded_rows, columns // INT4_GROUP, INT4_GROUP)
+    groups[:rows] = weight.detach().float().reshape(rows, -1, INT4_GROUP)
+    minimum = groups.amin(dim=-1).half()
+    scale = ((groups.amax(dim=-1) - minimum.float()) / 15).half()
+    steps = scale.float().unsqueeze(-1)
+    codes = torch.where(steps > 0, torch.round((groups - minimum.float().unsqueeze(-1)) / steps), 0).clamp(0, 15)
+    codes = codes.to(torch.uint8).view(padded_rows // PANEL, PANEL, -1, INT4_GROUP).transpose(1, 2)  # [P, G, 16, 32]
+
+    def blocks(half: torch.Tensor) -> torch.Tensor:  # [P, G, 16, 16] -> [P, G, 4, 64]: block j, row, 4 inputs
+        panels, count = half.shape[0], half.shape[1]
+        return half.reshape(panels, count, PANEL, 4, GROUP).transpose(2, 3).reshape(panels, count, 4, PANEL * GROUP)
+
+    nibbles = blocks(codes[..., :16]) | (blocks(codes[..., 16:]) << 4)
+    panels, count = nibbles.shape[0], nibbles.shape[1]
+
+    def as_bytes(values: torch.Tensor) -> torch.Tensor:  # [rows, groups] float16 -> [P, G, 32] bytes
+        return values.view(panels, PANEL, count).transpose(1, 2).contiguous().view(torch.uint8)
+
+    return torch.cat([nibbles.reshape(panels, count, -1), as_bytes(scale), as_bytes(minimum)], dim=-1).contiguous()
+
+
+def int4_linear(
+    inputs: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, *, out_features: int
+) -> torch.Tensor:
+    """``inputs @ weight.T + bias``, approximately, over a weight from `pack_int4_weight` (once `unavailable` is None).
+
+    Each row of ``inputs`` (float32) is quantized to 8 bits with its own scale, so a row's product is the same bits
+    alone, in a batch or in a prompt.
+    """
+    outputs: torch.Tensor = torch.ops.hf_openai_server.int4_linear(inputs, packed, bias, out_features)
+    return outputs
+
+
 class OwnRMSNorm(nn.Module):
     """A Llama-style RMS norm (``weight * x / sqrt(mean(x^2) + eps)``, in float32) through our ``rms_norm`` kernel.
 
@@ -226,4 +274,12 @@ def _norm_parts(module: nn.Module) -> tuple[nn.Parameter, float] | None:
     return weight, epsilon
 
 
-__all__ = ["OwnRMSNorm", "int8_linear", "pack_int8_weight", "unavailable", "use_own_norms"]
+__all__ = [
+    "OwnRMSNorm",
+    "int4_linear",
+    "int8_linear",
+    "pack_int4_weight",
+    "pack_int8_weight",
+    "unavailable",
+    "use_own_norms",
+]

@@ -163,6 +163,154 @@ at::Tensor int8_linear(const at::Tensor& inputs, const at::Tensor& weights, cons
   return out;
 }
 
+// int4: 4-bit weight codes in groups of 32 inputs, each group of each output row with a float16 scale and minimum
+// (a weight is code * scale + minimum, as GGUF's q4_1 stores it). Packed per panel of 16 output rows and group: four
+// 64-byte blocks of codes, block j holding for each row its inputs 4j..4j+3 in the low nibbles and 4j+16..4j+19 in
+// the high ones (what two `vpdpbusd` take, after a mask and a shift), then the 16 scales and the 16 minimums.
+constexpr int64_t kInt4Group = 32;
+constexpr int64_t kInt4Codes = kPanel * kInt4Group / 2;      // bytes of codes per panel and group
+constexpr int64_t kInt4Block = kInt4Codes + 2 * kPanel * 2;  // and their float16 scales and minimums
+
+// Each group of 32 inputs of each row to signed 8 bits with a scale of its own, as llama.cpp's q8_1 blocks:
+// round(x * 127 / max|x|) and max|x| / 127, with the group's sum of codes times that scale.
+void quantize_groups(const float* x, int64_t rows, int64_t k, int8_t* codes, float* scales, float* sums) {
+  const int64_t groups = k / kInt4Group;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* group = x + r * k + g * kInt4Group;
+      const __m512 first = _mm512_loadu_ps(group), second = _mm512_loadu_ps(group + 16);
+      const float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(first), _mm512_abs_ps(second)));
+      const float scale = largest / 127.0f;
+      const __m512 times = _mm512_set1_ps(largest > 0.0f ? 127.0f / largest : 0.0f);
+      constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+      const __m512i low = _mm512_cvt_roundps_epi32(_mm512_mul_ps(first, times), kNearest);
+      const __m512i high = _mm512_cvt_roundps_epi32(_mm512_mul_ps(second, times), kNearest);
+      int8_t* out = codes + r * k + g * kInt4Group;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(low));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtepi32_epi8(high));
+      scales[r * groups + g] = scale;
+      sums[r * groups + g] = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(low, high))) * scale;
+    }
+  }
+}
+
+// `rows` input rows against `panels` (1 or 2) consecutive panels: per group, the integer dot of codes and inputs in
+// two sums (low and high nibbles), then scaled by the weights' and the inputs' scales and shifted by the weights'
+// minimum times the inputs' sum, into a float sum.
+template <int rows, int panels>
+void int4_micro_kernel(const int8_t* codes, int64_t k, const float* group_scales, const float* group_sums,
+                       const uint8_t* weights, const float* bias, int64_t n0, int64_t n, float* out) {
+  const int64_t groups = k / kInt4Group;
+  const int64_t panel_bytes = groups * kInt4Block;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 total[rows][panels];
+  for (int r = 0; r < rows; ++r)
+    for (int p = 0; p < panels; ++p) total[r][p] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i lows[rows][panels], highs[rows][panels];
+    for (int r = 0; r < rows; ++r)
+      for (int p = 0; p < panels; ++p) lows[r][p] = highs[r][p] = _mm512_setzero_si512();
+    for (int j = 0; j < 4; ++j) {
+      __m512i wl[panels], wh[panels];
+      for (int p = 0; p < panels; ++p) {
+        const __m512i both = _mm512_loadu_si512(weights + p * panel_bytes + g * kInt4Block + j * 64);
+        wl[p] = _mm512_and_si512(both, low);
+        wh[p] = _mm512_and_si512(_mm512_srli_epi16(both, 4), low);
+      }
+      for (int r = 0; r < rows; ++r) {
+        int32_t first, second;
+        std::memcpy(&first, codes + r * k + g * kInt4Group + 4 * j, sizeof(first));
+        std::memcpy(&second, codes + r * k + g * kInt4Group + 4 * j + 16, sizeof(second));
+        const __m512i x1 = _mm512_set1_epi32(first), x2 = _mm512_set1_epi32(second);
+        for (int p = 0; p < panels; ++p) {
+          lows[r][p] = _mm512_dpbusd_epi32(lows[r][p], wl[p], x1);
+          highs[r][p] = _mm512_dpbusd_epi32(highs[r][p], wh[p], x2);
+        }
+      }
+    }
+    for (int p = 0; p < panels; ++p) {
+      const uint8_t* block = weights + p * panel_bytes + g * kInt4Block + kInt4Codes;
+      const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
+      const __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32)));
+      for (int r = 0; r < rows; ++r) {
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lows[r][p], highs[r][p]));
+        const __m512 both = _mm512_mul_ps(scale, _mm512_set1_ps(group_scales[r * groups + g]));
+        total[r][p] = _mm512_fmadd_ps(dot, both, total[r][p]);
+        total[r][p] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(group_sums[r * groups + g]), total[r][p]);
+      }
+    }
+  }
+  for (int p = 0; p < panels; ++p) {
+    const int64_t start = n0 + p * kPanel;
+    if (start >= n) break;
+    const __mmask16 mask = static_cast<__mmask16>(start + kPanel <= n ? 0xFFFF : (1u << (n - start)) - 1);
+    const __m512 added = bias ? _mm512_maskz_loadu_ps(mask, bias + start) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; ++r)
+      _mm512_mask_storeu_ps(out + r * n + start, mask, bias ? _mm512_add_ps(total[r][p], added) : total[r][p]);
+  }
+}
+
+template <int rows>
+void int4_row_block(const int8_t* codes, int64_t k, const float* group_scales, const float* group_sums,
+                    const uint8_t* weights, const float* bias, int64_t panel, int64_t count, int64_t n, float* out) {
+  const uint8_t* w = weights + panel * (k / kInt4Group) * kInt4Block;
+  if (count == 2)
+    int4_micro_kernel<rows, 2>(codes, k, group_scales, group_sums, w, bias, panel * kPanel, n, out);
+  else
+    int4_micro_kernel<rows, 1>(codes, k, group_scales, group_sums, w, bias, panel * kPanel, n, out);
+}
+
+at::Tensor int4_linear(const at::Tensor& inputs, const at::Tensor& weights, const c10::optional<at::Tensor>& bias,
+                       int64_t out_features) {
+  TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "int4_linear: float32 inputs expected");
+  const int64_t k = inputs.size(-1);
+  TORCH_CHECK(k % kInt4Group == 0, "int4_linear: inputs of a multiple of 32 features expected");
+  TORCH_CHECK(weights.scalar_type() == at::kByte && weights.dim() == 3 && weights.size(1) == k / kInt4Group &&
+                  weights.size(2) == kInt4Block && weights.is_contiguous(),
+              "int4_linear: weights packed by pack_int4_weight for ", k, " features expected");
+  const int64_t panels = weights.size(0);
+  TORCH_CHECK(out_features <= panels * kPanel, "int4_linear: more outputs than the packed weights have");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() ||
+                  (bias->scalar_type() == at::kFloat && bias->numel() == out_features && bias->is_contiguous()),
+              "int4_linear: a float32 bias of out_features expected");
+  const at::Tensor x = inputs.reshape({-1, k}).contiguous();
+  const int64_t m = x.size(0);
+  auto out_sizes = inputs.sizes().vec();
+  out_sizes.back() = out_features;
+  at::Tensor out = at::empty(out_sizes, inputs.options());
+  if (m == 0) return out;
+  const int64_t groups = k / kInt4Group;
+  at::Tensor codes = at::empty({m, k}, inputs.options().dtype(at::kChar));
+  at::Tensor group_scales = at::empty({m, groups}, inputs.options());
+  at::Tensor group_sums = at::empty({m, groups}, inputs.options());
+  quantize_groups(x.data_ptr<float>(), m, k, codes.data_ptr<int8_t>(), group_scales.data_ptr<float>(),
+                  group_sums.data_ptr<float>());
+  const float* bias_data = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  const int8_t* code_data = codes.data_ptr<int8_t>();
+  const float* scale_data = group_scales.data_ptr<float>();
+  const float* sum_data = group_sums.data_ptr<float>();
+  const uint8_t* weight_data = weights.data_ptr<uint8_t>();
+  float* out_data = out.data_ptr<float>();
+  at::parallel_for(0, (panels + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t panel = 2 * begin; panel < std::min(2 * end, panels); panel += 2) {
+      const int64_t count = std::min<int64_t>(2, panels - panel);
+      for (int64_t r = 0; r < m; r += kRows) {
+        const int8_t* c = code_data + r * k;
+        const float* s = scale_data + r * groups;
+        const float* g = sum_data + r * groups;
+        float* o = out_data + r * out_features;
+        switch (std::min(kRows, m - r)) {
+          case 4: int4_row_block<4>(c, k, s, g, weight_data, bias_data, panel, count, out_features, o); break;
+          case 3: int4_row_block<3>(c, k, s, g, weight_data, bias_data, panel, count, out_features, o); break;
+          case 2: int4_row_block<2>(c, k, s, g, weight_data, bias_data, panel, count, out_features, o); break;
+          default: int4_row_block<1>(c, k, s, g, weight_data, bias_data, panel, count, out_features, o); break;
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // weight * (x * (1 / sqrt(mean(x * x) + eps))) for each row of x, as transformers' LlamaRMSNorm computes it in
 // float32, the sum of squares in sixteen lanes (then added across) instead of torch's order.
 at::Tensor rms_norm(const at::Tensor& inputs, const at::Tensor& weight, double eps) {
@@ -206,10 +354,12 @@ TORCH_LIBRARY(hf_openai_server, library) {
   library.def(
       "int8_linear(Tensor inputs, Tensor weights, Tensor sums, Tensor scales, Tensor? bias, int out_features) "
       "-> Tensor");
+  library.def("int4_linear(Tensor inputs, Tensor weights, Tensor? bias, int out_features) -> Tensor");
   library.def("rms_norm(Tensor inputs, Tensor weight, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hf_openai_server, CPU, library) {
   library.impl("int8_linear", &int8_linear);
+  library.impl("int4_linear", &int4_linear);
   library.impl("rms_norm", &rms_norm);
 }
