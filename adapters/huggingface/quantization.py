@@ -60,6 +60,9 @@ QUANTIZE_CHOICES = ("none", "int8", "int4")
 FLOAT_GGUF_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
 """GGUF tensor types that hold float weights; every other type is a quantized block format."""
 
+FOUR_BIT_GGUF_PREFIXES = ("Q4_", "Q3_", "Q2_", "IQ4", "IQ3", "IQ2", "IQ1", "TQ")
+"""GGUF block formats of 4 bits a weight or fewer: a file holding any is served as ``int4`` where our kernel is."""
+
 INT8_FULL_RANGE_WITH = "avx512_vnni"
 """The CPU flag with which FBGEMM's int8 product sums in 32 bits (``vpdpbusd``), so its inputs may take all 8 bits."""
 
@@ -93,11 +96,11 @@ def resolve_quantization(
 ) -> Quantization:
     """Decide the scheme from ``--quantize``, ``--dtype`` and the GGUF file's tensor types (empty: not a GGUF).
 
-    An explicit ``--quantize`` wins. Without it, a quantized GGUF file (q8_0, q4_1, ...; the embedded one included)
-    is served as ``int8`` on a CPU in float32: the closest to its own bit width that multiplies a batch fast (torch's
-    int4 CPU kernel is slower than FBGEMM's int8 one at 16 rows), a quarter of float32's weight bytes. ``--dtype``, or a
-    device other than the CPU, serves it in float; so does ``--quantize none``. Every other model keeps its float
-    weights.
+    An explicit ``--quantize`` wins. Without it, a quantized GGUF file is served on a CPU in float32 at the closest
+    width that multiplies a batch fast: ``int4`` for a file holding 4-bit blocks or narrower (q4_1, q4_K, ...; the
+    embedded one, whose output embedding alone is q8_0) where our own int4 kernel builds (`native`), else ``int8``
+    (torch's int4 CPU kernel is slower than FBGEMM's int8 one at 16 rows). ``--dtype``, or a device other than the
+    CPU, serves it in float; so does ``--quantize none``. Every other model keeps its float weights.
 
     Raises:
         QuantizationError: ``int8``/``int4`` on CUDA, or with a dtype other than float32.
@@ -129,6 +132,10 @@ def _file_default(
     if dtype != torch.float32:
         return Quantization("none", "the int8 kernel multiplies float32 activations")
     kinds = ", ".join(quantized_types)
+    if any(kind.startswith(FOUR_BIT_GGUF_PREFIXES) for kind in quantized_types) and native.unavailable() is None:
+        return Quantization(
+            "int4", f"GGUF file quantized as {kinds}, served at 4 bits by our kernel (--quantize none expands to float)"
+        )
     return Quantization("int8", f"GGUF file quantized as {kinds}, served at 8 bits (--quantize none expands to float)")
 
 
@@ -376,7 +383,9 @@ def probe_ids(model: nn.Module) -> torch.Tensor:
 def quantize_linear_layers(model: nn.Module, scheme: str) -> int:
     """Replace each float ``nn.Linear`` of a CPU model with an int8 or int4 layer (`int8_layer`, `int4_layer`).
 
-    Returns how many.
+    Returns how many. Under ``int4`` the output projection takes 8 bits, as GGUF's 4-bit files keep theirs (the
+    embedded SmolLM2's is q8_0): in 4 bits it cost the embedded model its answers ("What is the capital of
+    France?" got "L'Étoile, the capital of France."; "... Paris." with it in 8 bits).
 
     The float weights are released, except one another module shares (a tied input embedding), which stays for
     that module's own use.
@@ -384,19 +393,24 @@ def quantize_linear_layers(model: nn.Module, scheme: str) -> int:
     build: Callable[[nn.Linear], nn.Module] = int4_layer
     own = native.unavailable() is None
     details: dict[str, int | str] = {"kernel": "own (AVX-512 VNNI)" if own else "torch's"}
+    head = getattr(model, "get_output_embeddings", lambda: None)()  # a transformers model's output projection
     if scheme == "int8":
         build = int8_layer
         details["kernel"] = "own (AVX-512 VNNI)" if own else "FBGEMM"
         details["int8_input_bits"] = 8 if own or not int8_reduce_range(cpu_flags()) else 7
+    elif head is not None:
+        details["output_projection"] = "int8"
     linears = [
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear and child.weight.device.type == "cpu" and (scheme != "int4" or int4_fits(child))
+        if type(child) is nn.Linear
+        and child.weight.device.type == "cpu"
+        and (scheme != "int4" or child is head or int4_fits(child))
     ]
     with torch.no_grad():
         for parent, name, child in linears:
-            setattr(parent, name, build(child))
+            setattr(parent, name, int8_layer(child) if child is head and scheme == "int4" else build(child))
         for tensor in [*model.parameters(), *model.buffers()]:
             tensor.data = tensor.data.clone()  # off the checkpoint's mapped file, which would otherwise stay resident
     gc.collect()

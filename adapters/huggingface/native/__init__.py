@@ -9,7 +9,7 @@ They serve int8 models on CPUs with AVX-512 VNNI, where they build:
   (`Int8Linear` had to bound FBGEMM's inputs to get that), multiplies with ``vpdpbusd`` over weights packed in
   panels of 16 output rows, and scales back, in one call. On a 2-core AMD EPYC (Zen 4, AVX-512 VNNI), SmolLM2-135M's
   120 layer products at one row took 4.6 against 6.2 ms, at 16 rows 9.3 against 10.9 ms, at 64 rows the same as
-  FBGEMM (README, "An int8 kernel of our own").
+  FBGEMM (README, "Kernels of our own").
 - ``rms_norm``: a Llama-style RMS norm in one pass, where transformers' takes eight ops; `OwnRMSNorm` stands in for
   the model's norms (`use_own_norms`), so transformers' forward and the engine's lean pass both call it.
 
