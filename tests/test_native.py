@@ -295,3 +295,72 @@ def test_the_int4_op_refuses_what_pack_int4_weight_did_not_make():
         native.int4_linear(torch.randn(2, 64), packed_weight, None, out_features=40)
     with pytest.raises(RuntimeError, match="bias"):
         native.int4_linear(torch.randn(2, 64), packed_weight, torch.zeros(3), out_features=20)
+
+
+def attention_inputs(rows: int, columns: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SmolLM2's heads (9 query heads on 3 key heads of 64): keys and values as views of a larger cache buffer."""
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(rows, 9, 1, 64, generator=generator)
+    keys = torch.randn(rows, 3, columns + 40, 64, generator=generator)[:, :, :columns]
+    values = torch.randn(rows, 3, columns + 40, 64, generator=generator)[:, :, :columns]
+    return query, keys, values
+
+
+@needs_kernel
+@pytest.mark.parametrize(("rows", "columns"), [(1, 1), (1, 100), (4, 37), (16, 150)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_query_attention_gives_torchs_to_rounding(rows, columns, masked):
+    query, keys, values = attention_inputs(rows, columns, seed=rows * columns)
+    mask = None
+    if masked:
+        mask = torch.ones(rows, 1, 1, columns, dtype=torch.bool)
+        mask[0, ..., : columns // 3] = False  # a left-padded row
+        mask[0, ..., -1] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, scale=0.125, enable_gqa=True
+    ).transpose(1, 2)
+    actual = native.one_query_attention(query, keys, values, mask, 0.125)
+    assert actual.shape == (rows, 1, 9, 64)
+    assert float((actual - expected).abs().max()) < 1e-5
+
+
+@needs_kernel
+def test_one_query_attention_gives_a_row_the_same_bits_alone_in_a_batch_and_on_any_thread_count():
+    query, keys, values = attention_inputs(6, 90, seed=5)
+    mask = torch.rand(6, 1, 1, 90, generator=torch.Generator().manual_seed(1)) > 0.3
+    threads = torch.get_num_threads()
+    together = native.one_query_attention(query, keys, values, mask, 0.125)
+    try:
+        torch.set_num_threads(1)
+        single_threaded = native.one_query_attention(query, keys, values, mask, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single_threaded, together)
+    for row in range(6):
+        alone = native.one_query_attention(
+            query[row : row + 1], keys[row : row + 1], values[row : row + 1], mask[row : row + 1], 0.125
+        )
+        assert torch.equal(alone, together[row : row + 1])
+
+
+@needs_kernel
+def test_one_query_attention_with_nothing_visible_gives_zeros_and_refuses_other_shapes():
+    query, keys, values = attention_inputs(2, 10, seed=0)
+    hidden = torch.zeros(2, 1, 1, 10, dtype=torch.bool)
+    hidden[1] = True
+    output = native.one_query_attention(query, keys, values, hidden, 0.125)
+    assert torch.equal(output[0], torch.zeros(1, 9, 64))
+    assert bool(output[1].abs().sum() > 0)
+    assert not native.attends(query[..., :40], keys[..., :40], None)  # a head size the kernel does not take
+    assert not native.attends(query, keys, torch.zeros(2, 9, 1, 10, dtype=torch.bool))  # a mask per head
+    with pytest.raises(RuntimeError, match="boolean"):
+        native.one_query_attention(query, keys, values, torch.zeros(2, 1, 1, 10), 0.125)
+    with pytest.raises(RuntimeError, match="head size"):
+        native.one_query_attention(query[..., :40], keys[..., :40], values[..., :40], None, 0.125)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("scheme", "own"), [("int4", True), ("none", False)])
+def test_a_quantized_models_attention_blocks_take_the_own_kernel_and_a_float_ones_do_not(tmp_path, scheme, own):
+    model = load_model(str(build_tiny_model(tmp_path / "tiny")), device="cpu", quantize=scheme).model
+    assert getattr(model.model.layers[0].self_attn, native.OWN_ATTENTION, False) is own

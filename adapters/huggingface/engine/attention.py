@@ -32,6 +32,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from adapters.huggingface import native
+
 _state = threading.local()
 
 GROUPED_SDPA_LARGEST_DIM = 256
@@ -85,7 +87,8 @@ def one_position(module: torch.nn.Module, query: torch.Tensor, kwargs: dict[str,
     groups = getattr(module, "num_key_value_groups", None)
     plain = not kwargs.get("dropout") and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
     if query.device.type == "cpu" and isinstance(groups, int) and plain:
-        return functools.partial(one_query, groups=groups, scaling=kwargs.get("scaling"))
+        own = getattr(module, native.OWN_ATTENTION, False)
+        return functools.partial(one_query, groups=groups, scaling=kwargs.get("scaling"), own=own)
 
     def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         output: torch.Tensor = sdpa_attention_forward(module, query, key, value, mask, **kwargs)[0]
@@ -142,16 +145,21 @@ def one_query(
     *,
     groups: int,
     scaling: float | None,
+    own: bool = False,
 ) -> torch.Tensor:
     """The sdpa attention of one query position on a CPU or CUDA device, without transformers' dispatch.
 
-    ``groups``: query heads per key head; ``scaling``: ``None`` for torch's own. Grouped heads go to torch's
+    ``groups``: query heads per key head; ``scaling``: ``None`` for torch's own; ``own``: our kernel where it takes
+    the shapes (`native.one_query_attention`, for the attention blocks `native.use_own_attention` marked). Grouped
+    heads go to torch's
     grouped-query attention when nothing is masked, and on the CPU under a mask too; else (CUDA, masked) the query
     heads of a key head are laid out as that head's positions (one query each, under the same mask), as
     ``sdpa_attention_forward`` does. The lean decoder checks at start-up that the numbers are those of transformers'
     forward, which `per_query` sends here (`decoder.probe`).
     """
     batch, heads, _, dim = query.shape
+    if own and native.attends(query, key, mask):
+        return native.one_query_attention(query, key, value, mask, dim**-0.5 if scaling is None else scaling)
     options = {}
     if groups > 1:
         grouped = key.shape[-1] == value.shape[-1] <= GROUPED_SDPA_LARGEST_DIM

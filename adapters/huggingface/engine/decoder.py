@@ -42,6 +42,7 @@ import structlog
 import torch
 from torch import nn
 
+from adapters.huggingface import native
 from adapters.huggingface.engine import attention
 from adapters.huggingface.shared_input import stacked_product
 from adapters.huggingface.torch_compat import children_watch, forward_hooks_watch, script
@@ -349,7 +350,10 @@ class LayerPlan:
             parts=parts,
             attention_input=cast("nn.Module", attention_input),
             attend=functools.partial(
-                attention.one_query, groups=attention_module.num_key_value_groups, scaling=attention_module.scaling
+                attention.one_query,
+                groups=attention_module.num_key_value_groups,
+                scaling=attention_module.scaling,
+                own=getattr(attention_module, native.OWN_ATTENTION, False),
             ),
             attention_module=attention_module,
             output=cast("nn.Module", output),

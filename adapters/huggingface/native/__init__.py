@@ -1,6 +1,6 @@
 """Kernels of our own, in C++ (``kernels.cpp``), built with this machine's compiler the first time a server needs them.
 
-They serve int8 models on CPUs with AVX-512 VNNI, where they build:
+They serve quantized models on CPUs with AVX-512 VNNI, where they build:
 
 - ``int8_linear``: the int8 product `NativeInt8Linear` (``quantization.py``) calls instead of FBGEMM's. A decoding
   step of a small model calls a hundred or more small products; FBGEMM's costs some 25 us a call beyond reading its
@@ -10,8 +10,14 @@ They serve int8 models on CPUs with AVX-512 VNNI, where they build:
   panels of 16 output rows, and scales back, in one call. On a 2-core AMD EPYC (Zen 4, AVX-512 VNNI), SmolLM2-135M's
   120 layer products at one row took 4.6 against 6.2 ms, at 16 rows 9.3 against 10.9 ms, at 64 rows the same as
   FBGEMM (README, "Kernels of our own").
+- ``int4_linear``: the int4 product `NativeInt4Linear` calls instead of torch's int4 op: 4-bit codes in groups of 32
+  with a float16 scale and minimum each (GGUF's q4_1 layout), inputs quantized to 8 bits per group of 32 (as
+  llama.cpp's q8_1 blocks), two ``vpdpbusd`` for every 64 bytes of weights.
 - ``rms_norm``: a Llama-style RMS norm in one pass, where transformers' takes eight ops; `OwnRMSNorm` stands in for
   the model's norms (`use_own_norms`), so transformers' forward and the engine's lean pass both call it.
+- ``one_query_attention``: one query position's attention, which `attention.one_query` takes for the attention
+  blocks `use_own_attention` marked, from transformers' forward and the lean pass alike; 1.6-1.8x torch's sdpa at
+  SmolLM2's shapes.
 
 The library is built once per source, torch version and compiler command, with ``g++`` (``$CXX``) straight into a
 shared library under torch's extensions folder (``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``), some
@@ -213,6 +219,53 @@ def int4_linear(
     """
     outputs: torch.Tensor = torch.ops.hf_openai_server.int4_linear(inputs, packed, bias, out_features)
     return outputs
+
+
+OWN_ATTENTION = "hf_openai_server_own_attention"
+"""The attribute `use_own_attention` sets on an attention block whose one-query attention takes our kernel."""
+
+
+def one_query_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """One query position's attention, ``[rows, 1, heads, dim]``, by our kernel (once `unavailable` is None).
+
+    ``query``: ``[rows, heads, 1, dim]``; ``key``/``value``: ``[rows, key heads, columns, dim]``; ``mask``: boolean
+    ``[rows, 1, 1, columns]`` (True: attend) or ``None``. A head size that is a multiple of 16 up to 256, at most 8
+    query heads a key head (`attends`).
+    """
+    output: torch.Tensor = torch.ops.hf_openai_server.one_query_attention(query, key, value, mask, scaling)
+    return output
+
+
+def attends(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether `one_query_attention` takes these shapes (else the caller keeps torch's)."""
+    heads, dim = query.shape[1], query.shape[-1]
+    plain_mask = mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] == 1)
+    return (
+        query.device.type == "cpu"
+        and query.dtype == torch.float32
+        and dim % 16 == 0
+        and dim <= 256  # noqa: PLR2004  the kernel's registers
+        and heads % key.shape[1] == 0
+        and heads // key.shape[1] <= 8  # noqa: PLR2004
+        and plain_mask
+    )
+
+
+def use_own_attention(model: nn.Module) -> int:
+    """Mark the attention blocks of ``model`` (those with ``num_key_value_groups``) for our one-query kernel.
+
+    Both transformers' forward and the engine's lean pass read the mark (`attention.one_position`, the decoder's
+    layer plans), so they keep computing the same numbers. Returns how many blocks were marked.
+    """
+    marked = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "num_key_value_groups", None), int):
+            setattr(module, OWN_ATTENTION, True)
+            marked += 1
+    log.info("native.attention.done", marked=marked)
+    return marked
 
 
 class OwnRMSNorm(nn.Module):

@@ -17,6 +17,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 namespace {
 
@@ -311,6 +313,126 @@ at::Tensor int4_linear(const at::Tensor& inputs, const at::Tensor& weights, cons
   return out;
 }
 
+// e^x for sixteen floats: x = n ln 2 + r, 2^n from the exponent bits, e^r by a degree-6 polynomial (about 2 ulp);
+// 0 below -87 (a masked column's -infinity included).
+__m512 exp16(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i exponent = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_mul_ps(p, _mm512_castsi512_ps(exponent)));
+}
+
+// One query position's attention, for every row and head: softmax(q . k * scaling) . v over a row's columns, those
+// its boolean mask leaves out skipped. query [rows, heads, 1, dim]; key, value [rows, key heads, columns, dim] (any
+// strides but the last); the query heads of a key head (`heads / key heads` of them, at most 8) read each key and
+// value once. Each row and key head is computed by one thread in one order, whatever else is in the call.
+// Returns [rows, 1, heads, dim].
+at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                               const c10::optional<at::Tensor>& mask, double scaling) {
+  TORCH_CHECK(query.scalar_type() == at::kFloat && key.scalar_type() == at::kFloat &&
+                  value.scalar_type() == at::kFloat,
+              "one_query_attention: float32 expected");
+  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4 && query.size(2) == 1,
+              "one_query_attention: one query position expected");
+  const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(3);
+  const int64_t key_heads = key.size(1), columns = key.size(2);
+  TORCH_CHECK(key.size(0) == rows && value.size(0) == rows && value.size(1) == key_heads &&
+                  value.size(2) == columns && key.size(3) == dim && value.size(3) == dim && key_heads > 0 &&
+                  heads % key_heads == 0 && heads / key_heads <= 8 && dim % 16 == 0 && dim <= 256 &&
+                  key.stride(3) == 1 && value.stride(3) == 1,
+              "one_query_attention: keys and values of the query's rows and heads expected (head size a multiple "
+              "of 16 up to 256, at most 8 query heads a key head)");
+  at::Tensor visible;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->size(-1) == columns &&
+                    (mask->size(0) == rows || mask->size(0) == 1) && mask->size(1) == 1 && mask->size(2) == 1,
+                "one_query_attention: a boolean [rows, 1, 1, columns] mask expected");
+    visible = mask->expand({rows, 1, 1, columns}).contiguous();
+  }
+  const at::Tensor q = query.contiguous();
+  at::Tensor out = at::empty({rows, 1, heads, dim}, query.options());
+  const int64_t groups = heads / key_heads, chunks = dim / 16, padded = (columns + 15) / 16 * 16;
+  const float scale = static_cast<float>(scaling);
+  const float* q_data = q.data_ptr<float>();
+  const float* k_data = key.data_ptr<float>();
+  const float* v_data = value.data_ptr<float>();
+  const bool* mask_data = visible.defined() ? visible.data_ptr<bool>() : nullptr;
+  float* out_data = out.data_ptr<float>();
+  const int64_t ks0 = key.stride(0), ks1 = key.stride(1), ks2 = key.stride(2);
+  const int64_t vs0 = value.stride(0), vs1 = value.stride(1), vs2 = value.stride(2);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, columns * dim * groups));
+  at::parallel_for(0, rows * key_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(groups * padded);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / key_heads, kh = task % key_heads;
+      const float* queries = q_data + (r * heads + kh * groups) * dim;
+      const float* keys = k_data + r * ks0 + kh * ks1;
+      const float* values = v_data + r * vs0 + kh * vs1;
+      const bool* seen = mask_data ? mask_data + r * columns : nullptr;
+      for (int64_t c = 0; c < padded; ++c) {
+        const bool skip = c >= columns || (seen && !seen[c]);
+        for (int64_t g = 0; g < groups; ++g) {
+          if (skip) {
+            scores[g * padded + c] = -std::numeric_limits<float>::infinity();
+            continue;
+          }
+          __m512 lanes = _mm512_setzero_ps();
+          for (int64_t i = 0; i < chunks; ++i)
+            lanes = _mm512_add_ps(lanes, _mm512_mul_ps(_mm512_loadu_ps(queries + g * dim + 16 * i),
+                                                       _mm512_loadu_ps(keys + c * ks2 + 16 * i)));
+          scores[g * padded + c] = _mm512_reduce_add_ps(lanes) * scale;
+        }
+      }
+      float inverse[8];
+      for (int64_t g = 0; g < groups; ++g) {
+        float* row = scores.data() + g * padded;
+        __m512 largest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int64_t c = 0; c < padded; c += 16) largest = _mm512_max_ps(largest, _mm512_loadu_ps(row + c));
+        const float top = _mm512_reduce_max_ps(largest);
+        const __m512 shift = _mm512_set1_ps(top == -std::numeric_limits<float>::infinity() ? 0.0f : top);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t c = 0; c < padded; c += 16) {
+          const __m512 weights = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + c), shift));
+          _mm512_storeu_ps(row + c, weights);
+          total = _mm512_add_ps(total, weights);
+        }
+        const float sum = _mm512_reduce_add_ps(total);
+        inverse[g] = sum > 0.0f ? 1.0f / sum : 0.0f;  // nothing visible: zeros
+      }
+      __m512 sums[8][16];
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t i = 0; i < chunks; ++i) sums[g][i] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < columns; ++c) {
+        const float* v = values + c * vs2;
+        for (int64_t g = 0; g < groups; ++g) {
+          const float weight = scores[g * padded + c];
+          if (weight == 0.0f) continue;
+          const __m512 times = _mm512_set1_ps(weight);
+          for (int64_t i = 0; i < chunks; ++i)
+            sums[g][i] = _mm512_add_ps(sums[g][i], _mm512_mul_ps(times, _mm512_loadu_ps(v + 16 * i)));
+        }
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        float* o = out_data + (r * heads + kh * groups + g) * dim;
+        const __m512 times = _mm512_set1_ps(inverse[g]);
+        for (int64_t i = 0; i < chunks; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(sums[g][i], times));
+      }
+    }
+  });
+  return out;
+}
+
 // weight * (x * (1 / sqrt(mean(x * x) + eps))) for each row of x, as transformers' LlamaRMSNorm computes it in
 // float32, the sum of squares in sixteen lanes (then added across) instead of torch's order.
 at::Tensor rms_norm(const at::Tensor& inputs, const at::Tensor& weight, double eps) {
@@ -356,10 +478,12 @@ TORCH_LIBRARY(hf_openai_server, library) {
       "-> Tensor");
   library.def("int4_linear(Tensor inputs, Tensor weights, Tensor? bias, int out_features) -> Tensor");
   library.def("rms_norm(Tensor inputs, Tensor weight, float eps) -> Tensor");
+  library.def("one_query_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scaling) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hf_openai_server, CPU, library) {
   library.impl("int8_linear", &int8_linear);
   library.impl("int4_linear", &int4_linear);
   library.impl("rms_norm", &rms_norm);
+  library.impl("one_query_attention", &one_query_attention);
 }
