@@ -33,6 +33,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import cast
@@ -64,27 +65,31 @@ DISABLE = "HF_OPENAI_SERVER_NATIVE"
 """Set to ``0`` to keep torch's own kernels."""
 
 
+_loading = threading.Lock()
+
+
 @functools.cache
 def unavailable() -> str | None:
-    """Why the int8 kernel is not there, or ``None`` once ``torch.ops.hf_openai_server.int8_linear`` is loaded.
+    """Why our kernels are not there, or ``None`` once ``torch.ops.hf_openai_server`` holds them.
 
-    Built and loaded on the first call only.
-
-    Logs the outcome once (``native.int8.ready`` with the seconds it took, or ``native.int8.unavailable``).
+    Built and loaded on the first call (two first calls at once: one builds, the other waits, then loads the built
+    library), which logs the outcome: ``native.kernels.ready`` with the seconds it took, or
+    ``native.kernels.unavailable`` with the reason.
     """
-    started = time.perf_counter()
-    reason = _unavailable()
-    if reason is None:
-        try:
-            torch.ops.load_library(str(_built()))  # type: ignore[no-untyped-call]  # torch leaves it unannotated
-            torch.ops.hf_openai_server.int8_linear  # noqa: B018  raises if the library did not register it
-        except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
-            reason = f"{type(error).__name__}: {str(error).strip()[-500:]}"
-    if reason is None:
-        log.info("native.kernels.ready", seconds=round(time.perf_counter() - started, 2))
-    else:
-        log.info("native.kernels.unavailable", reason=reason)
-    return reason
+    with _loading:
+        started = time.perf_counter()
+        reason = _unavailable()
+        if reason is None:
+            try:
+                torch.ops.load_library(str(_built()))  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+                torch.ops.hf_openai_server.one_query_attention  # noqa: B018  raises unless the library registered it
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
+                reason = f"{type(error).__name__}: {str(error).strip()[-500:]}"
+        if reason is None:
+            log.info("native.kernels.ready", seconds=round(time.perf_counter() - started, 2))
+        else:
+            log.info("native.kernels.unavailable", reason=reason)
+        return reason
 
 
 def _unavailable() -> str | None:
