@@ -119,9 +119,9 @@ def _built() -> Path:
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     libraries = [flag for path in cpp_extension.library_paths() for flag in (f"-L{path}", f"-Wl,-rpath,{path}")]
     command = [compiler, *FLAGS, *ARCHITECTURE_FLAGS, abi, *includes, str(SOURCE), *libraries, "-lc10", "-ltorch_cpu"]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, *command]).encode()).hexdigest()[:16]
+    setup = _digest(torch.__version__, *command)  # this torch, compiler, paths: another virtual env builds its own
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    library = folder / f"hf_openai_server_kernels_{key}.so"
+    library = folder / f"hf_openai_server_kernels_{setup}_{_digest(SOURCE.read_text())}.so"
     if library.exists():
         return library
     folder.mkdir(parents=True, exist_ok=True)
@@ -131,10 +131,14 @@ def _built() -> Path:
             [*command, "-o", str(partial)], check=True, capture_output=True, text=True, timeout=BUILD_SECONDS
         )
         partial.replace(library)
-    for stale in folder.glob("hf_openai_server_kernels_*.so"):  # earlier sources (a loaded one stays mapped)
+    for stale in folder.glob(f"hf_openai_server_kernels_{setup}_*.so"):  # this setup's earlier sources
         if stale != library:
-            stale.unlink(missing_ok=True)
+            stale.unlink(missing_ok=True)  # a process that loaded it keeps it mapped
     return library
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
 def pack_int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
