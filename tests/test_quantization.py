@@ -330,3 +330,14 @@ def test_the_kernel_probe_answers_the_same_whatever_the_global_random_state_and_
         answers.add(kernel_works(scheme))
         assert torch.equal(torch.get_rng_state(), state)
     assert len(answers) == 1
+
+
+def test_a_4_bit_gguf_is_served_at_8_bits_where_our_kernels_do_not_build(monkeypatch):
+    monkeypatch.setattr(native, "unavailable", lambda: "the CPU lacks avx512_vnni")
+    if not kernel_works("int8"):
+        pytest.skip("no int8 CPU kernel in this torch")
+    chosen = resolve_quantization(
+        None, device=CPU, dtype=torch.float32, dtype_requested=False, gguf_weight_types=("Q4_1", "Q8_0")
+    )
+    assert chosen.scheme == "int8"
+    assert "8 bits" in chosen.reason
