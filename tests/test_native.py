@@ -41,14 +41,22 @@ def packed(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return native.pack_int8_weight(weight)
 
 
-@needs_kernel
-@pytest.mark.parametrize(("rows", "features", "outputs"), [(1, 576, 960), (3, 70, 37), (5, 16, 16), (9, 33, 50)])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_the_kernel_gives_its_integer_arithmetic_exactly(rows, features, outputs, with_bias):
+def product_case(
+    rows: int, features: int, outputs: int, *, with_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """A weight, a bias (or none) and input rows of magnitudes from 1e-3 to 1e3, drawn from the case's own seed."""
     generator = torch.Generator().manual_seed(rows * features)
     weight = torch.randn(outputs, features, generator=generator) * 0.1
     bias = torch.randn(outputs, generator=generator) if with_bias else None
     inputs = torch.randn(rows, features, generator=generator) * torch.logspace(-3, 3, rows).unsqueeze(1)
+    return weight, bias, inputs
+
+
+@needs_kernel
+@pytest.mark.parametrize(("rows", "features", "outputs"), [(1, 576, 960), (3, 70, 37), (5, 16, 16), (9, 33, 50)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_kernel_gives_its_integer_arithmetic_exactly(rows, features, outputs, with_bias):
+    weight, bias, inputs = product_case(rows, features, outputs, with_bias=with_bias)
     actual = native.int8_linear(inputs, *packed(weight), bias, out_features=outputs)
     assert torch.equal(actual, expected_product(inputs, weight, bias))
     assert float((actual - nn.functional.linear(inputs, weight, bias)).abs().max()) < 0.05 * float(
@@ -57,11 +65,12 @@ def test_the_kernel_gives_its_integer_arithmetic_exactly(rows, features, outputs
 
 
 @needs_kernel
-def test_a_row_gets_the_same_bits_alone_in_any_batch_and_on_any_thread_count():
+@pytest.mark.parametrize("build", [NativeInt8Linear, NativeInt4Linear])
+def test_a_row_gets_the_same_bits_alone_in_any_batch_in_a_prompt_and_on_any_thread_count(build):
     generator = torch.Generator().manual_seed(0)
-    layer = NativeInt8Linear(nn.Linear(200, 72))
+    layer = build(nn.Linear(192, 72))
     magnitudes = torch.tensor([1e3, 1, 1e-3, 5, 0.1, 2, 7, 30, 1, 1, 9])
-    inputs = torch.randn(11, 200, generator=generator) * magnitudes[:, None]
+    inputs = torch.randn(11, 192, generator=generator) * magnitudes[:, None]
     threads = torch.get_num_threads()
     with torch.no_grad():
         together = layer(inputs)
@@ -73,7 +82,9 @@ def test_a_row_gets_the_same_bits_alone_in_any_batch_and_on_any_thread_count():
         for row in range(11):
             assert torch.equal(layer(inputs[row : row + 1]), together[row : row + 1])
             assert torch.equal(layer(inputs[row:]), together[row:])  # another blocking of the rows
+        prompt = layer(inputs.unsqueeze(0))
     assert torch.equal(single_threaded, together)
+    assert torch.equal(prompt[0], together)
 
 
 @needs_kernel
@@ -233,37 +244,12 @@ def expected_int4_product(inputs: torch.Tensor, weight: torch.Tensor, bias: torc
 @pytest.mark.parametrize(("rows", "features", "outputs"), [(1, 576, 960), (3, 96, 37), (5, 32, 16), (9, 1536, 50)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_the_int4_kernel_gives_its_arithmetic_to_float_rounding(rows, features, outputs, with_bias):
-    generator = torch.Generator().manual_seed(rows * features)
-    weight = torch.randn(outputs, features, generator=generator) * 0.1
-    bias = torch.randn(outputs, generator=generator) if with_bias else None
-    inputs = torch.randn(rows, features, generator=generator) * torch.logspace(-3, 3, rows).unsqueeze(1)
+    weight, bias, inputs = product_case(rows, features, outputs, with_bias=with_bias)
     actual = native.int4_linear(inputs, native.pack_int4_weight(weight), bias, out_features=outputs)
     expected = expected_int4_product(inputs, weight, bias)
     assert float((actual - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
     reference = nn.functional.linear(inputs, weight, bias)
     assert float((actual - reference).abs().max()) < 0.2 * float(reference.abs().max())
-
-
-@needs_kernel
-def test_an_int4_row_gets_the_same_bits_alone_in_any_batch_and_on_any_thread_count():
-    generator = torch.Generator().manual_seed(0)
-    layer = NativeInt4Linear(nn.Linear(192, 72))
-    magnitudes = torch.tensor([1e3, 1, 1e-3, 5, 0.1, 2, 7, 30, 1, 1, 9])
-    inputs = torch.randn(11, 192, generator=generator) * magnitudes[:, None]
-    threads = torch.get_num_threads()
-    with torch.no_grad():
-        together = layer(inputs)
-        try:
-            torch.set_num_threads(1)
-            single_threaded = layer(inputs)
-        finally:
-            torch.set_num_threads(threads)
-        for row in range(11):
-            assert torch.equal(layer(inputs[row : row + 1]), together[row : row + 1])
-            assert torch.equal(layer(inputs[row:]), together[row:])
-        prompt = layer(inputs.unsqueeze(0))
-    assert torch.equal(single_threaded, together)
-    assert torch.equal(prompt[0], together)
 
 
 @needs_kernel

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -125,6 +126,21 @@ void panels_kernel(const uint8_t* codes, int64_t m, int64_t padded, const float*
   }
 }
 
+// A product's inputs as rows of `k` features, and the [..., out_features] output it fills.
+std::pair<at::Tensor, at::Tensor> rows_and_output(const at::Tensor& inputs, int64_t k, int64_t out_features) {
+  auto sizes = inputs.sizes().vec();
+  sizes.back() = out_features;
+  return {inputs.reshape({-1, k}).contiguous(), at::empty(sizes, inputs.options())};
+}
+
+// The bias of a product's `out_features` outputs, or nullptr.
+const float* bias_of(const c10::optional<at::Tensor>& bias, int64_t out_features, const char* op) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == out_features && bias->is_contiguous(), op,
+              ": a float32 bias of out_features expected");
+  return bias->data_ptr<float>();
+}
+
 at::Tensor int8_linear(const at::Tensor& inputs, const at::Tensor& weights, const at::Tensor& sums,
                        const at::Tensor& scales, const c10::optional<at::Tensor>& bias, int64_t out_features) {
   TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "int8_linear: float32 inputs expected");
@@ -135,22 +151,16 @@ at::Tensor int8_linear(const at::Tensor& inputs, const at::Tensor& weights, cons
   TORCH_CHECK(out_features <= rows_packed && sums.scalar_type() == at::kInt && sums.numel() == rows_packed &&
                   scales.scalar_type() == at::kFloat && scales.numel() == rows_packed,
               "int8_linear: sums and scales of the packed weights expected");
-  TORCH_CHECK(!bias.has_value() || !bias->defined() ||
-                  (bias->scalar_type() == at::kFloat && bias->numel() == out_features && bias->is_contiguous()),
-              "int8_linear: a float32 bias of out_features expected");
+  const float* bias_data = bias_of(bias, out_features, "int8_linear");
   const int64_t k = inputs.size(-1);
   const int64_t padded = weights.size(1) * kGroup;
   TORCH_CHECK(k <= padded && padded - k < kGroup, "int8_linear: inputs have ", k, " features, the weights ", padded);
-  const at::Tensor x = inputs.reshape({-1, k}).contiguous();
+  const auto [x, out] = rows_and_output(inputs, k, out_features);
   const int64_t m = x.size(0);
-  auto out_sizes = inputs.sizes().vec();
-  out_sizes.back() = out_features;
-  at::Tensor out = at::empty(out_sizes, inputs.options());
   if (m == 0) return out;
   at::Tensor codes = at::empty({m, padded}, inputs.options().dtype(at::kByte));
   at::Tensor row_scales = at::empty({m}, inputs.options());
   quantize_rows(x.data_ptr<float>(), m, k, padded, codes.data_ptr<uint8_t>(), row_scales.data_ptr<float>());
-  const float* bias_data = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
   const int64_t panels = weights.size(0);
   const uint8_t* code_data = codes.data_ptr<uint8_t>();
   const float* row_scale_data = row_scales.data_ptr<float>();
@@ -272,14 +282,9 @@ at::Tensor int4_linear(const at::Tensor& inputs, const at::Tensor& weights, cons
               "int4_linear: weights packed by pack_int4_weight for ", k, " features expected");
   const int64_t panels = weights.size(0);
   TORCH_CHECK(out_features <= panels * kPanel, "int4_linear: more outputs than the packed weights have");
-  TORCH_CHECK(!bias.has_value() || !bias->defined() ||
-                  (bias->scalar_type() == at::kFloat && bias->numel() == out_features && bias->is_contiguous()),
-              "int4_linear: a float32 bias of out_features expected");
-  const at::Tensor x = inputs.reshape({-1, k}).contiguous();
+  const float* bias_data = bias_of(bias, out_features, "int4_linear");
+  const auto [x, out] = rows_and_output(inputs, k, out_features);
   const int64_t m = x.size(0);
-  auto out_sizes = inputs.sizes().vec();
-  out_sizes.back() = out_features;
-  at::Tensor out = at::empty(out_sizes, inputs.options());
   if (m == 0) return out;
   const int64_t groups = k / kInt4Group;
   at::Tensor codes = at::empty({m, k}, inputs.options().dtype(at::kChar));
@@ -287,7 +292,6 @@ at::Tensor int4_linear(const at::Tensor& inputs, const at::Tensor& weights, cons
   at::Tensor group_sums = at::empty({m, groups}, inputs.options());
   quantize_groups(x.data_ptr<float>(), m, k, codes.data_ptr<int8_t>(), group_scales.data_ptr<float>(),
                   group_sums.data_ptr<float>());
-  const float* bias_data = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
   const int8_t* code_data = codes.data_ptr<int8_t>();
   const float* scale_data = group_scales.data_ptr<float>();
   const float* sum_data = group_sums.data_ptr<float>();
