@@ -24,7 +24,9 @@ layer is quantized, the output projection included; a tied input embedding keeps
 only the output projection's product is quantized.
 
 Both are CPU kernels: on CUDA `resolve_quantization` refuses ``int8`` and ``int4`` at start-up rather than run a CPU
-op on the GPU path.
+op on the GPU path. Where the CPU has AVX-512 VNNI and a compiler is at hand, kernels of this project's stand in for
+FBGEMM's and torch's (`NativeInt8Linear`, `NativeInt4Linear`; see ``adapters.huggingface.native``), and ``int4``'s
+output projection takes 8 bits.
 """
 
 from __future__ import annotations
@@ -308,8 +310,8 @@ class Int4Linear(nn.Module):
 class NativeInt4Linear(nn.Module):
     """``nn.Linear`` over 4-bit weights in groups of 32, multiplied by our own kernel (`native`).
 
-    Each group has a float16 scale and minimum, as GGUF's q4_1 blocks do; each input row is quantized to 8 bits with
-    its own scale. Used instead of `Int4Linear` where the kernel builds (`int4_layer`).
+    Each group has a float16 scale and minimum, as GGUF's q4_1 blocks do; the inputs are quantized to 8 bits with a
+    scale for each group of 32 of each row. Used instead of `Int4Linear` where the kernel builds (`int4_layer`).
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -323,7 +325,7 @@ class NativeInt4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """``inputs @ weight.T + bias``, approximately: each row quantized with its own scale."""
+        """``inputs @ weight.T + bias``, approximately: each row's groups quantized with their own scales."""
         return native.int4_linear(inputs.float(), self.packed, self.bias, out_features=self.out_features)
 
     def extra_repr(self) -> str:

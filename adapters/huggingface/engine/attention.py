@@ -150,12 +150,11 @@ def one_query(
     """The sdpa attention of one query position on a CPU or CUDA device, without transformers' dispatch.
 
     ``groups``: query heads per key head; ``scaling``: ``None`` for torch's own; ``own``: our kernel where it takes
-    the shapes (`native.one_query_attention`, for the attention blocks `native.use_own_attention` marked). Grouped
-    heads go to torch's
-    grouped-query attention when nothing is masked, and on the CPU under a mask too; else (CUDA, masked) the query
-    heads of a key head are laid out as that head's positions (one query each, under the same mask), as
-    ``sdpa_attention_forward`` does. The lean decoder checks at start-up that the numbers are those of transformers'
-    forward, which `per_query` sends here (`decoder.probe`).
+    the shapes (`native.one_query_attention`, for the attention blocks `native.use_own_attention` marked). Else
+    grouped heads go to torch's grouped-query attention when nothing is masked, and on the CPU under a mask too; else
+    (CUDA, masked) the query heads of a key head are laid out as that head's positions (one query each, under the
+    same mask), as ``sdpa_attention_forward`` does. The lean decoder checks at start-up that the numbers are those of
+    transformers' forward, which `per_query` sends here (`decoder.probe`).
     """
     batch, heads, _, dim = query.shape
     if own and native.attends(query, key, mask):
