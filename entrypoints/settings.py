@@ -82,7 +82,8 @@ class ServerSettings:
     pack_weights: bool = True
     """On the CPU, reorder linear weights once for oneDNN's kernels (see ``adapters.huggingface.packing``)."""
     quantize: str | None = None
-    """``none``, ``int8`` or ``int4`` linear layers; ``None``: a quantized GGUF as int8 on the CPU, else none."""
+    """``none``, ``int8`` or ``int4`` linear layers; ``None``: a quantized GGUF on the CPU at its width (int4 or int8,
+    `resolve_quantization`), else none."""
     chat_template: Path | None = None
     stop_sequences: tuple[str, ...] = ()
     log_level: str = "INFO"

@@ -291,8 +291,9 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
         type=str.lower,
         choices=QUANTIZE_CHOICES,
         default=DEFAULTS.quantize,
-        help="linear layers in int8 (FBGEMM, 8-bit dynamic inputs) or int4 (weight-only), CPU only; default: a "
-        "quantized GGUF file as int8 on the CPU unless --dtype is given, else none",
+        help="linear layers in int8 (8-bit dynamic inputs) or int4 (4-bit weights, its output projection in int8), "
+        "CPU only; default: a quantized GGUF file on the CPU as int4 if it holds 4-bit blocks and our kernels build "
+        "here, else as int8, unless --dtype is given; else none",
     )
 
 
