@@ -394,11 +394,11 @@ def quantize_linear_layers(model: nn.Module, scheme: str) -> int:
     """
     build: Callable[[nn.Linear], nn.Module] = int4_layer
     own = native.unavailable() is None
-    details: dict[str, int | str] = {"kernel": "own (AVX-512 VNNI)" if own else "torch's"}
+    torch_kernel = "FBGEMM" if scheme == "int8" else "torch's"
+    details: dict[str, int | str] = {"kernel": "own (AVX-512 VNNI)" if own else torch_kernel}
     head = getattr(model, "get_output_embeddings", lambda: None)()  # a transformers model's output projection
     if scheme == "int8":
         build = int8_layer
-        details["kernel"] = "own (AVX-512 VNNI)" if own else "FBGEMM"
         details["int8_input_bits"] = 8 if own or not int8_reduce_range(cpu_flags()) else 7
     elif head is not None:
         details["output_projection"] = "int8"

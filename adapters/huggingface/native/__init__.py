@@ -36,7 +36,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import cast
 
 import structlog
 import torch
@@ -56,7 +55,7 @@ links the OpenMP runtime torch has already loaded). ``-ffp-contract=off``: no fu
 scaled by the same two roundings whatever code path it takes."""
 ARCHITECTURE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 BUILD_SECONDS = 300
-"""How long a build may take before the server gives up on it and keeps FBGEMM."""
+"""How long a build may take before the server gives up on it and keeps torch's kernels."""
 PANEL = 16
 """Output rows per packed panel (one register of int32 sums)."""
 GROUP = 4
@@ -223,8 +222,8 @@ def int4_linear(
 ) -> torch.Tensor:
     """``inputs @ weight.T + bias``, approximately, over a weight from `pack_int4_weight` (once `unavailable` is None).
 
-    Each row of ``inputs`` (float32) is quantized to 8 bits with its own scale, so a row's product is the same bits
-    alone, in a batch or in a prompt.
+    Each group of 32 inputs of each row (float32) is quantized to 8 bits with its own scale, so a row's product is
+    the same bits alone, in a batch or in a prompt.
     """
     outputs: torch.Tensor = torch.ops.hf_openai_server.int4_linear(inputs, packed, bias, out_features)
     return outputs
@@ -310,12 +309,15 @@ def use_own_norms(model: nn.Module) -> int:
     must be loaded (`unavailable` is ``None``).
     """
     generator = torch.Generator().manual_seed(0)
-    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
-    found = [(parent, name, child) for parent, name, child in found if _norm_parts(child) is not None]
+    found = [
+        (parent, name, child, parts)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if (parts := _norm_parts(child)) is not None
+    ]
     replaced = 0
     with torch.no_grad():
-        for parent, name, child in found:
-            weight, epsilon = cast("tuple[nn.Parameter, float]", _norm_parts(child))
+        for parent, name, child, (weight, epsilon) in found:
             own = OwnRMSNorm(weight, epsilon)
             probe = torch.randn(3, weight.numel(), generator=generator) * 4
             expected, actual = child(probe), own(probe)
@@ -337,11 +339,15 @@ def _norm_parts(module: nn.Module) -> tuple[nn.Parameter, float] | None:
 
 
 __all__ = [
+    "OWN_ATTENTION",
     "OwnRMSNorm",
+    "attends",
     "int4_linear",
     "int8_linear",
+    "one_query_attention",
     "pack_int4_weight",
     "pack_int8_weight",
     "unavailable",
+    "use_own_attention",
     "use_own_norms",
 ]

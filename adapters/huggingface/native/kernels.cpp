@@ -59,7 +59,7 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t padded, uint
 template <int rows, int panels>
 void micro_kernel(const uint8_t* codes, int64_t padded, const float* row_scales, const int8_t* weights,
                   const int32_t* sums, const float* scales, const float* bias, int64_t n0, int64_t n,
-                  float* out, int64_t out_stride) {
+                  float* out) {
   __m512i acc[rows][panels];
   for (int r = 0; r < rows; ++r)
     for (int p = 0; p < panels; ++p) acc[r][p] = _mm512_setzero_si512();
@@ -85,7 +85,7 @@ void micro_kernel(const uint8_t* codes, int64_t padded, const float* row_scales,
     for (int r = 0; r < rows; ++r) {
       const __m512 exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][p], offset));
       const __m512 scaled = _mm512_mul_ps(exact, _mm512_mul_ps(_mm512_set1_ps(row_scales[r]), weight_scale));
-      _mm512_mask_storeu_ps(out + r * out_stride + start, mask, bias ? _mm512_add_ps(scaled, added) : scaled);
+      _mm512_mask_storeu_ps(out + r * n + start, mask, bias ? _mm512_add_ps(scaled, added) : scaled);
     }
   }
 }
@@ -99,11 +99,11 @@ void row_block(const uint8_t* codes, int64_t padded, const float* row_scales, co
   const int64_t panel_bytes = padded * kPanel;
   const int8_t* w = weights + panel * panel_bytes;
   if (count == 4)
-    micro_kernel<rows, 4>(codes, padded, row_scales, w, sums, scales, bias, panel * kPanel, n, out, n);
+    micro_kernel<rows, 4>(codes, padded, row_scales, w, sums, scales, bias, panel * kPanel, n, out);
   else if (count == 2)
-    micro_kernel<rows, 2>(codes, padded, row_scales, w, sums, scales, bias, panel * kPanel, n, out, n);
+    micro_kernel<rows, 2>(codes, padded, row_scales, w, sums, scales, bias, panel * kPanel, n, out);
   else
-    micro_kernel<rows, 1>(codes, padded, row_scales, w, sums, scales, bias, panel * kPanel, n, out, n);
+    micro_kernel<rows, 1>(codes, padded, row_scales, w, sums, scales, bias, panel * kPanel, n, out);
 }
 
 void panels_kernel(const uint8_t* codes, int64_t m, int64_t padded, const float* row_scales, const int8_t* weights,
