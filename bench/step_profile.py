@@ -44,9 +44,15 @@ LINEAR_OPS = (
     "aten::bmm",
     "quantized::linear_dynamic",  # int8 (FBGEMM)
     "aten::_weight_int4pack_mm_for_cpu",  # int4
+    "hf_openai_server::int8_linear",  # int8 and int4, our kernels (adapters/huggingface/native)
+    "hf_openai_server::int4_linear",
 )
 HEAD_RANGE = "output projection"
-ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
+ATTENTION_OPS = (
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_attention_math",
+    "hf_openai_server::one_query_attention",
+)
 
 
 class Timings:
@@ -146,7 +152,7 @@ def op_times(forward: Any, batch: int, context: int, steps: int = 8) -> dict[str
     for hook in hooks:
         hook.remove()
     for event in profiler.events():
-        if not event.key.startswith(("aten::", "mkldnn::", "quantized::")):
+        if not event.key.startswith(("aten::", "mkldnn::", "quantized::", "hf_openai_server::")):
             continue
         if event.key in LINEAR_OPS:
             kind = "head" if in_range(event, HEAD_RANGE) else "linear"

@@ -19,6 +19,7 @@ from transformers import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from adapters.huggingface import native
 from adapters.huggingface.engine import BatchingGenerator, Speculation, attention
 from adapters.huggingface.engine.decoder import LeanDecoder, rotate, signed_sines, step_attention_mask
 from adapters.huggingface.engine.forward import Forward
@@ -100,7 +101,9 @@ def lean(directory, scheme: str) -> tuple[torch.nn.Module, Forward, LeanDecoder]
 def test_steps_and_verifying_passes_give_transformers_logits_bit_for_bit(tiny_dir, scheme):
     """Left-padded rows, one-token steps and a verifying pass, on prepacked float32, int8 and int4 weights."""
     model, forward, decoder = lean(tiny_dir, scheme)
-    assert decoder.compiled_layers() == model.config.num_hidden_layers  # what runs here is the compiled pass
+    layers = model.config.num_hidden_layers
+    assert decoder.compiled_layers() == layers  # what runs here is the compiled pass
+    assert decoder.own_layers() == (layers if scheme != "none" and native.unavailable() is None else 0)
     ids = torch.randint(3, 390, (3, 30), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[0, :7] = 0
@@ -227,6 +230,21 @@ def test_a_layer_with_a_part_torchscript_cannot_compile_runs_in_python(tiny_dir)
         actual = decoder(*arguments, mine)
     assert decoder.compiled_layers() == layers - 1
     assert len(counted_part.calls) == calls + 1
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason="no kernels of our own here")
+def test_a_layer_with_another_activation_keeps_the_compiled_halves(tiny_dir):
+    """Our layer ops compute SiLU: a layer whose MLP takes another activation runs its TorchScript halves, the
+    others stay ours, and the logits stay transformers'."""
+    model, forward, decoder = lean(tiny_dir, "int8")
+    layers = model.config.num_hidden_layers
+    model.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    arguments, theirs, mine = after_a_prompt(model, forward, seed=6)
+    with torch.inference_mode():
+        expected = forward.model_step(*arguments, theirs)
+        actual = decoder(*arguments, mine)
+    assert (decoder.compiled_layers(), decoder.own_layers()) == (layers, layers - 1)
     assert torch.equal(actual, expected)
 
 

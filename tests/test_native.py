@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from adapters.huggingface import native
+from adapters.huggingface.engine.decoder import AttentionInput, LayerOutput, signed_sines
 from adapters.huggingface.loading import load_model
 from adapters.huggingface.quantization import (
     Int4Linear,
@@ -350,3 +353,75 @@ def test_one_query_attention_with_nothing_visible_gives_zeros_and_refuses_other_
 def test_a_quantized_models_attention_blocks_take_the_own_kernel_and_a_float_ones_do_not(tmp_path, scheme, own):
     model = load_model(str(build_tiny_model(tmp_path / "tiny")), device="cpu", quantize=scheme).model
     assert getattr(model.model.layers[0].self_attn, native.OWN_ATTENTION, False) is own
+
+
+def own_layer(scheme: str, *, bias: bool) -> SimpleNamespace:
+    """A Llama-style layer's parts on our kernels: two norms, a stacked q/k/v product (6 query heads on 2 key heads
+    of 64), the output product, a stacked gate/up product and the down product (96 features, 160 wide)."""
+    generator = torch.Generator().manual_seed(7)
+    layer = int8_layer if scheme == "int8" else int4_layer
+
+    def product(inputs: int, outputs: int) -> nn.Module:
+        linear = nn.Linear(inputs, outputs, bias=bias)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(outputs, inputs, generator=generator) * 0.1)
+            if bias:
+                linear.bias.copy_(torch.randn(outputs, generator=generator))
+        return layer(linear)
+
+    def norm() -> native.OwnRMSNorm:
+        return native.OwnRMSNorm(nn.Parameter(torch.rand(96, generator=generator) + 0.5), 1e-5)
+
+    q_proj, k_proj = SimpleNamespace(out_features=6 * 64), SimpleNamespace(out_features=2 * 64)
+    gate_proj = SimpleNamespace(out_features=160)
+    return SimpleNamespace(
+        input_layernorm=norm(),
+        post_attention_layernorm=norm(),
+        self_attn=SimpleNamespace(q_proj=q_proj, k_proj=k_proj, v_proj=k_proj, o_proj=product(384, 96), head_dim=64),
+        mlp=SimpleNamespace(gate_proj=gate_proj, up_proj=gate_proj, down_proj=product(160, 96), act_fn=nn.SiLU()),
+        qkv=product(96, 384 + 2 * 128),
+        gate_up=product(96, 2 * 160),
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("rows", "fed"), [(1, 1), (3, 1), (2, 5)])
+def test_our_layer_halves_give_the_compiled_halves_bits(scheme, bias, rows, fed):
+    """`own_halves` against the lean pass's TorchScript halves over the same parts: queries, keys, values and the
+    layer's output bit for bit, one position or several, a row or a batch."""
+    layer = own_layer(scheme, bias=bias)
+    attention_block, mlp = layer.self_attn, layer.mlp
+    halves = native.own_halves(layer, [layer.qkv], [layer.gate_up])
+    assert halves is not None
+    own_input, own_output = halves
+    compiled_input = script(AttentionInput(layer.input_layernorm, [layer.qkv], attention_block))
+    compiled_output = script(LayerOutput(attention_block.o_proj, layer.post_attention_layernorm, [layer.gate_up], mlp))
+    assert compiled_input is not None
+    assert compiled_output is not None
+    generator = torch.Generator().manual_seed(rows * fed)
+    hidden = torch.randn(rows, fed, 96, generator=generator) * 3
+    angles = torch.rand(rows, fed, 64, generator=generator) * 6
+    cos, sin = angles.cos().unsqueeze(2), signed_sines(angles.sin()).unsqueeze(2)
+    attended = torch.randn(rows, fed, 6, 64, generator=generator)
+    with torch.inference_mode():
+        for mine, theirs in zip(own_input(hidden, cos, sin), compiled_input(hidden, cos, sin), strict=True):
+            assert mine.shape == theirs.shape
+            assert torch.equal(mine, theirs)
+        assert torch.equal(own_output(hidden, attended), compiled_output(hidden, attended))
+
+
+@needs_kernel
+def test_layer_halves_are_ours_only_where_every_part_is():
+    """A torch norm, a float product, or q/k/v not stacked: `own_halves` leaves the layer to the compiled halves."""
+    layer = own_layer("int8", bias=False)
+    assert native.own_halves(layer, [layer.qkv], [layer.gate_up]) is not None
+    assert native.own_halves(layer, [layer.qkv, layer.qkv, layer.qkv], [layer.gate_up]) is None
+    assert native.own_halves(layer, [layer.qkv], [nn.Linear(96, 320)]) is None
+    layer.mlp.down_proj = nn.Linear(160, 96)
+    assert native.own_halves(layer, [layer.qkv], [layer.gate_up]) is None
+    layer = own_layer("int8", bias=False)
+    layer.input_layernorm = LlamaRMSNorm(96)
+    assert native.own_halves(layer, [layer.qkv], [layer.gate_up]) is None
+    assert native.product_parts(nn.Linear(4, 4)) is None

@@ -262,6 +262,10 @@ class NativeInt8Linear(nn.Module):
             inputs.float(), self.panels, self.sums, self.scales, bias, out_features=self.out_features
         )
 
+    def native_parts(self) -> list[torch.Tensor | None]:
+        """Its weights as our kernels' layer ops take a product (`native.product_parts`)."""
+        return [self.panels, self.sums, self.scales, self.bias]
+
     def extra_repr(self) -> str:
         """As ``nn.Linear`` shows itself, with the scheme."""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 (own kernel)"
@@ -327,6 +331,10 @@ class NativeInt4Linear(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inputs @ weight.T + bias``, approximately: each row's groups quantized with their own scales."""
         return native.int4_linear(inputs.float(), self.packed, self.bias, out_features=self.out_features)
+
+    def native_parts(self) -> list[torch.Tensor | None]:
+        """Its weights as our kernels' layer ops take a product (`native.product_parts`)."""
+        return [self.packed, None, None, self.bias]
 
     def extra_repr(self) -> str:
         """As ``nn.Linear`` shows itself, with the scheme."""

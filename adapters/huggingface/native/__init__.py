@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
@@ -297,6 +298,109 @@ class OwnRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, own kernel"
 
 
+def product_parts(module: nn.Module) -> list[torch.Tensor | None] | None:
+    """A product's weights as `OwnAttentionInput` and `OwnLayerOutput` pass them to our kernels, else ``None``.
+
+    ``[weights, sums, scales, bias]`` of an int8 or int4 layer on our kernels (``native_parts``, which
+    ``quantization.NativeInt8Linear`` and ``NativeInt4Linear`` have); ``None`` for any other module.
+    """
+    parts = getattr(module, "native_parts", None)
+    return parts() if callable(parts) else None
+
+
+class OwnAttentionInput(nn.Module):
+    """A Llama-style layer up to its attention (norm, stacked q/k/v product, rotation) in one op of our own.
+
+    The lean pass's ``AttentionInput`` (``engine/decoder.py``) where its parts are ours (`own_halves`): the same
+    kernels in the same order, without an op dispatch for each view, slice and product between them.
+    """
+
+    def __init__(self, norm: OwnRMSNorm, product: nn.Module, sizes: tuple[int, int], head_dim: int) -> None:
+        super().__init__()
+        self.norm = norm
+        self.product = product
+        self.queries_size, self.keys_size = sizes
+        self.head_dim = head_dim
+
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of ``hidden``, as ``AttentionInput.forward`` gives them."""
+        norm, product = self.norm, self.product
+        outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = torch.ops.hf_openai_server.attention_input(
+            hidden,
+            norm.weight,
+            norm.variance_epsilon,
+            product_parts(product),
+            product.out_features,
+            cos,
+            sin,
+            self.queries_size,
+            self.keys_size,
+            self.head_dim,
+        )
+        return outputs
+
+
+class OwnLayerOutput(nn.Module):
+    """A Llama-style layer after its attention (output product, residual, norm, gated SiLU MLP, residual) in one op.
+
+    The lean pass's ``LayerOutput`` where its parts are ours (`own_halves`); the activation is torch's ``silu``.
+    """
+
+    def __init__(self, o_proj: nn.Module, norm: OwnRMSNorm, gate_up: nn.Module, down: nn.Module) -> None:
+        super().__init__()
+        self.o_proj = o_proj
+        self.norm = norm
+        self.gate_up = gate_up
+        self.down_proj = down
+        self.gate_size = down.in_features
+
+    def forward(self, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The layer's output, as ``LayerOutput.forward`` gives it."""
+        norm = self.norm
+        output: torch.Tensor = torch.ops.hf_openai_server.layer_output(
+            hidden,
+            attended,
+            product_parts(self.o_proj),
+            norm.weight,
+            norm.variance_epsilon,
+            product_parts(self.gate_up),
+            self.gate_size,
+            product_parts(self.down_proj),
+        )
+        return output
+
+
+def own_halves(
+    layer: Any,  # noqa: ANN401  a Llama-style decoder layer
+    attention_products: list[nn.Module],
+    mlp_products: list[nn.Module],
+) -> tuple[OwnAttentionInput, OwnLayerOutput] | None:
+    """``layer``'s two halves around its attention as ops of our own, where every part is ours; else ``None``.
+
+    ``attention_products``/``mlp_products``: the products the lean pass calls (one stacked q/k/v product, one stacked
+    gate/up product, else the parts themselves). Ours: both norms `OwnRMSNorm`, both products stacked, those and
+    ``o_proj`` and ``down_proj`` int8 or int4 layers on our kernels (`product_parts`), gate and up of one size, an
+    even head size. The caller checks that the activation is SiLU.
+    """
+    attention, down = layer.self_attn, layer.mlp.down_proj
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    products = (*attention_products, attention.o_proj, *mlp_products, down)
+    stacked = len(attention_products) == len(mlp_products) == 1
+    if not stacked or not all(isinstance(norm, OwnRMSNorm) for norm in norms):
+        return None
+    if any(product_parts(product) is None for product in products) or attention.head_dim % 2:
+        return None
+    if mlp_products[0].out_features != 2 * down.in_features:
+        return None
+    sizes = (attention.q_proj.out_features, attention.k_proj.out_features)
+    return (
+        OwnAttentionInput(norms[0], attention_products[0], sizes, attention.head_dim),
+        OwnLayerOutput(attention.o_proj, norms[1], mlp_products[0], down),
+    )
+
+
 NORM_PROBE_BOUND = 1e-5
 """How far `OwnRMSNorm` may be from the norm it replaces, relative to the largest output (another summation order)."""
 
@@ -340,13 +444,17 @@ def _norm_parts(module: nn.Module) -> tuple[nn.Parameter, float] | None:
 
 __all__ = [
     "OWN_ATTENTION",
+    "OwnAttentionInput",
+    "OwnLayerOutput",
     "OwnRMSNorm",
     "attends",
     "int4_linear",
     "int8_linear",
     "one_query_attention",
+    "own_halves",
     "pack_int4_weight",
     "pack_int8_weight",
+    "product_parts",
     "unavailable",
     "use_own_attention",
     "use_own_norms",

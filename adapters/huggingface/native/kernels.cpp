@@ -3,7 +3,11 @@
 //
 // - int8_linear: each input row quantized to 8 bits with a scale of its own, multiplied with `vpdpbusd` against int8
 //   weights packed in panels of 16 output rows, scaled back to float32;
-// - rms_norm: a Llama-style RMS norm of each row, in one pass where torch takes eight ops.
+// - int4_linear: 4-bit weights in q4_1's groups of 32, inputs quantized per group of 32, two `vpdpbusd` a 64 bytes;
+// - rms_norm: a Llama-style RMS norm of each row, in one pass where torch takes eight ops;
+// - one_query_attention: one query position's attention, the query heads of a key head reading it once;
+// - attention_input, layer_output: a Llama-style layer's two halves around its attention, from the kernels above,
+//   in one op each.
 //
 // Each row goes through the same instructions whatever the other rows hold or how many there are (integer sums are
 // exact, the scaling is per element, a row's norm is summed by one thread), so a token gets the same numbers alone,
@@ -18,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -126,55 +131,6 @@ void panels_kernel(const uint8_t* codes, int64_t m, int64_t padded, const float*
   }
 }
 
-// A product's inputs as rows of `k` features, and the [..., out_features] output it fills.
-std::pair<at::Tensor, at::Tensor> rows_and_output(const at::Tensor& inputs, int64_t k, int64_t out_features) {
-  auto sizes = inputs.sizes().vec();
-  sizes.back() = out_features;
-  return {inputs.reshape({-1, k}).contiguous(), at::empty(sizes, inputs.options())};
-}
-
-// The bias of a product's `out_features` outputs, or nullptr.
-const float* bias_of(const c10::optional<at::Tensor>& bias, int64_t out_features, const char* op) {
-  if (!bias.has_value() || !bias->defined()) return nullptr;
-  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == out_features && bias->is_contiguous(), op,
-              ": a float32 bias of out_features expected");
-  return bias->data_ptr<float>();
-}
-
-at::Tensor int8_linear(const at::Tensor& inputs, const at::Tensor& weights, const at::Tensor& sums,
-                       const at::Tensor& scales, const c10::optional<at::Tensor>& bias, int64_t out_features) {
-  TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "int8_linear: float32 inputs expected");
-  TORCH_CHECK(weights.scalar_type() == at::kChar && weights.dim() == 4 && weights.size(2) == kPanel &&
-                  weights.size(3) == kGroup && weights.is_contiguous(),
-              "int8_linear: weights packed by pack_int8_weight expected");
-  const int64_t rows_packed = weights.size(0) * kPanel;
-  TORCH_CHECK(out_features <= rows_packed && sums.scalar_type() == at::kInt && sums.numel() == rows_packed &&
-                  scales.scalar_type() == at::kFloat && scales.numel() == rows_packed,
-              "int8_linear: sums and scales of the packed weights expected");
-  const float* bias_data = bias_of(bias, out_features, "int8_linear");
-  const int64_t k = inputs.size(-1);
-  const int64_t padded = weights.size(1) * kGroup;
-  TORCH_CHECK(k <= padded && padded - k < kGroup, "int8_linear: inputs have ", k, " features, the weights ", padded);
-  const auto [x, out] = rows_and_output(inputs, k, out_features);
-  const int64_t m = x.size(0);
-  if (m == 0) return out;
-  at::Tensor codes = at::empty({m, padded}, inputs.options().dtype(at::kByte));
-  at::Tensor row_scales = at::empty({m}, inputs.options());
-  quantize_rows(x.data_ptr<float>(), m, k, padded, codes.data_ptr<uint8_t>(), row_scales.data_ptr<float>());
-  const int64_t panels = weights.size(0);
-  const uint8_t* code_data = codes.data_ptr<uint8_t>();
-  const float* row_scale_data = row_scales.data_ptr<float>();
-  const int8_t* weight_data = weights.data_ptr<int8_t>();
-  const int32_t* sum_data = sums.data_ptr<int32_t>();
-  const float* scale_data = scales.data_ptr<float>();
-  float* out_data = out.data_ptr<float>();
-  at::parallel_for(0, (panels + 3) / 4, 1, [&](int64_t begin, int64_t end) {
-    panels_kernel(code_data, m, padded, row_scale_data, weight_data, sum_data, scale_data, bias_data, 4 * begin,
-                  std::min(4 * end, panels), out_features, out_data);
-  });
-  return out;
-}
-
 // int4: 4-bit weight codes in groups of 32 inputs, each group of each output row with a float16 scale and minimum
 // (a weight is code * scale + minimum, as GGUF's q4_1 stores it). Packed per panel of 16 output rows and group: four
 // 64-byte blocks of codes, block j holding for each row its inputs 4j..4j+3 in the low nibbles and 4j+16..4j+19 in
@@ -272,31 +228,93 @@ void int4_row_block(const int8_t* codes, int64_t k, const float* group_scales, c
     int4_micro_kernel<rows, 1>(codes, k, group_scales, group_sums, w, bias, panel * kPanel, n, out);
 }
 
-at::Tensor int4_linear(const at::Tensor& inputs, const at::Tensor& weights, const c10::optional<at::Tensor>& bias,
-                       int64_t out_features) {
-  TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "int4_linear: float32 inputs expected");
-  const int64_t k = inputs.size(-1);
+// A product's inputs as rows of `k` features, and the [..., out_features] output it fills.
+std::pair<at::Tensor, at::Tensor> rows_and_output(const at::Tensor& inputs, int64_t k, int64_t out_features) {
+  auto sizes = inputs.sizes().vec();
+  sizes.back() = out_features;
+  return {inputs.reshape({-1, k}).contiguous(), at::empty(sizes, inputs.options())};
+}
+
+// The bias of a product's `out_features` outputs, or nullptr.
+const float* bias_of(const c10::optional<at::Tensor>& bias, int64_t out_features, const char* op) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == out_features && bias->is_contiguous(), op,
+              ": a float32 bias of out_features expected");
+  return bias->data_ptr<float>();
+}
+
+// One product's packed weights, checked against its `k` inputs and `out` outputs: int8 (`pack_int8_weight`'s
+// panels, row sums and scales) or int4 (`pack_int4_weight`'s blocks).
+struct Product {
+  bool four_bit = false;
+  const void* weights = nullptr;
+  const int32_t* sums = nullptr;  // int8 only
+  const float* scales = nullptr;  // int8 only
+  const float* bias = nullptr;
+  int64_t k = 0, padded = 0, panels = 0, out = 0;
+};
+
+Product int8_product(const at::Tensor& weights, const at::Tensor& sums, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& bias, int64_t k, int64_t out_features) {
+  TORCH_CHECK(weights.scalar_type() == at::kChar && weights.dim() == 4 && weights.size(2) == kPanel &&
+                  weights.size(3) == kGroup && weights.is_contiguous(),
+              "int8_linear: weights packed by pack_int8_weight expected");
+  const int64_t rows_packed = weights.size(0) * kPanel;
+  TORCH_CHECK(out_features <= rows_packed && sums.scalar_type() == at::kInt && sums.numel() == rows_packed &&
+                  scales.scalar_type() == at::kFloat && scales.numel() == rows_packed,
+              "int8_linear: sums and scales of the packed weights expected");
+  Product product;
+  product.padded = weights.size(1) * kGroup;
+  TORCH_CHECK(k <= product.padded && product.padded - k < kGroup, "int8_linear: inputs have ", k,
+              " features, the weights ", product.padded);
+  product.weights = weights.data_ptr<int8_t>();
+  product.sums = sums.data_ptr<int32_t>();
+  product.scales = scales.data_ptr<float>();
+  product.bias = bias_of(bias, out_features, "int8_linear");
+  product.k = k;
+  product.panels = weights.size(0);
+  product.out = out_features;
+  return product;
+}
+
+Product int4_product(const at::Tensor& weights, const c10::optional<at::Tensor>& bias, int64_t k,
+                     int64_t out_features) {
   TORCH_CHECK(k % kInt4Group == 0, "int4_linear: inputs of a multiple of 32 features expected");
   TORCH_CHECK(weights.scalar_type() == at::kByte && weights.dim() == 3 && weights.size(1) == k / kInt4Group &&
                   weights.size(2) == kInt4Block && weights.is_contiguous(),
               "int4_linear: weights packed by pack_int4_weight for ", k, " features expected");
-  const int64_t panels = weights.size(0);
-  TORCH_CHECK(out_features <= panels * kPanel, "int4_linear: more outputs than the packed weights have");
-  const float* bias_data = bias_of(bias, out_features, "int4_linear");
-  const auto [x, out] = rows_and_output(inputs, k, out_features);
-  const int64_t m = x.size(0);
-  if (m == 0) return out;
-  const int64_t groups = k / kInt4Group;
-  at::Tensor codes = at::empty({m, k}, inputs.options().dtype(at::kChar));
-  at::Tensor group_scales = at::empty({m, groups}, inputs.options());
-  at::Tensor group_sums = at::empty({m, groups}, inputs.options());
-  quantize_groups(x.data_ptr<float>(), m, k, codes.data_ptr<int8_t>(), group_scales.data_ptr<float>(),
-                  group_sums.data_ptr<float>());
+  TORCH_CHECK(out_features <= weights.size(0) * kPanel, "int4_linear: more outputs than the packed weights have");
+  Product product;
+  product.four_bit = true;
+  product.weights = weights.data_ptr<uint8_t>();
+  product.bias = bias_of(bias, out_features, "int4_linear");
+  product.k = product.padded = k;
+  product.panels = weights.size(0);
+  product.out = out_features;
+  return product;
+}
+
+// A product from an op's list of its parts: [weights, sums, scales, bias] for int8, [weights, None, None, bias]
+// for int4 (what `native.product_parts` gives).
+Product product_of(const c10::List<c10::optional<at::Tensor>>& parts, int64_t k, int64_t out_features) {
+  TORCH_CHECK(parts.size() == 4 && parts.get(0).has_value(), "a product's [weights, sums, scales, bias] expected");
+  const at::Tensor weights = *parts.get(0);
+  if (weights.scalar_type() == at::kByte) return int4_product(weights, parts.get(3), k, out_features);
+  TORCH_CHECK(parts.get(1).has_value() && parts.get(2).has_value(), "an int8 product's sums and scales expected");
+  return int8_product(weights, *parts.get(1), *parts.get(2), parts.get(3), k, out_features);
+}
+
+void multiply_int4(const Product& product, const float* x, int64_t m, float* out) {
+  const int64_t k = product.k, panels = product.panels, n = product.out, groups = k / kInt4Group;
+  at::Tensor codes = at::empty({m, k}, at::kChar);
+  at::Tensor group_scales = at::empty({m, groups}, at::kFloat);
+  at::Tensor group_sums = at::empty({m, groups}, at::kFloat);
+  quantize_groups(x, m, k, codes.data_ptr<int8_t>(), group_scales.data_ptr<float>(), group_sums.data_ptr<float>());
   const int8_t* code_data = codes.data_ptr<int8_t>();
   const float* scale_data = group_scales.data_ptr<float>();
   const float* sum_data = group_sums.data_ptr<float>();
-  const uint8_t* weight_data = weights.data_ptr<uint8_t>();
-  float* out_data = out.data_ptr<float>();
+  const uint8_t* weights = static_cast<const uint8_t*>(product.weights);
+  const float* bias = product.bias;
   at::parallel_for(0, (panels + 1) / 2, 1, [&](int64_t begin, int64_t end) {
     for (int64_t panel = 2 * begin; panel < std::min(2 * end, panels); panel += 2) {
       const int64_t count = std::min<int64_t>(2, panels - panel);
@@ -304,16 +322,50 @@ at::Tensor int4_linear(const at::Tensor& inputs, const at::Tensor& weights, cons
         const int8_t* c = code_data + r * k;
         const float* s = scale_data + r * groups;
         const float* g = sum_data + r * groups;
-        float* o = out_data + r * out_features;
+        float* o = out + r * n;
         switch (std::min(kRows, m - r)) {
-          case 4: int4_row_block<4>(c, k, s, g, weight_data, bias_data, panel, count, out_features, o); break;
-          case 3: int4_row_block<3>(c, k, s, g, weight_data, bias_data, panel, count, out_features, o); break;
-          case 2: int4_row_block<2>(c, k, s, g, weight_data, bias_data, panel, count, out_features, o); break;
-          default: int4_row_block<1>(c, k, s, g, weight_data, bias_data, panel, count, out_features, o); break;
+          case 4: int4_row_block<4>(c, k, s, g, weights, bias, panel, count, n, o); break;
+          case 3: int4_row_block<3>(c, k, s, g, weights, bias, panel, count, n, o); break;
+          case 2: int4_row_block<2>(c, k, s, g, weights, bias, panel, count, n, o); break;
+          default: int4_row_block<1>(c, k, s, g, weights, bias, panel, count, n, o); break;
         }
       }
     }
   });
+}
+
+// `m` rows of `product.k` inputs times the product's weights, into `m` rows of `product.out` outputs.
+void multiply(const Product& product, const float* x, int64_t m, float* out) {
+  if (m == 0) return;
+  if (product.four_bit) return multiply_int4(product, x, m, out);
+  const int64_t padded = product.padded, panels = product.panels;
+  at::Tensor codes = at::empty({m, padded}, at::kByte);
+  at::Tensor row_scales = at::empty({m}, at::kFloat);
+  quantize_rows(x, m, product.k, padded, codes.data_ptr<uint8_t>(), row_scales.data_ptr<float>());
+  const uint8_t* code_data = codes.data_ptr<uint8_t>();
+  const float* row_scale_data = row_scales.data_ptr<float>();
+  const int8_t* weights = static_cast<const int8_t*>(product.weights);
+  at::parallel_for(0, (panels + 3) / 4, 1, [&](int64_t begin, int64_t end) {
+    panels_kernel(code_data, m, padded, row_scale_data, weights, product.sums, product.scales, product.bias,
+                  4 * begin, std::min(4 * end, panels), product.out, out);
+  });
+}
+
+at::Tensor int8_linear(const at::Tensor& inputs, const at::Tensor& weights, const at::Tensor& sums,
+                       const at::Tensor& scales, const c10::optional<at::Tensor>& bias, int64_t out_features) {
+  TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "int8_linear: float32 inputs expected");
+  const Product product = int8_product(weights, sums, scales, bias, inputs.size(-1), out_features);
+  const auto [x, out] = rows_and_output(inputs, product.k, out_features);
+  multiply(product, x.data_ptr<float>(), x.size(0), out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor int4_linear(const at::Tensor& inputs, const at::Tensor& weights, const c10::optional<at::Tensor>& bias,
+                       int64_t out_features) {
+  TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "int4_linear: float32 inputs expected");
+  const Product product = int4_product(weights, bias, inputs.size(-1), out_features);
+  const auto [x, out] = rows_and_output(inputs, product.k, out_features);
+  multiply(product, x.data_ptr<float>(), x.size(0), out.data_ptr<float>());
   return out;
 }
 
@@ -437,25 +489,14 @@ at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, c
   return out;
 }
 
-// weight * (x * (1 / sqrt(mean(x * x) + eps))) for each row of x, as transformers' LlamaRMSNorm computes it in
-// float32, the sum of squares in sixteen lanes (then added across) instead of torch's order.
-at::Tensor rms_norm(const at::Tensor& inputs, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "rms_norm: float32 inputs expected");
-  const int64_t k = inputs.size(-1);
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.numel() == k && weight.is_contiguous(),
-              "rms_norm: a float32 weight of the inputs' last size expected");
-  const at::Tensor x = inputs.contiguous();
-  at::Tensor out = at::empty_like(x);
-  const int64_t m = k == 0 ? 0 : x.numel() / k;
-  const float* x_data = x.data_ptr<float>();
-  const float* w_data = weight.data_ptr<float>();
-  float* out_data = out.data_ptr<float>();
-  const float epsilon = static_cast<float>(eps);
+// weight * (x * (1 / sqrt(mean(x * x) + eps))) for each of `m` rows of `k`, as transformers' LlamaRMSNorm computes
+// it in float32, the sum of squares in sixteen lanes (then added across) instead of torch's order.
+void norm_rows(const float* x, int64_t m, int64_t k, const float* weight, float eps, float* out) {
   const int64_t vectorised = k - k % 16;
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* row = x_data + r * k;
-      float* o = out_data + r * k;
+      const float* row = x + r * k;
+      float* o = out + r * k;
       __m512 lanes = _mm512_setzero_ps();
       for (int64_t i = 0; i < vectorised; i += 16) {
         const __m512 v = _mm512_loadu_ps(row + i);
@@ -463,14 +504,114 @@ at::Tensor rms_norm(const at::Tensor& inputs, const at::Tensor& weight, double e
       }
       float squares = _mm512_reduce_add_ps(lanes);
       for (int64_t i = vectorised; i < k; ++i) squares += row[i] * row[i];
-      const float scale = 1.0f / std::sqrt(squares / static_cast<float>(k) + epsilon);
+      const float scale = 1.0f / std::sqrt(squares / static_cast<float>(k) + eps);
       const __m512 times = _mm512_set1_ps(scale);
       for (int64_t i = 0; i < vectorised; i += 16)
         _mm512_storeu_ps(o + i,
-                         _mm512_mul_ps(_mm512_loadu_ps(w_data + i), _mm512_mul_ps(_mm512_loadu_ps(row + i), times)));
-      for (int64_t i = vectorised; i < k; ++i) o[i] = w_data[i] * (row[i] * scale);
+                         _mm512_mul_ps(_mm512_loadu_ps(weight + i), _mm512_mul_ps(_mm512_loadu_ps(row + i), times)));
+      for (int64_t i = vectorised; i < k; ++i) o[i] = weight[i] * (row[i] * scale);
     }
   });
+}
+
+const float* norm_weight_of(const at::Tensor& weight, int64_t k) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.numel() == k && weight.is_contiguous(),
+              "rms_norm: a float32 weight of the inputs' last size expected");
+  return weight.data_ptr<float>();
+}
+
+at::Tensor rms_norm(const at::Tensor& inputs, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "rms_norm: float32 inputs expected");
+  const int64_t k = inputs.size(-1);
+  const float* w = norm_weight_of(weight, k);
+  const at::Tensor x = inputs.contiguous();
+  at::Tensor out = at::empty_like(x);
+  norm_rows(x.data_ptr<float>(), k == 0 ? 0 : x.numel() / k, k, w, static_cast<float>(eps), out.data_ptr<float>());
+  return out;
+}
+
+// A Llama-style decoder layer up to its attention, for `m` positions of `hidden` [rows, fed, hidden]: the norm,
+// the stacked query, key and value product, and the rotary embedding of queries and keys, as the lean pass's
+// `AttentionInput` computes them (the same kernels; each rotated value is x * cos + x' * signed sin, two products
+// and a sum each rounded once, as torch's three ops round them). `cos`/`sin`: [rows, fed, 1, head_dim], the sines
+// signed (`decoder.signed_sines`). Returns queries, keys and values [rows, heads, fed, head_dim] (views of one
+// tensor, as `AttentionInput`'s).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_input(
+    const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
+    const c10::List<c10::optional<at::Tensor>>& product, int64_t out_features, const at::Tensor& cos,
+    const at::Tensor& sin, int64_t queries_size, int64_t keys_size, int64_t head_dim) {
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.dim() == 3, "attention_input: float32 [rows, fed, hidden]");
+  const int64_t rows = hidden.size(0), fed = hidden.size(1), k = hidden.size(2), m = rows * fed;
+  const int64_t rotated = queries_size + keys_size;
+  TORCH_CHECK(head_dim > 0 && head_dim % 2 == 0 && queries_size % head_dim == 0 && keys_size % head_dim == 0 &&
+                  out_features - rotated == keys_size,
+              "attention_input: queries, keys and values of whole heads expected");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.numel() == m * head_dim && sin.numel() == m * head_dim,
+              "attention_input: contiguous float32 cos and sin of [rows, fed, 1, head_dim] expected");
+  const Product stacked = product_of(product, k, out_features);
+  const at::Tensor x = hidden.contiguous();
+  at::Tensor normed = at::empty({m, k}, x.options());
+  norm_rows(x.data_ptr<float>(), m, k, norm_weight_of(norm_weight, k), static_cast<float>(eps),
+            normed.data_ptr<float>());
+  at::Tensor out = at::empty({rows, fed, out_features}, x.options());
+  float* o = out.data_ptr<float>();
+  multiply(stacked, normed.data_ptr<float>(), m, o);
+  const float* c = cos.data_ptr<float>();
+  const float* s = sin.data_ptr<float>();
+  const int64_t half = head_dim / 2;
+  std::vector<float> head(head_dim);
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t start = 0; start < rotated; start += head_dim) {
+      float* v = o + r * out_features + start;
+      std::copy(v, v + head_dim, head.begin());
+      const float* cr = c + r * head_dim;
+      const float* sr = s + r * head_dim;
+      for (int64_t i = 0; i < head_dim; ++i) {
+        const float straight = head[i] * cr[i];
+        const float swapped = head[(i + half) % head_dim] * sr[i];
+        v[i] = straight + swapped;
+      }
+    }
+  }
+  auto heads_of = [&](int64_t begin, int64_t size) {
+    return out.narrow(2, begin, size).view({rows, fed, size / head_dim, head_dim}).transpose(1, 2);
+  };
+  return {heads_of(0, queries_size), heads_of(queries_size, keys_size), heads_of(rotated, keys_size)};
+}
+
+// A Llama-style decoder layer after its attention, as the lean pass's `LayerOutput` computes it: hidden + o(attended),
+// its norm, the stacked gate and up product, silu(gate) * up (torch's silu), the down product, and the residual.
+// hidden [rows, fed, hidden]; attended [rows, fed, heads, head_dim].
+at::Tensor layer_output(const at::Tensor& hidden, const at::Tensor& attended,
+                        const c10::List<c10::optional<at::Tensor>>& o_product, const at::Tensor& norm_weight,
+                        double eps, const c10::List<c10::optional<at::Tensor>>& gate_up_product, int64_t gate_size,
+                        const c10::List<c10::optional<at::Tensor>>& down_product) {
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.dim() == 3 && attended.scalar_type() == at::kFloat &&
+                  attended.size(0) == hidden.size(0) && attended.size(1) == hidden.size(1),
+              "layer_output: float32 hidden [rows, fed, hidden] and attended [rows, fed, heads, head_dim] expected");
+  const int64_t k = hidden.size(2), m = hidden.size(0) * hidden.size(1);
+  const at::Tensor x = hidden.contiguous();
+  const at::Tensor a = attended.reshape({m, -1}).contiguous();
+  const Product o = product_of(o_product, a.size(1), k);
+  const Product gate_up = product_of(gate_up_product, k, 2 * gate_size);
+  const Product down = product_of(down_product, gate_size, k);
+  const float* w = norm_weight_of(norm_weight, k);
+  at::Tensor out = at::empty_like(x);
+  float* h = out.data_ptr<float>();
+  multiply(o, a.data_ptr<float>(), m, h);
+  const float* residual = x.data_ptr<float>();
+  for (int64_t i = 0; i < m * k; ++i) h[i] = residual[i] + h[i];
+  at::Tensor normed = at::empty({m, k}, x.options());
+  norm_rows(h, m, k, w, static_cast<float>(eps), normed.data_ptr<float>());
+  at::Tensor both = at::empty({m, 2 * gate_size}, x.options());
+  multiply(gate_up, normed.data_ptr<float>(), m, both.data_ptr<float>());
+  at::Tensor gated = at::silu(both.narrow(1, 0, gate_size));
+  gated.mul_(both.narrow(1, gate_size, gate_size));
+  at::Tensor mlp = at::empty({m, k}, x.options());
+  float* d = mlp.data_ptr<float>();
+  multiply(down, gated.data_ptr<float>(), m, d);
+  for (int64_t i = 0; i < m * k; ++i) h[i] = h[i] + d[i];
   return out;
 }
 
@@ -483,6 +624,12 @@ TORCH_LIBRARY(hf_openai_server, library) {
   library.def("int4_linear(Tensor inputs, Tensor weights, Tensor? bias, int out_features) -> Tensor");
   library.def("rms_norm(Tensor inputs, Tensor weight, float eps) -> Tensor");
   library.def("one_query_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scaling) -> Tensor");
+  library.def(
+      "attention_input(Tensor hidden, Tensor norm_weight, float eps, Tensor?[] product, int out_features, Tensor cos, "
+      "Tensor sin, int queries_size, int keys_size, int head_dim) -> (Tensor, Tensor, Tensor)");
+  library.def(
+      "layer_output(Tensor hidden, Tensor attended, Tensor?[] o_product, Tensor norm_weight, float eps, "
+      "Tensor?[] gate_up_product, int gate_size, Tensor?[] down_product) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hf_openai_server, CPU, library) {
@@ -490,4 +637,6 @@ TORCH_LIBRARY_IMPL(hf_openai_server, CPU, library) {
   library.impl("int4_linear", &int4_linear);
   library.impl("rms_norm", &rms_norm);
   library.impl("one_query_attention", &one_query_attention);
+  library.impl("attention_input", &attention_input);
+  library.impl("layer_output", &layer_output);
 }
