@@ -243,7 +243,7 @@ def one_query_attention(
     ``[rows, 1, 1, columns]`` (True: attend) or ``None``. A head size that is a multiple of 16 up to 256, at most 8
     query heads a key head (`attends`).
     """
-    output: torch.Tensor = torch.ops.hf_openai_server.one_query_attention(query, key, value, mask, scaling)
+    output: torch.Tensor = torch.ops.hf_openai_server.one_query_attention.default(query, key, value, mask, scaling)
     return output
 
 
@@ -327,7 +327,7 @@ class OwnAttentionInput(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values of ``hidden``, as ``AttentionInput.forward`` gives them."""
         norm, product = self.norm, self.product
-        outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = torch.ops.hf_openai_server.attention_input(
+        outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = torch.ops.hf_openai_server.attention_input.default(
             hidden,
             norm.weight,
             norm.variance_epsilon,
@@ -359,7 +359,7 @@ class OwnLayerOutput(nn.Module):
     def forward(self, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The layer's output, as ``LayerOutput.forward`` gives it."""
         norm = self.norm
-        output: torch.Tensor = torch.ops.hf_openai_server.layer_output(
+        output: torch.Tensor = torch.ops.hf_openai_server.layer_output.default(
             hidden,
             attended,
             product_parts(self.o_proj),
