@@ -1,7 +1,9 @@
-"""Our own int8 kernel: built at run time where the CPU has AVX-512 VNNI, exact to its integer arithmetic, per row."""
+"""Our own kernels: built at run time where the CPU has AVX-512 VNNI; int8 exact to its integer arithmetic, float32 and
+int4 to rounding, every row the same bits alone or in a batch; norms, attention and a layer's halves."""
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +14,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from adapters.huggingface import native
 from adapters.huggingface.engine.decoder import AttentionInput, LayerOutput, signed_sines
 from adapters.huggingface.loading import load_model
+from adapters.huggingface.packing import OwnPackedLinear
 from adapters.huggingface.quantization import (
     Int4Linear,
     Int8Linear,
@@ -219,10 +222,17 @@ def test_own_norms_replace_llama_style_norms_only(tmp_path):
     assert isinstance(model.model.extra_norm, GemmaStyleNorm)
 
 
+LOADS = [("int8", True, True), ("none", True, True), ("none", False, False)]
+"""``(quantize, pack_weights, whether the norms and attention are ours)``: quantized or packed float32 products are
+ours, plain layers (``--no-pack-weights``) are transformers'."""
+
+
 @needs_kernel
-@pytest.mark.parametrize(("scheme", "own"), [("int8", True), ("none", False)])
-def test_a_quantized_model_loads_with_own_norms_and_a_float_one_keeps_transformers(tmp_path, scheme, own):
-    model = load_model(str(build_tiny_model(tmp_path / "tiny")), device="cpu", quantize=scheme).model
+@pytest.mark.parametrize(("scheme", "pack", "own"), LOADS)
+def test_a_model_on_our_products_loads_with_own_norms_and_plain_layers_keep_transformers(tmp_path, scheme, pack, own):
+    """Quantized or packed float32 layers are ours, and so are the norms; ``--no-pack-weights`` keeps transformers'."""
+    directory = build_tiny_model(tmp_path / "tiny")
+    model = load_model(str(directory), device="cpu", quantize=scheme, pack_weights=pack).model
     assert isinstance(model.model.norm, native.OwnRMSNorm) is own
     assert isinstance(model.model.layers[0].input_layernorm, native.OwnRMSNorm) is own
 
@@ -349,9 +359,10 @@ def test_one_query_attention_with_nothing_visible_gives_zeros_and_refuses_other_
 
 
 @needs_kernel
-@pytest.mark.parametrize(("scheme", "own"), [("int4", True), ("none", False)])
-def test_a_quantized_models_attention_blocks_take_the_own_kernel_and_a_float_ones_do_not(tmp_path, scheme, own):
-    model = load_model(str(build_tiny_model(tmp_path / "tiny")), device="cpu", quantize=scheme).model
+@pytest.mark.parametrize(("scheme", "pack", "own"), LOADS)
+def test_attention_blocks_take_the_own_kernel_where_the_products_are_ours(tmp_path, scheme, pack, own):
+    directory = build_tiny_model(tmp_path / "tiny")
+    model = load_model(str(directory), device="cpu", quantize=scheme, pack_weights=pack).model
     assert getattr(model.model.layers[0].self_attn, native.OWN_ATTENTION, False) is own
 
 
@@ -359,7 +370,8 @@ def own_layer(scheme: str, *, bias: bool) -> SimpleNamespace:
     """A Llama-style layer's parts on our kernels: two norms, a stacked q/k/v product (6 query heads on 2 key heads
     of 64), the output product, a stacked gate/up product and the down product (96 features, 160 wide)."""
     generator = torch.Generator().manual_seed(7)
-    layer = int8_layer if scheme == "int8" else int4_layer
+    layers = {"int8": int8_layer, "int4": int4_layer, "float32": functools.partial(OwnPackedLinear, keep_weight=False)}
+    layer = layers[scheme]
 
     def product(inputs: int, outputs: int) -> nn.Module:
         linear = nn.Linear(inputs, outputs, bias=bias)
@@ -385,7 +397,7 @@ def own_layer(scheme: str, *, bias: bool) -> SimpleNamespace:
 
 
 @needs_kernel
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "float32"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize(("rows", "fed"), [(1, 1), (3, 1), (2, 5)])
 def test_our_layer_halves_give_the_compiled_halves_bits(scheme, bias, rows, fed):
@@ -425,3 +437,43 @@ def test_layer_halves_are_ours_only_where_every_part_is():
     layer.input_layernorm = LlamaRMSNorm(96)
     assert native.own_halves(layer, [layer.qkv], [layer.gate_up]) is None
     assert native.product_parts(nn.Linear(4, 4)) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize(("rows", "features", "outputs"), [(1, 576, 960), (3, 70, 37), (5, 16, 16), (9, 33, 50)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_float_kernel_gives_the_product_to_rounding(rows, features, outputs, with_bias):
+    weight, bias, inputs = product_case(rows, features, outputs, with_bias=with_bias)
+    expected = inputs.double() @ weight.double().T + (0 if bias is None else bias.double())
+    actual = native.float_linear(inputs, native.pack_float_weight(weight), bias, out_features=outputs)
+    assert actual.shape == (rows, outputs)
+    scale = (inputs.double().abs() @ weight.double().abs().T).amax(dim=-1, keepdim=True) + 1
+    assert float(((actual.double() - expected).abs() / scale).max()) < 1e-6
+
+
+@needs_kernel
+def test_the_float_kernel_gives_a_row_the_same_bits_alone_in_any_batch_and_on_any_thread_count():
+    weight, bias, inputs = product_case(11, 1536, 100, with_bias=True)
+    packed_weight = native.pack_float_weight(weight)
+    together = native.float_linear(inputs, packed_weight, bias, out_features=100)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = native.float_linear(inputs, packed_weight, bias, out_features=100)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, together)
+    for start, end in ((0, 1), (3, 4), (2, 7), (10, 11)):
+        alone = native.float_linear(inputs[start:end], packed_weight, bias, out_features=100)
+        assert torch.equal(alone, together[start:end])
+
+
+@needs_kernel
+def test_the_float_op_refuses_what_pack_float_weight_did_not_make():
+    weight = torch.randn(40, 64)
+    with pytest.raises(RuntimeError, match="pack_float_weight"):
+        native.float_linear(torch.randn(2, 64), weight, None, out_features=40)
+    with pytest.raises(RuntimeError, match="pack_float_weight"):
+        native.float_linear(torch.randn(2, 48), native.pack_float_weight(weight), None, out_features=40)
+    with pytest.raises(RuntimeError, match="more outputs"):
+        native.float_linear(torch.randn(2, 64), native.pack_float_weight(weight), None, out_features=64)

@@ -1,4 +1,5 @@
-"""oneDNN-prepacked linear layers: the same model, the same greedy tokens, no extra memory for unshared weights."""
+"""Prepacked linear layers (oneDNN's, or our own float32 kernel's where it builds): the same model, the same greedy
+tokens, no extra memory for unshared weights."""
 
 from __future__ import annotations
 
@@ -8,11 +9,34 @@ from structlog.testing import capture_logs
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from adapters.huggingface import native
 from adapters.huggingface.loading import load_model
-from adapters.huggingface.packing import PackedLinear, pack_linear_layers, packing_supported
+from adapters.huggingface.packing import (
+    PACKED_LAYERS,
+    OwnPackedLinear,
+    PackedLinear,
+    own_packing,
+    pack_linear_layers,
+    packing_supported,
+)
 from tests.tiny_model import build_tiny_model, tied_tiny_llama
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.float32), reason="oneDNN is not available here")
+
+KERNELS = [
+    pytest.param(PackedLinear, id="oneDNN"),
+    pytest.param(
+        OwnPackedLinear,
+        id="own",
+        marks=pytest.mark.skipif(native.unavailable() is not None, reason="no kernels of our own here"),
+    ),
+]
+"""The two packed float layers: oneDNN's everywhere, ours where our kernels build."""
+
+
+def pack_with(model: nn.Module, layer: type[nn.Module]) -> int:
+    """`pack_linear_layers` with ``layer``'s kernel."""
+    return pack_linear_layers(model, own=lambda _: layer is OwnPackedLinear)
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +49,15 @@ def load(model_dir, **kwargs) -> nn.Module:
 
 
 def linears(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, *PACKED_LAYERS))]
 
 
-def test_every_linear_layer_is_packed_and_the_logits_agree(model_dir):
+@pytest.mark.parametrize("layer", KERNELS)
+def test_every_linear_layer_is_packed_and_the_logits_agree(model_dir, layer):
     plain, packed = load(model_dir), load(model_dir)
-    count = pack_linear_layers(packed)
+    count = pack_with(packed, layer)
     assert count == len(linears(plain)) > 0
-    assert all(type(m) is PackedLinear for m in linears(packed))
+    assert all(type(m) is layer for m in linears(packed))
     ids = torch.randint(0, 400, (3, 17), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected, actual = plain(ids).logits, packed(ids).logits
@@ -40,9 +65,10 @@ def test_every_linear_layer_is_packed_and_the_logits_agree(model_dir):
     assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_greedy_generation_is_token_for_token_the_same(model_dir):
+@pytest.mark.parametrize("layer", KERNELS)
+def test_greedy_generation_is_token_for_token_the_same(model_dir, layer):
     plain, packed = load(model_dir), load(model_dir)
-    pack_linear_layers(packed)
+    pack_with(packed, layer)
     ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
     with torch.inference_mode():
         expected = plain.generate(ids, max_new_tokens=40, do_sample=False, min_new_tokens=40)
@@ -50,11 +76,12 @@ def test_greedy_generation_is_token_for_token_the_same(model_dir):
     assert actual.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("kind", KERNELS)
 @pytest.mark.parametrize("in_features", [64, 576, 1536, 2048])
-def test_a_row_is_multiplied_the_same_alone_and_among_others(in_features):
+def test_a_row_is_multiplied_the_same_alone_and_among_others(in_features, kind):
     """Bit for bit: a decoding step at batch 1 multiplies one row, a verifying pass or a batch several. (oneDNN takes
     another path for one row of more than 1024 inputs on some CPUs, which `PackedLinear` steps around.)"""
-    layer = PackedLinear(nn.Linear(in_features, 96), keep_weight=False)
+    layer = kind(nn.Linear(in_features, 96), keep_weight=False)
     inputs = torch.randn(6, 1, in_features, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         together = layer(inputs)
@@ -64,17 +91,18 @@ def test_a_row_is_multiplied_the_same_alone_and_among_others(in_features):
     assert layer(inputs[:1]).shape == (1, 1, 96)
 
 
-def test_unshared_weights_are_released_and_a_tied_one_is_kept():
+@pytest.mark.parametrize("layer", KERNELS)
+def test_unshared_weights_are_released_and_a_tied_one_is_kept(layer):
     model = tied_tiny_llama(100)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.inference_mode():
         expected = model(ids).logits
-    pack_linear_layers(model)
-    assert isinstance(model.lm_head, PackedLinear)
+    pack_with(model, layer)
+    assert isinstance(model.lm_head, layer)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the embedding still needs it
     projection = model.model.layers[0].self_attn.q_proj
-    assert isinstance(projection, PackedLinear)
+    assert isinstance(projection, layer)
     assert projection.weight.device.type == "meta"  # only its shape and dtype are left
     assert "weight" not in dict(projection.named_parameters())
     with torch.inference_mode():
@@ -102,7 +130,7 @@ def test_where_the_probe_says_no_the_model_keeps_its_layers_and_the_fallback_is_
     with torch.inference_mode():
         expected = model(ids).logits
     with capture_logs() as logs:
-        assert pack_linear_layers(model, supported=lambda _: False) == 0
+        assert pack_linear_layers(model, supported=lambda _: False, own=lambda _: False) == 0
     assert {type(m) for m in linears(model)} == {nn.Linear}
     assert [(e["event"], e["log_level"]) for e in logs] == [("model.pack.unavailable", "info")]
     with torch.inference_mode():
@@ -121,7 +149,7 @@ def test_float16_and_meta_models_are_left_alone(model_dir):
 def test_loading_packs_on_the_cpu_unless_asked_not_to(model_dir):
     packed = load_model(str(model_dir), device="cpu", progress=False)
     plain = load_model(str(model_dir), device="cpu", progress=False, pack_weights=False)
-    assert {type(m) for m in linears(packed.model)} == {PackedLinear}
+    assert {type(m) for m in linears(packed.model)} == {OwnPackedLinear if own_packing(torch.float32) else PackedLinear}
     assert {type(m) for m in linears(plain.model)} == {nn.Linear}
 
 

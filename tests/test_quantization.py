@@ -16,7 +16,7 @@ from adapters.huggingface.cpu_features import cpu_flags
 from adapters.huggingface.engine import BatchingGenerator, BatchLimits
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.loading import gguf_weight_types, load_model
-from adapters.huggingface.packing import PackedLinear, packing_supported
+from adapters.huggingface.packing import PACKED_LAYERS, packing_supported
 from adapters.huggingface.quantization import (
     INT4_LAYERS,
     INT8_LAYERS,
@@ -140,11 +140,11 @@ def test_quantized_layers_are_never_packed_and_float_ones_are(model_dir):
     quantized, packed = load(model_dir), load(model_dir)
     prepare_linear_layers(quantized, Quantization("int8", "test"), pack=True)
     prepare_linear_layers(packed, Quantization("none", "test"), pack=True)
-    assert not any(isinstance(m, PackedLinear) for m in quantized.modules())
+    assert not any(isinstance(m, PACKED_LAYERS) for m in quantized.modules())
     assert any(isinstance(m, INT8_LAYERS) for m in quantized.modules())
     assert not any(isinstance(m, INT8_LAYERS) for m in packed.modules())
     if packing_supported(torch.float32):
-        assert any(isinstance(m, PackedLinear) for m in packed.modules())
+        assert any(isinstance(m, PACKED_LAYERS) for m in packed.modules())
 
 
 @needs_int8

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from adapters.huggingface.loading import load_model
-from adapters.huggingface.packing import PackedLinear
+from adapters.huggingface.packing import PACKED_LAYERS
 from adapters.huggingface.shared_input import SharedInput, SharedInputSlice, stack_shared_input_linears
 from tests.tiny_model import build_tiny_model
 
@@ -127,5 +127,5 @@ def test_loading_stacks_then_packs_on_the_cpu_and_not_when_asked_for_plain_layer
     plain = load_model(str(model_dir), device="cpu", progress=False, pack_weights=False)
     attention = packed.model.model.layers[0].self_attn
     assert type(attention.q_proj) is SharedInputSlice
-    assert type(attention.shared_input_0.product) in {PackedLinear, nn.Linear}
+    assert type(attention.shared_input_0.product) in {*PACKED_LAYERS, nn.Linear}
     assert not any(type(m) is SharedInputSlice for m in plain.model.modules())

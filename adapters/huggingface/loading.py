@@ -184,8 +184,8 @@ def load_model(
             directory = gguf_snapshot(source.path, cache_dir or default_cache_dir())
         model, tokenizer = _load_directory(directory, source, torch_device, torch_dtype)
     prepare_linear_layers(model, quantization, pack=pack_weights)
-    if quantization.scheme != "none" and native.unavailable() is None and torch_device.type == "cpu":
-        native.use_own_norms(model)  # a quantized model gives up float32's bits already; a float one keeps them
+    if torch_device.type == "cpu" and any(native.product_parts(module) for module in model.modules()):
+        native.use_own_norms(model)  # its products are ours (int8, int4, packed float32): its norms and attention too
         native.use_own_attention(model)
     return LoadedModel(model_id=source.model_id, model=model, tokenizer=tokenizer, quantization=quantization)
 

@@ -230,6 +230,30 @@ def int4_linear(
     return outputs
 
 
+def pack_float_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (``[out, in]``, float32) packed for `float_linear`: ``[out / 16, in, 16]``, rows padded with zeros.
+
+    Each input's weights of 16 output rows side by side, what one fused multiply-add takes with the input broadcast.
+    """
+    rows, columns = weight.shape
+    padded_rows = -(-rows // PANEL) * PANEL
+    padded = torch.zeros(padded_rows, columns)
+    padded[:rows] = weight.detach().float()
+    return padded.view(padded_rows // PANEL, PANEL, columns).transpose(1, 2).contiguous()
+
+
+def float_linear(
+    inputs: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, *, out_features: int
+) -> torch.Tensor:
+    """``inputs @ weight.T + bias`` in float32 over a weight from `pack_float_weight` (once `unavailable` is None).
+
+    Each output is summed over its inputs in order with fused multiply-adds, so a row's product is the same bits
+    alone, in a batch or in a prompt.
+    """
+    outputs: torch.Tensor = torch.ops.hf_openai_server.float_linear(inputs, packed, bias, out_features)
+    return outputs
+
+
 OWN_ATTENTION = "hf_openai_server_own_attention"
 """The attribute `use_own_attention` sets on an attention block whose one-query attention takes our kernel."""
 
@@ -448,10 +472,12 @@ __all__ = [
     "OwnLayerOutput",
     "OwnRMSNorm",
     "attends",
+    "float_linear",
     "int4_linear",
     "int8_linear",
     "one_query_attention",
     "own_halves",
+    "pack_float_weight",
     "pack_int4_weight",
     "pack_int8_weight",
     "product_parts",

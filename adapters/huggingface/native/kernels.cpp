@@ -228,6 +228,45 @@ void int4_row_block(const int8_t* codes, int64_t k, const float* group_scales, c
     int4_micro_kernel<rows, 1>(codes, k, group_scales, group_sums, w, bias, panel * kPanel, n, out);
 }
 
+// float32: weights packed per panel of 16 output rows as [panels, k, 16], each input's 16 weights side by side: one
+// fused multiply-add with the input broadcast. Each output is summed over its inputs in order, whatever the rows.
+template <int rows, int panels>
+void float_micro_kernel(const float* x, int64_t k, const float* weights, const float* bias, int64_t n0, int64_t n,
+                        float* out) {
+  __m512 acc[rows][panels];
+  for (int r = 0; r < rows; ++r)
+    for (int p = 0; p < panels; ++p) acc[r][p] = _mm512_setzero_ps();
+  const int64_t panel_floats = k * kPanel;
+  for (int64_t i = 0; i < k; ++i) {
+    __m512 w[panels];
+    for (int p = 0; p < panels; ++p) w[p] = _mm512_loadu_ps(weights + p * panel_floats + i * kPanel);
+    for (int r = 0; r < rows; ++r) {
+      const __m512 input = _mm512_set1_ps(x[r * k + i]);
+      for (int p = 0; p < panels; ++p) acc[r][p] = _mm512_fmadd_ps(input, w[p], acc[r][p]);
+    }
+  }
+  for (int p = 0; p < panels; ++p) {
+    const int64_t start = n0 + p * kPanel;
+    if (start >= n) break;
+    const __mmask16 mask = static_cast<__mmask16>(start + kPanel <= n ? 0xFFFF : (1u << (n - start)) - 1);
+    const __m512 added = bias ? _mm512_maskz_loadu_ps(mask, bias + start) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; ++r)
+      _mm512_mask_storeu_ps(out + r * n + start, mask, bias ? _mm512_add_ps(acc[r][p], added) : acc[r][p]);
+  }
+}
+
+template <int rows>
+void float_row_block(const float* x, int64_t k, const float* weights, const float* bias, int64_t panel,
+                     int64_t count, int64_t n, float* out) {
+  const float* w = weights + panel * k * kPanel;
+  if (count == 4)
+    float_micro_kernel<rows, 4>(x, k, w, bias, panel * kPanel, n, out);
+  else if (count == 2)
+    float_micro_kernel<rows, 2>(x, k, w, bias, panel * kPanel, n, out);
+  else
+    float_micro_kernel<rows, 1>(x, k, w, bias, panel * kPanel, n, out);
+}
+
 // A product's inputs as rows of `k` features, and the [..., out_features] output it fills.
 std::pair<at::Tensor, at::Tensor> rows_and_output(const at::Tensor& inputs, int64_t k, int64_t out_features) {
   auto sizes = inputs.sizes().vec();
@@ -246,7 +285,7 @@ const float* bias_of(const c10::optional<at::Tensor>& bias, int64_t out_features
 // One product's packed weights, checked against its `k` inputs and `out` outputs: int8 (`pack_int8_weight`'s
 // panels, row sums and scales) or int4 (`pack_int4_weight`'s blocks).
 struct Product {
-  bool four_bit = false;
+  enum Kind { kInt8, kInt4, kFloat } kind = kInt8;
   const void* weights = nullptr;
   const int32_t* sums = nullptr;  // int8 only
   const float* scales = nullptr;  // int8 only
@@ -285,7 +324,7 @@ Product int4_product(const at::Tensor& weights, const c10::optional<at::Tensor>&
               "int4_linear: weights packed by pack_int4_weight for ", k, " features expected");
   TORCH_CHECK(out_features <= weights.size(0) * kPanel, "int4_linear: more outputs than the packed weights have");
   Product product;
-  product.four_bit = true;
+  product.kind = Product::kInt4;
   product.weights = weights.data_ptr<uint8_t>();
   product.bias = bias_of(bias, out_features, "int4_linear");
   product.k = product.padded = k;
@@ -294,12 +333,52 @@ Product int4_product(const at::Tensor& weights, const c10::optional<at::Tensor>&
   return product;
 }
 
+Product float_product(const at::Tensor& weights, const c10::optional<at::Tensor>& bias, int64_t k,
+                      int64_t out_features) {
+  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.dim() == 3 && weights.size(1) == k &&
+                  weights.size(2) == kPanel && weights.is_contiguous(),
+              "float_linear: weights packed by pack_float_weight for ", k, " features expected");
+  TORCH_CHECK(out_features <= weights.size(0) * kPanel, "float_linear: more outputs than the packed weights have");
+  Product product;
+  product.kind = Product::kFloat;
+  product.weights = weights.data_ptr<float>();
+  product.bias = bias_of(bias, out_features, "float_linear");
+  product.k = product.padded = k;
+  product.panels = weights.size(0);
+  product.out = out_features;
+  return product;
+}
+
+void multiply_float(const Product& product, const float* x, int64_t m, float* out) {
+  const int64_t k = product.k, panels = product.panels, n = product.out;
+  const float* weights = static_cast<const float*>(product.weights);
+  const float* bias = product.bias;
+  at::parallel_for(0, (panels + 3) / 4, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t panel = 4 * begin; panel < std::min(4 * end, panels);) {
+      const int64_t left = std::min(4 * end, panels) - panel;
+      const int64_t count = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      for (int64_t r = 0; r < m; r += kRows) {
+        const float* rows_in = x + r * k;
+        float* o = out + r * n;
+        switch (std::min(kRows, m - r)) {
+          case 4: float_row_block<4>(rows_in, k, weights, bias, panel, count, n, o); break;
+          case 3: float_row_block<3>(rows_in, k, weights, bias, panel, count, n, o); break;
+          case 2: float_row_block<2>(rows_in, k, weights, bias, panel, count, n, o); break;
+          default: float_row_block<1>(rows_in, k, weights, bias, panel, count, n, o); break;
+        }
+      }
+      panel += count;
+    }
+  });
+}
+
 // A product from an op's list of its parts: [weights, sums, scales, bias] for int8, [weights, None, None, bias]
-// for int4 (what `native.product_parts` gives).
+// for int4 and float32 (what `native.product_parts` gives).
 Product product_of(const c10::List<c10::optional<at::Tensor>>& parts, int64_t k, int64_t out_features) {
   TORCH_CHECK(parts.size() == 4 && parts.get(0).has_value(), "a product's [weights, sums, scales, bias] expected");
   const at::Tensor weights = *parts.get(0);
   if (weights.scalar_type() == at::kByte) return int4_product(weights, parts.get(3), k, out_features);
+  if (weights.scalar_type() == at::kFloat) return float_product(weights, parts.get(3), k, out_features);
   TORCH_CHECK(parts.get(1).has_value() && parts.get(2).has_value(), "an int8 product's sums and scales expected");
   return int8_product(weights, *parts.get(1), *parts.get(2), parts.get(3), k, out_features);
 }
@@ -337,7 +416,8 @@ void multiply_int4(const Product& product, const float* x, int64_t m, float* out
 // `m` rows of `product.k` inputs times the product's weights, into `m` rows of `product.out` outputs.
 void multiply(const Product& product, const float* x, int64_t m, float* out) {
   if (m == 0) return;
-  if (product.four_bit) return multiply_int4(product, x, m, out);
+  if (product.kind == Product::kInt4) return multiply_int4(product, x, m, out);
+  if (product.kind == Product::kFloat) return multiply_float(product, x, m, out);
   const int64_t padded = product.padded, panels = product.panels;
   at::Tensor codes = at::empty({m, padded}, at::kByte);
   at::Tensor row_scales = at::empty({m}, at::kFloat);
@@ -364,6 +444,15 @@ at::Tensor int4_linear(const at::Tensor& inputs, const at::Tensor& weights, cons
                        int64_t out_features) {
   TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "int4_linear: float32 inputs expected");
   const Product product = int4_product(weights, bias, inputs.size(-1), out_features);
+  const auto [x, out] = rows_and_output(inputs, product.k, out_features);
+  multiply(product, x.data_ptr<float>(), x.size(0), out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor float_linear(const at::Tensor& inputs, const at::Tensor& weights, const c10::optional<at::Tensor>& bias,
+                        int64_t out_features) {
+  TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "float_linear: float32 inputs expected");
+  const Product product = float_product(weights, bias, inputs.size(-1), out_features);
   const auto [x, out] = rows_and_output(inputs, product.k, out_features);
   multiply(product, x.data_ptr<float>(), x.size(0), out.data_ptr<float>());
   return out;
@@ -622,6 +711,7 @@ TORCH_LIBRARY(hf_openai_server, library) {
       "int8_linear(Tensor inputs, Tensor weights, Tensor sums, Tensor scales, Tensor? bias, int out_features) "
       "-> Tensor");
   library.def("int4_linear(Tensor inputs, Tensor weights, Tensor? bias, int out_features) -> Tensor");
+  library.def("float_linear(Tensor inputs, Tensor weights, Tensor? bias, int out_features) -> Tensor");
   library.def("rms_norm(Tensor inputs, Tensor weight, float eps) -> Tensor");
   library.def("one_query_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scaling) -> Tensor");
   library.def(
@@ -635,6 +725,7 @@ TORCH_LIBRARY(hf_openai_server, library) {
 TORCH_LIBRARY_IMPL(hf_openai_server, CPU, library) {
   library.impl("int8_linear", &int8_linear);
   library.impl("int4_linear", &int4_linear);
+  library.impl("float_linear", &float_linear);
   library.impl("rms_norm", &rms_norm);
   library.impl("one_query_attention", &one_query_attention);
   library.impl("attention_input", &attention_input);
