@@ -235,7 +235,7 @@ def test_a_layer_with_a_part_torchscript_cannot_compile_runs_in_python(tiny_dir)
 
 @pytest.mark.skipif(native.unavailable() is not None, reason="no kernels of our own here")
 def test_a_layer_with_another_activation_keeps_the_compiled_halves(tiny_dir):
-    """Our layer ops compute SiLU: a layer whose MLP takes another activation runs its TorchScript halves, the
+    """Our layer ops compute our SiLU: a layer whose MLP takes another activation runs its TorchScript halves, the
     others stay ours, and the logits stay transformers'."""
     model, forward, decoder = lean(tiny_dir, "int8")
     layers = model.config.num_hidden_layers

@@ -356,7 +356,7 @@ def test_load_logs_each_phase_with_device_and_dtype(tmp_path):
         "model.load.done",
         "model.shared_input.done",
         "model.pack.done",
-        *(["native.norms.done", "native.attention.done"] if own else []),
+        *(["native.norms.done", "native.activations.done", "native.attention.done"] if own else []),
     ]
     assert logs[1]["scheme"] == "none"
     done = logs[3]

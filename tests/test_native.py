@@ -390,7 +390,9 @@ def own_layer(scheme: str, *, bias: bool) -> SimpleNamespace:
         input_layernorm=norm(),
         post_attention_layernorm=norm(),
         self_attn=SimpleNamespace(q_proj=q_proj, k_proj=k_proj, v_proj=k_proj, o_proj=product(384, 96), head_dim=64),
-        mlp=SimpleNamespace(gate_proj=gate_proj, up_proj=gate_proj, down_proj=product(160, 96), act_fn=nn.SiLU()),
+        mlp=SimpleNamespace(
+            gate_proj=gate_proj, up_proj=gate_proj, down_proj=product(160, 96), act_fn=native.OwnSiLU()
+        ),
         qkv=product(96, 384 + 2 * 128),
         gate_up=product(96, 2 * 160),
     )
@@ -432,6 +434,9 @@ def test_layer_halves_are_ours_only_where_every_part_is():
     assert native.own_halves(layer, [layer.qkv, layer.qkv, layer.qkv], [layer.gate_up]) is None
     assert native.own_halves(layer, [layer.qkv], [nn.Linear(96, 320)]) is None
     layer.mlp.down_proj = nn.Linear(160, 96)
+    assert native.own_halves(layer, [layer.qkv], [layer.gate_up]) is None
+    layer = own_layer("int8", bias=False)
+    layer.mlp.act_fn = nn.SiLU()  # torch's, which rounds otherwise than ours
     assert native.own_halves(layer, [layer.qkv], [layer.gate_up]) is None
     layer = own_layer("int8", bias=False)
     layer.input_layernorm = LlamaRMSNorm(96)
@@ -477,3 +482,23 @@ def test_the_float_op_refuses_what_pack_float_weight_did_not_make():
         native.float_linear(torch.randn(2, 48), native.pack_float_weight(weight), None, out_features=40)
     with pytest.raises(RuntimeError, match="more outputs"):
         native.float_linear(torch.randn(2, 64), native.pack_float_weight(weight), None, out_features=64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("size", [1, 15, 16, 1536, 40000])
+def test_own_silu_gives_torchs_to_rounding_and_each_element_the_same_bits_anywhere(size):
+    inputs = torch.randn(size, generator=torch.Generator().manual_seed(size)) * 30
+    inputs[0] = -200.0
+    own = native.OwnSiLU()(inputs)
+    expected = torch.nn.functional.silu(inputs.double())
+    assert bool(((own.double() - expected).abs() <= 1e-6 * expected.abs() + 1e-30).all())
+    assert torch.equal(own[1:], native.OwnSiLU()(inputs[1:]))  # every element at another lane
+    assert torch.equal(own.view(1, -1), native.OwnSiLU()(inputs.view(1, -1)))
+
+
+@needs_kernel
+def test_own_activations_replace_silu_modules_only():
+    model = nn.Sequential(nn.SiLU(), nn.GELU(), nn.Sequential(nn.SiLU()))
+    assert native.use_own_activations(model) == 2
+    assert [type(m) for m in model] == [native.OwnSiLU, nn.GELU, nn.Sequential]
+    assert isinstance(model[2][0], native.OwnSiLU)

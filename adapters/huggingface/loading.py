@@ -185,7 +185,8 @@ def load_model(
         model, tokenizer = _load_directory(directory, source, torch_device, torch_dtype)
     prepare_linear_layers(model, quantization, pack=pack_weights)
     if torch_device.type == "cpu" and any(native.product_parts(module) for module in model.modules()):
-        native.use_own_norms(model)  # its products are ours (int8, int4, packed float32): its norms and attention too
+        native.use_own_norms(model)  # its products are ours (int8, int4, packed float32): norms, SiLU, attention too
+        native.use_own_activations(model)
         native.use_own_attention(model)
     return LoadedModel(model_id=source.model_id, model=model, tokenizer=tokenizer, quantization=quantization)
 

@@ -43,7 +43,6 @@ import attrs
 import structlog
 import torch
 from torch import nn
-from transformers import activations
 
 from adapters.huggingface import native
 from adapters.huggingface.engine import attention
@@ -59,8 +58,6 @@ log = structlog.get_logger(__name__)
 LAYER_PARTS = frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"})
 ATTENTION_PARTS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
 MLP_PARTS = frozenset({"gate_proj", "up_proj", "down_proj", "act_fn"})
-SILU = tuple(kind for kind in (nn.SiLU, getattr(activations, "SiLUActivation", None)) if kind is not None)
-"""The activations `native.own_halves` computes (torch's ``silu``): ``nn.SiLU``, and transformers' own class."""
 STACKED_PREFIX = "shared_input_"
 """Children `stack_shared_input_linears` adds beside the layers it stacks."""
 
@@ -358,7 +355,7 @@ class LayerPlan:
             scaling=attention_module.scaling,
             own=getattr(attention_module, native.OWN_ATTENTION, False),
         )
-        own = isinstance(mlp.act_fn, SILU) and native.own_halves(layer, attention_products, mlp_products)
+        own = native.own_halves(layer, attention_products, mlp_products)
         if own:
             return cls(parts, own[0], attend, attention_module, own[1], compiled=True, own=True)
         halves = (

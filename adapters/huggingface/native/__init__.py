@@ -42,6 +42,7 @@ import structlog
 import torch
 from torch import nn
 from torch.utils import cpp_extension
+from transformers import activations
 
 from adapters.huggingface.cpu_features import cpu_flags
 
@@ -404,15 +405,17 @@ def own_halves(
     """``layer``'s two halves around its attention as ops of our own, where every part is ours; else ``None``.
 
     ``attention_products``/``mlp_products``: the products the lean pass calls (one stacked q/k/v product, one stacked
-    gate/up product, else the parts themselves). Ours: both norms `OwnRMSNorm`, both products stacked, those and
-    ``o_proj`` and ``down_proj`` int8 or int4 layers on our kernels (`product_parts`), gate and up of one size, an
-    even head size. The caller checks that the activation is SiLU.
+    gate/up product, else the parts themselves). Ours: both norms `OwnRMSNorm`, the activation `OwnSiLU`, both
+    products stacked, those and ``o_proj`` and ``down_proj`` on our kernels (`product_parts`: int8, int4 or float32),
+    gate and up of one size, an even head size.
     """
     attention, down = layer.self_attn, layer.mlp.down_proj
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     products = (*attention_products, attention.o_proj, *mlp_products, down)
     stacked = len(attention_products) == len(mlp_products) == 1
     if not stacked or not all(isinstance(norm, OwnRMSNorm) for norm in norms):
+        return None
+    if not isinstance(layer.mlp.act_fn, OwnSiLU):
         return None
     if any(product_parts(product) is None for product in products) or attention.head_dim % 2:
         return None
@@ -423,6 +426,24 @@ def own_halves(
         OwnAttentionInput(norms[0], attention_products[0], sizes, attention.head_dim),
         OwnLayerOutput(attention.o_proj, norms[1], mlp_products[0], down),
     )
+
+
+class OwnSiLU(nn.Module):
+    """``x * sigmoid(x)`` through our ``silu`` kernel, standing in for a model's SiLU activations (`use_own_norms`).
+
+    The gated MLP of `OwnLayerOutput` computes the same bits; torch's ``silu`` differs from it in the last bits.
+    """
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` through SiLU, elementwise."""
+        outputs: torch.Tensor = torch.ops.hf_openai_server.silu(inputs)
+        return outputs
+
+
+SILU_CLASSES: tuple[type[nn.Module], ...] = tuple(
+    kind for kind in (nn.SiLU, getattr(activations, "SiLUActivation", None)) if kind is not None
+)
+"""The SiLU activations `OwnSiLU` stands in for: ``nn.SiLU``, and transformers' own class."""
 
 
 NORM_PROBE_BOUND = 1e-5
@@ -456,6 +477,24 @@ def use_own_norms(model: nn.Module) -> int:
     return replaced
 
 
+def use_own_activations(model: nn.Module) -> int:
+    """Replace each SiLU activation module of ``model`` (`SILU_CLASSES`, exactly) with an `OwnSiLU`; return how many.
+
+    For a model on the CPU whose products are ours, so that transformers' forward and `OwnLayerOutput` compute the
+    same gate (the kernels must be loaded).
+    """
+    found = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) in SILU_CLASSES
+    ]
+    for parent, name in found:
+        setattr(parent, name, OwnSiLU())
+    log.info("native.activations.done", replaced=len(found))
+    return len(found)
+
+
 def _norm_parts(module: nn.Module) -> tuple[nn.Parameter, float] | None:
     """A norm's float32 CPU weight (1-D) and ``variance_epsilon``, if ``module`` has both, else ``None``."""
     weight, epsilon = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
@@ -468,9 +507,11 @@ def _norm_parts(module: nn.Module) -> tuple[nn.Parameter, float] | None:
 
 __all__ = [
     "OWN_ATTENTION",
+    "SILU_CLASSES",
     "OwnAttentionInput",
     "OwnLayerOutput",
     "OwnRMSNorm",
+    "OwnSiLU",
     "attends",
     "float_linear",
     "int4_linear",
@@ -482,6 +523,7 @@ __all__ = [
     "pack_int8_weight",
     "product_parts",
     "unavailable",
+    "use_own_activations",
     "use_own_attention",
     "use_own_norms",
 ]

@@ -4,7 +4,8 @@
 // - int8_linear: each input row quantized to 8 bits with a scale of its own, multiplied with `vpdpbusd` against int8
 //   weights packed in panels of 16 output rows, scaled back to float32;
 // - int4_linear: 4-bit weights in q4_1's groups of 32, inputs quantized per group of 32, two `vpdpbusd` a 64 bytes;
-// - rms_norm: a Llama-style RMS norm of each row, in one pass where torch takes eight ops;
+// - float_linear: float32 weights in panels of 16 output rows, fused multiply-adds in input order;
+// - rms_norm: a Llama-style RMS norm of each row, in one pass where torch takes eight ops; silu;
 // - one_query_attention: one query position's attention, the query heads of a key head reading it once;
 // - attention_input, layer_output: a Llama-style layer's two halves around its attention, from the kernels above,
 //   in one op each.
@@ -478,6 +479,31 @@ __m512 exp16(__m512 x) {
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_mul_ps(p, _mm512_castsi512_ps(exponent)));
 }
 
+// x * sigmoid(x) as x / (1 + e^-x) for `n` floats, sixteen at a time (the last ones masked): every element takes the
+// same instructions wherever it lies, so a gate gets the same bits in `silu` and in `layer_output`.
+void silu_into(const float* x, int64_t n, float* out) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = static_cast<__mmask16>(i + 16 <= n ? 0xFFFF : (1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
+    _mm512_mask_storeu_ps(out + i, mask, _mm512_div_ps(v, _mm512_add_ps(one, e)));
+  }
+}
+
+at::Tensor silu(const at::Tensor& inputs) {
+  TORCH_CHECK(inputs.scalar_type() == at::kFloat, "silu: float32 inputs expected");
+  const at::Tensor x = inputs.contiguous();
+  at::Tensor out = at::empty_like(x);
+  const int64_t n = x.numel(), chunk = 16 * 1024;
+  const float* x_data = x.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  at::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) silu_into(x_data + c * chunk, std::min(chunk, n - c * chunk), out_data + c * chunk);
+  });
+  return out;
+}
+
 // One query position's attention, for every row and head: softmax(q . k * scaling) . v over a row's columns, those
 // its boolean mask leaves out skipped. query [rows, heads, 1, dim]; key, value [rows, key heads, columns, dim] (any
 // strides but the last); the query heads of a key head (`heads / key heads` of them, at most 8) read each key and
@@ -670,7 +696,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_input(
 }
 
 // A Llama-style decoder layer after its attention, as the lean pass's `LayerOutput` computes it: hidden + o(attended),
-// its norm, the stacked gate and up product, silu(gate) * up (torch's silu), the down product, and the residual.
+// its norm, the stacked gate and up product, silu(gate) * up (`silu`'s), the down product, and the residual.
 // hidden [rows, fed, hidden]; attended [rows, fed, heads, head_dim].
 at::Tensor layer_output(const at::Tensor& hidden, const at::Tensor& attended,
                         const c10::List<c10::optional<at::Tensor>>& o_product, const at::Tensor& norm_weight,
@@ -695,11 +721,17 @@ at::Tensor layer_output(const at::Tensor& hidden, const at::Tensor& attended,
   norm_rows(h, m, k, w, static_cast<float>(eps), normed.data_ptr<float>());
   at::Tensor both = at::empty({m, 2 * gate_size}, x.options());
   multiply(gate_up, normed.data_ptr<float>(), m, both.data_ptr<float>());
-  at::Tensor gated = at::silu(both.narrow(1, 0, gate_size));
-  gated.mul_(both.narrow(1, gate_size, gate_size));
+  at::Tensor gated = at::empty({m, gate_size}, x.options());
+  const float* b = both.data_ptr<float>();
+  float* g = gated.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r) {
+    silu_into(b + r * 2 * gate_size, gate_size, g + r * gate_size);
+    const float* up = b + r * 2 * gate_size + gate_size;
+    for (int64_t i = 0; i < gate_size; ++i) g[r * gate_size + i] = g[r * gate_size + i] * up[i];
+  }
   at::Tensor mlp = at::empty({m, k}, x.options());
   float* d = mlp.data_ptr<float>();
-  multiply(down, gated.data_ptr<float>(), m, d);
+  multiply(down, g, m, d);
   for (int64_t i = 0; i < m * k; ++i) h[i] = h[i] + d[i];
   return out;
 }
@@ -713,6 +745,7 @@ TORCH_LIBRARY(hf_openai_server, library) {
   library.def("int4_linear(Tensor inputs, Tensor weights, Tensor? bias, int out_features) -> Tensor");
   library.def("float_linear(Tensor inputs, Tensor weights, Tensor? bias, int out_features) -> Tensor");
   library.def("rms_norm(Tensor inputs, Tensor weight, float eps) -> Tensor");
+  library.def("silu(Tensor inputs) -> Tensor");
   library.def("one_query_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scaling) -> Tensor");
   library.def(
       "attention_input(Tensor hidden, Tensor norm_weight, float eps, Tensor?[] product, int out_features, Tensor cos, "
@@ -727,6 +760,7 @@ TORCH_LIBRARY_IMPL(hf_openai_server, CPU, library) {
   library.impl("int4_linear", &int4_linear);
   library.impl("float_linear", &float_linear);
   library.impl("rms_norm", &rms_norm);
+  library.impl("silu", &silu);
   library.impl("one_query_attention", &one_query_attention);
   library.impl("attention_input", &attention_input);
   library.impl("layer_output", &layer_output);
