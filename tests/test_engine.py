@@ -391,6 +391,14 @@ def test_the_cache_appends_in_place_and_survives_rows_being_replaced():
             assert torch.equal(layer.update(new_keys, new_values)[0], keys)
             keys, values = torch.cat([keys, keys]), torch.cat([values, values])
             layer.keys, layer.values = keys.clone(), values.clone()
+        if step % 7 == 3:  # a one-op decoding step: room for a column, written by the caller
+            grown_keys, grown_values = layer.grow(1)
+            new_keys, new_values = torch.randn(keys.shape[0], 3, 1, 4), torch.randn(values.shape[0], 3, 1, 4)
+            grown_keys[:, :, -1:], grown_values[:, :, -1:] = new_keys, new_values
+            keys, values = torch.cat([keys, new_keys], dim=2), torch.cat([values, new_values], dim=2)
+            assert torch.equal(layer.keys, keys)
+            assert torch.equal(layer.values, values)
+            assert layer.get_seq_length() == keys.shape[2]
 
 
 def test_the_engine_tunes_its_own_threads_and_decodes_the_same(model_dir, reference, prompts):

@@ -148,19 +148,28 @@ class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transforme
         """Write the new columns after the cached ones and return every cached column."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        keys, values = self._grown(new, key_states)
+        keys[:, :, -new:] = key_states
+        values[:, :, -new:] = value_states
+        return keys, values
+
+    def grow(self, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cached column and ``new`` more after them, for the caller to write (a cache that holds columns)."""
+        return self._grown(new, layer_kv(self)[0])
+
+    def _grown(self, new: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached columns and ``new`` unwritten ones, in buffers with room (``like``: rows, heads and head size)."""
         keys, values = layer_kv(self)
         used = self.get_seq_length()
-        new = key_states.shape[-2]
         views, buffers = self._views, self._buffers
         if views is None or buffers is None or views[0] is not keys or used + new > buffers[0].shape[-2]:
-            shape = (*key_states.shape[:2], used + new + self.SLACK_COLUMNS, key_states.shape[-1])
-            buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+            shape = (*like.shape[:2], used + new + self.SLACK_COLUMNS, like.shape[-1])
+            buffers = (like.new_empty(shape), like.new_empty(shape))
             if used:
                 buffers[0][:, :, :used] = keys
                 buffers[1][:, :, :used] = values
             self._buffers = buffers
-        buffers[0][:, :, used : used + new] = key_states
-        buffers[1][:, :, used : used + new] = value_states
         self.keys, self.values = buffers[0][:, :, : used + new], buffers[1][:, :, : used + new]
         self._views = (self.keys, self.values)
         return self.keys, self.values

@@ -48,7 +48,13 @@ from adapters.huggingface import native
 from adapters.huggingface.engine import attention
 from adapters.huggingface.shared_input import stacked_product
 from adapters.huggingface.torch_compat import children_watch, forward_hooks_watch, script
-from adapters.huggingface.transformers_compat import cache_layers, causal_mask, growing_cache, layer_kv
+from adapters.huggingface.transformers_compat import (
+    GrowingLayer,
+    cache_layers,
+    causal_mask,
+    growing_cache,
+    layer_kv,
+)
 
 if TYPE_CHECKING:
     from transformers import DynamicCache, PreTrainedModel
@@ -110,6 +116,10 @@ class LeanDecoder:
         """How many layers run as ops of our own kernels (`LayerPlan.own`)."""
         return sum(plan.own for plan in self._layers)
 
+    def one_op_steps(self) -> bool:
+        """Whether a decoding step takes one op a layer (`LayerPlan.step`), where the cache holds columns."""
+        return all(plan.step is not None for plan in self._planned())
+
     @classmethod
     def for_model(
         cls, model: PreTrainedModel, reference: ModelStep, prefill_reference: ModelPass | None = None
@@ -139,6 +149,7 @@ class LeanDecoder:
                     layers=len(decoder.model.model.layers),
                     compiled_layers=decoder.compiled_layers(),
                     own_layers=decoder.own_layers(),
+                    one_op_steps=decoder.one_op_steps(),
                     prefills=decoder.prefills,
                     **({} if prefill_reason is None else {"prefill_unavailable": prefill_reason}),
                 )
@@ -157,6 +168,9 @@ class LeanDecoder:
         """
         inner = self.model.model
         attention_mask = step_attention_mask(mask, ids.shape[1])
+        if ids.shape[1] == 1 and self._stepped(cache):
+            hidden = self._step_layers(inner.embed_tokens(ids), positions, cache, attention_mask)
+            return cast("torch.Tensor", self.model.get_output_embeddings()(inner.norm(hidden)))
 
         def attend(layer: LayerPlan, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
             return attention.each_query(queries, keys, values, attention_mask, layer.attend)
@@ -205,6 +219,26 @@ class LeanDecoder:
             queries, keys, values = layer.attention_input(hidden, *angles)
             keys, values = cache_layer.update(keys, values)
             hidden = layer.output(hidden, attend(layer, queries, keys, values))
+        return hidden
+
+    def _stepped(self, cache: DynamicCache) -> bool:
+        """Whether a decoding step goes through every layer's one-op step (`LayerPlan.step`) into ``cache``."""
+        return self.one_op_steps() and all(
+            isinstance(layer, GrowingLayer) and layer.get_seq_length() for layer in cache_layers(cache)
+        )
+
+    def _step_layers(
+        self, hidden: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """A decoding step's embeddings ``hidden`` through every layer's one-op step.
+
+        The new keys and values go into ``cache``'s columns `GrowingLayer.grow` adds.
+        """
+        cos, sin = self.model.model.rotary_emb(hidden, positions)
+        angles = cos.unsqueeze(2), signed_sines(sin).unsqueeze(2)
+        for plan, cache_layer in zip(self._layers, cache_layers(cache), strict=True):
+            columns = cast("GrowingLayer", cache_layer).grow(1)
+            hidden = cast("native.OwnDecodingStep", plan.step)(hidden, angles, columns, mask)
         return hidden
 
     def _planned(self) -> tuple[LayerPlan, ...]:
@@ -319,6 +353,8 @@ class LayerPlan:
     (a LoRA wrapper, say) keeps both in Python."""
     own: bool = False
     """Whether both halves are ops of our own kernels (`native.own_halves`), which need no compiling."""
+    step: native.OwnDecodingStep | None = None
+    """A decoding step's halves and attention in one op (`native.own_step`), where the halves and attention are ours."""
 
     @staticmethod
     def parts_of(layer: Any) -> tuple[nn.Module, ...]:  # noqa: ANN401  a Llama-style decoder layer
@@ -357,7 +393,8 @@ class LayerPlan:
         )
         own = native.own_halves(layer, attention_products, mlp_products)
         if own:
-            return cls(parts, own[0], attend, attention_module, own[1], compiled=True, own=True)
+            step = native.own_step(own, attention_module)
+            return cls(parts, own[0], attend, attention_module, own[1], compiled=True, own=True, step=step)
         halves = (
             AttentionInput(layer.input_layernorm, attention_products, attention_module),
             LayerOutput(attention_module.o_proj, layer.post_attention_layernorm, mlp_products, mlp),

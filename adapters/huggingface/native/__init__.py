@@ -397,6 +397,73 @@ class OwnLayerOutput(nn.Module):
         return output
 
 
+class OwnDecodingStep:
+    """A decoding step of a layer whose halves are ours (`own_halves`) and whose attention is our kernel's: one op.
+
+    ``decode_layer`` runs `OwnAttentionInput`, writes the new keys and values into the cache's last column, attends
+    with ``one_query_attention`` and runs `OwnLayerOutput`: the lean pass's calls, in the same order, without Python
+    between them.
+    """
+
+    def __init__(self, attention_input: OwnAttentionInput, output: OwnLayerOutput, scaling: float) -> None:
+        self.attention_input = attention_input
+        self.output = output
+        self.scaling = scaling
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        angles: tuple[torch.Tensor, torch.Tensor],
+        columns: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The layer's output for ``hidden`` (``[rows, 1, hidden]``).
+
+        ``angles``: the rotary cosines and signed sines, as `OwnAttentionInput` takes them; ``columns``: the cache's
+        keys and values, every column, the new one last (written here); ``mask``: boolean ``[rows, 1, 1, columns]``
+        or ``None``, as `attends` takes it.
+        """
+        (cos, sin), (keys, values) = angles, columns
+        first, second = self.attention_input, self.output
+        output: torch.Tensor = torch.ops.hf_openai_server.decode_layer.default(
+            hidden,
+            first.norm.weight,
+            first.norm.variance_epsilon,
+            product_parts(first.product),
+            first.product.out_features,
+            cos,
+            sin,
+            first.queries_size,
+            first.keys_size,
+            first.head_dim,
+            keys,
+            values,
+            mask,
+            self.scaling,
+            product_parts(second.o_proj),
+            second.norm.weight,
+            second.norm.variance_epsilon,
+            product_parts(second.gate_up),
+            second.gate_size,
+            product_parts(second.down_proj),
+        )
+        return output
+
+
+def own_step(halves: tuple[OwnAttentionInput, OwnLayerOutput], attention: Any) -> OwnDecodingStep | None:  # noqa: ANN401
+    """A layer's decoding step in one op (`OwnDecodingStep`) where its attention block takes our kernel, else ``None``.
+
+    The block must be marked (`use_own_attention`), with a float ``scaling``, and of shapes `attends` takes (a head
+    size that is a multiple of 16 up to 256, at most 8 query heads a key head).
+    """
+    head_dim, groups, scaling = attention.head_dim, attention.num_key_value_groups, attention.scaling
+    if not getattr(attention, OWN_ATTENTION, False) or not isinstance(scaling, float):
+        return None
+    if head_dim % 16 or head_dim > 256 or groups > 8:  # noqa: PLR2004  the kernel's registers
+        return None
+    return OwnDecodingStep(*halves, scaling)
+
+
 def own_halves(
     layer: Any,  # noqa: ANN401  a Llama-style decoder layer
     attention_products: list[nn.Module],
@@ -509,6 +576,7 @@ __all__ = [
     "OWN_ATTENTION",
     "SILU_CLASSES",
     "OwnAttentionInput",
+    "OwnDecodingStep",
     "OwnLayerOutput",
     "OwnRMSNorm",
     "OwnSiLU",
@@ -518,6 +586,7 @@ __all__ = [
     "int8_linear",
     "one_query_attention",
     "own_halves",
+    "own_step",
     "pack_float_weight",
     "pack_int4_weight",
     "pack_int8_weight",

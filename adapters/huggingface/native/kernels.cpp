@@ -8,7 +8,7 @@
 // - rms_norm: a Llama-style RMS norm of each row, in one pass where torch takes eight ops; silu;
 // - one_query_attention: one query position's attention, the query heads of a key head reading it once;
 // - attention_input, layer_output: a Llama-style layer's two halves around its attention, from the kernels above,
-//   in one op each.
+//   in one op each; decode_layer: both and the attention between them, for a decoding step.
 //
 // Each row goes through the same instructions whatever the other rows hold or how many there are (integer sums are
 // exact, the scaling is per element, a row's norm is summed by one thread), so a token gets the same numbers alone,
@@ -736,6 +736,31 @@ at::Tensor layer_output(const at::Tensor& hidden, const at::Tensor& attended,
   return out;
 }
 
+// One decoding step of a Llama-style layer, one new position a row: `attention_input`, the new keys and values
+// written into the last column of `keys` and `values` (the cache's columns, that one included), `one_query_attention`
+// over them under `mask`, then `layer_output`: the same functions in the same order as the lean pass's halves and
+// attention call, in one op.
+at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& input_norm, double input_eps,
+                        const c10::List<c10::optional<at::Tensor>>& qkv_product, int64_t qkv_out, const at::Tensor& cos,
+                        const at::Tensor& sin, int64_t queries_size, int64_t keys_size, int64_t head_dim,
+                        const at::Tensor& keys, const at::Tensor& values, const c10::optional<at::Tensor>& mask,
+                        double scaling, const c10::List<c10::optional<at::Tensor>>& o_product,
+                        const at::Tensor& post_norm, double post_eps,
+                        const c10::List<c10::optional<at::Tensor>>& gate_up_product, int64_t gate_size,
+                        const c10::List<c10::optional<at::Tensor>>& down_product) {
+  TORCH_CHECK(hidden.dim() == 3 && hidden.size(1) == 1, "decode_layer: one new position a row expected");
+  TORCH_CHECK(keys.dim() == 4 && values.dim() == 4 && keys.size(2) >= 1 && keys.sizes() == values.sizes() &&
+                  keys.size(0) == hidden.size(0) && keys.size(1) * head_dim == keys_size && keys.size(3) == head_dim,
+              "decode_layer: the cache's keys and values of the rows, the new column last, expected");
+  const auto [queries, new_keys, new_values] = attention_input(hidden, input_norm, input_eps, qkv_product, qkv_out,
+                                                               cos, sin, queries_size, keys_size, head_dim);
+  const int64_t last = keys.size(2) - 1;
+  keys.narrow(2, last, 1).copy_(new_keys);
+  values.narrow(2, last, 1).copy_(new_values);
+  const at::Tensor attended = one_query_attention(queries, keys, values, mask, scaling);
+  return layer_output(hidden, attended, o_product, post_norm, post_eps, gate_up_product, gate_size, down_product);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hf_openai_server, library) {
@@ -753,6 +778,11 @@ TORCH_LIBRARY(hf_openai_server, library) {
   library.def(
       "layer_output(Tensor hidden, Tensor attended, Tensor?[] o_product, Tensor norm_weight, float eps, "
       "Tensor?[] gate_up_product, int gate_size, Tensor?[] down_product) -> Tensor");
+  library.def(
+      "decode_layer(Tensor hidden, Tensor input_norm, float input_eps, Tensor?[] qkv_product, int qkv_out, Tensor cos, "
+      "Tensor sin, int queries_size, int keys_size, int head_dim, Tensor(a!) keys, Tensor(b!) values, Tensor? mask, "
+      "float scaling, Tensor?[] o_product, Tensor post_norm, float post_eps, Tensor?[] gate_up_product, "
+      "int gate_size, Tensor?[] down_product) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hf_openai_server, CPU, library) {
@@ -764,4 +794,5 @@ TORCH_LIBRARY_IMPL(hf_openai_server, CPU, library) {
   library.impl("one_query_attention", &one_query_attention);
   library.impl("attention_input", &attention_input);
   library.impl("layer_output", &layer_output);
+  library.impl("decode_layer", &decode_layer);
 }
