@@ -46,6 +46,12 @@ LINEAR_OPS = (
     "aten::_weight_int4pack_mm_for_cpu",  # int4
     "hf_openai_server::int8_linear",  # int8 and int4, our kernels (adapters/huggingface/native)
     "hf_openai_server::int4_linear",
+    "hf_openai_server::float_linear",
+)
+LAYER_OPS = (  # a layer's halves, or a decoding step's whole layer, in one op of ours
+    "hf_openai_server::attention_input",
+    "hf_openai_server::layer_output",
+    "hf_openai_server::decode_layer",
 )
 HEAD_RANGE = "output projection"
 ATTENTION_OPS = (
@@ -125,7 +131,7 @@ def op_times(forward: Any, batch: int, context: int, steps: int = 8) -> dict[str
     dispatch (the profiler's own cost per op makes that an underestimate).
     """
     ids = torch.randint(100, 10000, (batch, context + 2 * steps))
-    kinds = {"wall": 0.0, "linear": 0.0, "head": 0.0, "attention": 0.0, "other ops": 0.0}
+    kinds = {"wall": 0.0, "linear": 0.0, "head": 0.0, "attention": 0.0, "layer ops": 0.0, "other ops": 0.0}
     model = forward.model
     head = model.get_output_embeddings()
     ranges: list[Any] = []
@@ -157,7 +163,7 @@ def op_times(forward: Any, batch: int, context: int, steps: int = 8) -> dict[str
         if event.key in LINEAR_OPS:
             kind = "head" if in_range(event, HEAD_RANGE) else "linear"
         else:
-            kind = "attention" if event.key in ATTENTION_OPS else "other ops"
+            kind = "attention" if event.key in ATTENTION_OPS else "layer ops" if event.key in LAYER_OPS else "other ops"
         kinds[kind] += event.self_cpu_time_total / 1000 / steps
     return kinds
 
@@ -207,6 +213,7 @@ def profile_batch(loaded: Any, batch: int, tokens: int) -> dict[str, float]:  # 
         "  linear layers (weight reads)": ops["linear"],
         "  output projection (vocabulary rows)": ops["head"],
         "  attention (sdpa)": ops["attention"],
+        "  our layer ops (their products, attention and the rest)": ops["layer ops"],
         "  other ops (norms, rotary, activations, copies)": ops["other ops"],
         "  Python and dispatch (wall - ops)": max(0.0, ops["wall"] - in_ops),
         "processors, sampling, hand-off (advance)": advance_ms,
