@@ -80,7 +80,8 @@ class ServerSettings:
     weights alike (`adapters.huggingface.engine.attention`), so the output is the one without speculation.
     """
     pack_weights: bool = True
-    """On the CPU, reorder linear weights once for oneDNN's kernels (see ``adapters.huggingface.packing``)."""
+    """On the CPU, reorder float linear weights once for our kernels where they build, else oneDNN's (see
+    ``adapters.huggingface.packing``); off keeps torch's layers and transformers' norms and attention."""
     quantize: str | None = None
     """``none``, ``int8`` or ``int4`` linear layers; ``None``: a quantized GGUF on the CPU at its width (int4 or int8,
     `resolve_quantization`), else none."""

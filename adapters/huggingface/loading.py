@@ -155,7 +155,8 @@ def load_model(
     ("model.resolve", "model.quantize.choice", "model.convert.start/done", "model.load.start/done").
     ``quantize``: "none", "int8", "int4", or None to follow the file (a quantized GGUF is served as int8 on the CPU
     unless ``dtype`` is given; see `resolve_quantization`). ``pack_weights``: on the CPU, reorder the float linear
-    layers' weights for oneDNN, which decodes faster (`prepare_linear_layers` decides which layers get which).
+    layers' weights for our kernels or oneDNN's, which decode faster (`prepare_linear_layers` decides which layers
+    get which). A CPU model whose products are then ours takes our norms, SiLU and attention too (`native`).
     Loading runs on a thread of its own (`on_own_thread`), so the OpenMP team its parallel work starts ends with it
     instead of slowing the engine's.
 

@@ -284,7 +284,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         dest="pack_weights",
         default=DEFAULTS.pack_weights,
-        help="on the CPU, multiply with torch's own linear layers instead of oneDNN-prepacked weights",
+        help="on the CPU, multiply float weights with torch's own linear layers (and keep transformers' norms and "
+        "attention) instead of prepacked weights (our kernels where they build, else oneDNN's)",
     )
     group.add_argument(
         "--quantize",
