@@ -4,6 +4,11 @@ int4 to rounding, every row the same bits alone or in a batch; norms, attention 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +17,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from adapters.huggingface import native
+from adapters.huggingface.cpu_features import cpu_flags
 from adapters.huggingface.engine.decoder import AttentionInput, LayerOutput, signed_sines
 from adapters.huggingface.loading import load_model
 from adapters.huggingface.packing import OwnPackedLinear
@@ -107,7 +113,14 @@ def test_the_kernel_keeps_every_leading_dimension_and_takes_no_rows():
 
 @needs_kernel
 @pytest.mark.parametrize(
-    "build", [NativeInt8Linear, NativeInt4Linear, lambda linear: native.OwnRMSNorm(linear.bias, 1e-6)]
+    "build",
+    [
+        NativeInt8Linear,
+        NativeInt4Linear,
+        functools.partial(OwnPackedLinear, keep_weight=False),
+        lambda linear: native.OwnRMSNorm(linear.bias, 1e-6),
+        lambda _: native.OwnSiLU(),
+    ],
 )
 def test_the_layers_compile_with_torchscript_and_give_the_same_bits(build):
     layer = build(nn.Linear(64, 64))
@@ -503,3 +516,79 @@ def test_own_activations_replace_silu_modules_only():
     assert native.use_own_activations(model) == 2
     assert [type(m) for m in model] == [native.OwnSiLU, nn.GELU, nn.Sequential]
     assert isinstance(model[2][0], native.OwnSiLU)
+
+
+AVX2_RUN = """
+import json, sys, torch
+from adapters.huggingface import native
+from adapters.huggingface.loading import load_model
+from adapters.huggingface.packing import OwnPackedLinear
+
+state = {"full": native.unavailable(), "float": native.float_unavailable()}  # loads the AVX2 library
+generator = torch.Generator().manual_seed(4)
+weight, bias = torch.randn(90, 576, generator=generator), torch.randn(90, generator=generator)
+inputs = torch.randn(5, 576, generator=generator)
+packed = native.pack_float_weight(weight)
+outputs = native.float_linear(inputs, packed, bias, out_features=90)
+torch.save(outputs, sys.argv[2])
+model = load_model(sys.argv[1], device="cpu").model
+plain = load_model(sys.argv[1], device="cpu", pack_weights=False).model
+ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
+with torch.inference_mode():
+    ours = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    theirs = plain.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+from adapters.huggingface.engine import attention
+from adapters.huggingface.engine.decoder import LeanDecoder
+from adapters.huggingface.engine.forward import Forward
+attention.install()
+forward = Forward(model)
+decoder = LeanDecoder.for_model(model, forward.model_step, forward.model_pass)
+print(json.dumps({
+    **state,
+    "lean": None if decoder is None else [decoder.compiled_layers(), decoder.own_layers(), decoder.one_op_steps()],
+    "own_layers": type(model.lm_head) is OwnPackedLinear,
+    "own_norms": isinstance(model.model.norm, native.OwnRMSNorm),
+    "rows_alone": all(
+        torch.equal(native.float_linear(inputs[i : i + 1], packed, bias, out_features=90), outputs[i : i + 1])
+        for i in range(5)
+    ),
+    "greedy_same": ours.tolist() == theirs.tolist(),
+}))
+"""
+
+
+@pytest.mark.skipif(
+    not {"avx2", "fma"} <= (cpu_flags() or frozenset()) or shutil.which(os.environ.get("CXX", "g++")) is None,
+    reason="no AVX2 and FMA, or no compiler",
+)
+def test_an_avx2_cpu_takes_our_float_product_alone_and_it_gives_the_avx512_bits(tmp_path):
+    """``HF_OPENAI_SERVER_NATIVE=avx2`` (what a CPU without AVX-512 VNNI gets): float32 layers on our AVX2 product,
+    transformers' norms; a row the same alone; greedy output as torch's; the same bits as the AVX-512 product."""
+    directory = build_tiny_model(tmp_path / "tiny")
+    saved = tmp_path / "outputs.pt"
+    environment = {**os.environ, native.DISABLE: native.ONLY_AVX2}
+    run = subprocess.run(
+        [sys.executable, "-c", AVX2_RUN, str(directory), str(saved)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found == {
+        "full": f"{native.DISABLE}={native.ONLY_AVX2}",
+        "float": None,
+        "lean": [2, 0, False],  # the TorchScript halves over our float product, transformers' norms and attention
+        "own_layers": True,
+        "own_norms": False,
+        "rows_alone": True,
+        "greedy_same": True,
+    }
+    if native.unavailable() is None:
+        generator = torch.Generator().manual_seed(4)
+        weight, bias = torch.randn(90, 576, generator=generator), torch.randn(90, generator=generator)
+        inputs = torch.randn(5, 576, generator=generator)
+        expected = native.float_linear(inputs, native.pack_float_weight(weight), bias, out_features=90)
+        assert torch.equal(torch.load(saved), expected)

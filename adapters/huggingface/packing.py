@@ -110,8 +110,11 @@ PACKED_LAYERS = (PackedLinear, OwnPackedLinear)
 
 
 def own_packing(dtype: torch.dtype) -> bool:
-    """Whether float layers of ``dtype`` take our own kernel (`OwnPackedLinear`): float32, where our kernels build."""
-    return dtype == torch.float32 and native.unavailable() is None
+    """Whether float layers of ``dtype`` take our own kernel (`OwnPackedLinear`).
+
+    float32, where our kernel builds: AVX-512 VNNI's library, or AVX2's (`native.float_unavailable`).
+    """
+    return dtype == torch.float32 and native.float_unavailable() is None
 
 
 @functools.cache

@@ -63,7 +63,14 @@ PANEL = 16
 GROUP = 4
 """Inputs per ``vpdpbusd`` lane: the packed weights' inner dimension."""
 DISABLE = "HF_OPENAI_SERVER_NATIVE"
-"""Set to ``0`` to keep torch's own kernels."""
+"""Set to ``0`` to keep torch's own kernels, to ``avx2`` to take only the float32 product built for AVX2
+(`ONLY_AVX2`)."""
+ONLY_AVX2 = "avx2"
+"""``HF_OPENAI_SERVER_NATIVE=avx2``: the AVX2 library alone (``kernels_avx2.cpp``), even where ``kernels.cpp`` builds:
+what an AVX2-only CPU runs, on this one."""
+AVX2_SOURCE = Path(__file__).with_name("kernels_avx2.cpp")
+AVX2_FEATURES = frozenset({"avx2", "fma"})
+AVX2_ARCHITECTURE_FLAGS = ("-mavx2", "-mfma")
 
 
 _loading = threading.Lock()
@@ -79,13 +86,9 @@ def unavailable() -> str | None:
     """
     with _loading:
         started = time.perf_counter()
-        reason = _unavailable()
+        reason = _unavailable(FEATURES, refused=("0", ONLY_AVX2))
         if reason is None:
-            try:
-                torch.ops.load_library(str(_built()))  # type: ignore[no-untyped-call]  # torch leaves it unannotated
-                torch.ops.hf_openai_server.one_query_attention  # noqa: B018  raises unless the library registered it
-            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
-                reason = f"{type(error).__name__}: {str(error).strip()[-500:]}"
+            reason = _loaded(SOURCE, ARCHITECTURE_FLAGS, "one_query_attention")
         if reason is None:
             log.info("native.kernels.ready", seconds=round(time.perf_counter() - started, 2))
         else:
@@ -93,12 +96,57 @@ def unavailable() -> str | None:
         return reason
 
 
-def _unavailable() -> str | None:
-    """Why the kernels cannot be built here, before trying; ``None`` when they may be."""
+@functools.cache
+def float_unavailable() -> str | None:
+    """Why our float32 product (``float_linear``) is not there, or ``None`` once it is.
+
+    ``kernels.cpp`` has it (`unavailable` is ``None``). Else, on a CPU with AVX2 and FMA, a library of it alone is
+    built from ``kernels_avx2.cpp`` and loaded (logged as ``native.float_kernel.ready``, or ``.unavailable`` with the
+    reason): such CPUs keep torch's norms, attention and quantized products, and take our float32 product.
+    """
+    if unavailable() is None or _registered("float_linear"):
+        return None
+    with _loading:
+        started = time.perf_counter()
+        reason = _unavailable(AVX2_FEATURES, refused=("0",))
+        if reason is None:
+            reason = _loaded(AVX2_SOURCE, AVX2_ARCHITECTURE_FLAGS, "float_linear")
+        if reason is None:
+            log.info("native.float_kernel.ready", seconds=round(time.perf_counter() - started, 2), isa="AVX2")
+        else:
+            log.info("native.float_kernel.unavailable", reason=reason)
+        return reason
+
+
+def _registered(op: str) -> bool:
+    """Whether ``torch.ops.hf_openai_server`` holds ``op`` (a library of ours is loaded in this process)."""
+    try:
+        getattr(torch.ops.hf_openai_server, op)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _loaded(source: Path, architecture: tuple[str, ...], op: str) -> str | None:
+    """Build (unless built) and load ``source``'s library; why that failed, or ``None`` once ``op`` is registered."""
+    try:
+        torch.ops.load_library(str(_built(source, architecture)))  # type: ignore[no-untyped-call]  # unannotated
+        getattr(torch.ops.hf_openai_server, op)  # raises unless the library registered it
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
+        return f"{type(error).__name__}: {str(error).strip()[-500:]}"
+    return None
+
+
+def _unavailable(features: frozenset[str], *, refused: tuple[str, ...]) -> str | None:
+    """Why a library for ``features`` cannot be built here, before trying; ``None`` when it may be.
+
+    ``refused``: the values of `DISABLE` that turn it off.
+    """
     flags = cpu_flags()
-    missing = sorted(FEATURES - (flags or frozenset()))
-    if os.environ.get(DISABLE, "").strip() == "0":
-        return f"{DISABLE}=0"
+    missing = sorted(features - (flags or frozenset()))
+    setting = os.environ.get(DISABLE, "").strip().lower()
+    if setting in refused:
+        return f"{DISABLE}={setting}"
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
     if _compiler() is None:
@@ -110,8 +158,8 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def _built() -> Path:
-    """The kernels' shared library, compiled now unless a build of this very source and setup is there."""
+def _built(source: Path, architecture: tuple[str, ...]) -> Path:
+    """``source``'s shared library, compiled now unless a build of this very source and setup is there."""
     compiler = _compiler()
     if compiler is None:
         msg = "no C++ compiler"
@@ -119,10 +167,11 @@ def _built() -> Path:
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     libraries = [flag for path in cpp_extension.library_paths() for flag in (f"-L{path}", f"-Wl,-rpath,{path}")]
-    command = [compiler, *FLAGS, *ARCHITECTURE_FLAGS, abi, *includes, str(SOURCE), *libraries, "-lc10", "-ltorch_cpu"]
+    command = [compiler, *FLAGS, *architecture, abi, *includes, str(source), *libraries, "-lc10", "-ltorch_cpu"]
     setup = _digest(torch.__version__, *command)  # this torch, compiler, paths: another virtual env builds its own
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    library = folder / f"hf_openai_server_kernels_{setup}_{_digest(SOURCE.read_text())}.so"
+    name = f"hf_openai_server_{source.stem}"
+    library = folder / f"{name}_{setup}_{_digest(source.read_text())}.so"
     if library.exists():
         return library
     folder.mkdir(parents=True, exist_ok=True)
@@ -132,7 +181,7 @@ def _built() -> Path:
             [*command, "-o", str(partial)], check=True, capture_output=True, text=True, timeout=BUILD_SECONDS
         )
         partial.replace(library)
-    for stale in folder.glob(f"hf_openai_server_kernels_{setup}_*.so"):  # this setup's earlier sources
+    for stale in folder.glob(f"{name}_{setup}_*.so"):  # this setup's earlier sources
         if stale != library:
             stale.unlink(missing_ok=True)  # a process that loaded it keeps it mapped
     return library
@@ -582,6 +631,7 @@ __all__ = [
     "OwnSiLU",
     "attends",
     "float_linear",
+    "float_unavailable",
     "int4_linear",
     "int8_linear",
     "one_query_attention",
