@@ -33,6 +33,13 @@ constexpr int64_t kPanel = 16;  // output rows per panel: one 512-bit register o
 constexpr int64_t kGroup = 4;   // inputs per vpdpbusd lane
 constexpr int64_t kRows = 4;    // input rows per micro-kernel
 
+// One row's sums of one panel into its outputs `start` to `start + 16` (those below `n`), the bias (if any) added.
+inline void store_panel(__m512 sums, const float* bias, int64_t start, int64_t n, float* out) {
+  const __mmask16 mask = static_cast<__mmask16>(start + kPanel <= n ? 0xFFFF : (1u << (n - start)) - 1);
+  const __m512 added = bias ? _mm512_add_ps(sums, _mm512_maskz_loadu_ps(mask, bias + start)) : sums;
+  _mm512_mask_storeu_ps(out + start, mask, added);
+}
+
 // Each input row to unsigned 8 bits: round(x * 127 / max|x|) + 128 (to nearest, ties to even), and its scale
 // max|x| / 127. Sixteen inputs at a time, the rest one by one: both round the same product the same way.
 void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t padded, uint8_t* codes, float* scales) {
@@ -84,14 +91,12 @@ void micro_kernel(const uint8_t* codes, int64_t padded, const float* row_scales,
   for (int p = 0; p < panels; ++p) {
     const int64_t start = n0 + p * kPanel;
     if (start >= n) break;
-    const __mmask16 mask = static_cast<__mmask16>(start + kPanel <= n ? 0xFFFF : (1u << (n - start)) - 1);
     const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(sums + start), 7);  // 128 * each row's weight sum
     const __m512 weight_scale = _mm512_loadu_ps(scales + start);
-    const __m512 added = bias ? _mm512_maskz_loadu_ps(mask, bias + start) : _mm512_setzero_ps();
     for (int r = 0; r < rows; ++r) {
       const __m512 exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][p], offset));
       const __m512 scaled = _mm512_mul_ps(exact, _mm512_mul_ps(_mm512_set1_ps(row_scales[r]), weight_scale));
-      _mm512_mask_storeu_ps(out + r * n + start, mask, bias ? _mm512_add_ps(scaled, added) : scaled);
+      store_panel(scaled, bias, start, n, out + r * n);
     }
   }
 }
@@ -209,14 +214,8 @@ void int4_micro_kernel(const int8_t* codes, int64_t k, const float* group_scales
       }
     }
   }
-  for (int p = 0; p < panels; ++p) {
-    const int64_t start = n0 + p * kPanel;
-    if (start >= n) break;
-    const __mmask16 mask = static_cast<__mmask16>(start + kPanel <= n ? 0xFFFF : (1u << (n - start)) - 1);
-    const __m512 added = bias ? _mm512_maskz_loadu_ps(mask, bias + start) : _mm512_setzero_ps();
-    for (int r = 0; r < rows; ++r)
-      _mm512_mask_storeu_ps(out + r * n + start, mask, bias ? _mm512_add_ps(total[r][p], added) : total[r][p]);
-  }
+  for (int p = 0; p < panels && n0 + p * kPanel < n; ++p)
+    for (int r = 0; r < rows; ++r) store_panel(total[r][p], bias, n0 + p * kPanel, n, out + r * n);
 }
 
 template <int rows>
@@ -246,14 +245,8 @@ void float_micro_kernel(const float* x, int64_t k, const float* weights, const f
       for (int p = 0; p < panels; ++p) acc[r][p] = _mm512_fmadd_ps(input, w[p], acc[r][p]);
     }
   }
-  for (int p = 0; p < panels; ++p) {
-    const int64_t start = n0 + p * kPanel;
-    if (start >= n) break;
-    const __mmask16 mask = static_cast<__mmask16>(start + kPanel <= n ? 0xFFFF : (1u << (n - start)) - 1);
-    const __m512 added = bias ? _mm512_maskz_loadu_ps(mask, bias + start) : _mm512_setzero_ps();
-    for (int r = 0; r < rows; ++r)
-      _mm512_mask_storeu_ps(out + r * n + start, mask, bias ? _mm512_add_ps(acc[r][p], added) : acc[r][p]);
-  }
+  for (int p = 0; p < panels && n0 + p * kPanel < n; ++p)
+    for (int r = 0; r < rows; ++r) store_panel(acc[r][p], bias, n0 + p * kPanel, n, out + r * n);
 }
 
 template <int rows>
@@ -317,6 +310,19 @@ Product int8_product(const at::Tensor& weights, const at::Tensor& sums, const at
   return product;
 }
 
+// A product its weights describe alone (int4, float32): no padded inputs, no sums or scales beside them.
+Product weights_only_product(Product::Kind kind, const at::Tensor& weights, const float* bias, int64_t k,
+                             int64_t out_features) {
+  Product product;
+  product.kind = kind;
+  product.weights = weights.data_ptr();
+  product.bias = bias;
+  product.k = product.padded = k;
+  product.panels = weights.size(0);
+  product.out = out_features;
+  return product;
+}
+
 Product int4_product(const at::Tensor& weights, const c10::optional<at::Tensor>& bias, int64_t k,
                      int64_t out_features) {
   TORCH_CHECK(k % kInt4Group == 0, "int4_linear: inputs of a multiple of 32 features expected");
@@ -324,14 +330,7 @@ Product int4_product(const at::Tensor& weights, const c10::optional<at::Tensor>&
                   weights.size(2) == kInt4Block && weights.is_contiguous(),
               "int4_linear: weights packed by pack_int4_weight for ", k, " features expected");
   TORCH_CHECK(out_features <= weights.size(0) * kPanel, "int4_linear: more outputs than the packed weights have");
-  Product product;
-  product.kind = Product::kInt4;
-  product.weights = weights.data_ptr<uint8_t>();
-  product.bias = bias_of(bias, out_features, "int4_linear");
-  product.k = product.padded = k;
-  product.panels = weights.size(0);
-  product.out = out_features;
-  return product;
+  return weights_only_product(Product::kInt4, weights, bias_of(bias, out_features, "int4_linear"), k, out_features);
 }
 
 Product float_product(const at::Tensor& weights, const c10::optional<at::Tensor>& bias, int64_t k,
@@ -340,14 +339,7 @@ Product float_product(const at::Tensor& weights, const c10::optional<at::Tensor>
                   weights.size(2) == kPanel && weights.is_contiguous(),
               "float_linear: weights packed by pack_float_weight for ", k, " features expected");
   TORCH_CHECK(out_features <= weights.size(0) * kPanel, "float_linear: more outputs than the packed weights have");
-  Product product;
-  product.kind = Product::kFloat;
-  product.weights = weights.data_ptr<float>();
-  product.bias = bias_of(bias, out_features, "float_linear");
-  product.k = product.padded = k;
-  product.panels = weights.size(0);
-  product.out = out_features;
-  return product;
+  return weights_only_product(Product::kFloat, weights, bias_of(bias, out_features, "float_linear"), k, out_features);
 }
 
 void multiply_float(const Product& product, const float* x, int64_t m, float* out) {
@@ -432,31 +424,33 @@ void multiply(const Product& product, const float* x, int64_t m, float* out) {
   });
 }
 
-at::Tensor int8_linear(const at::Tensor& inputs, const at::Tensor& weights, const at::Tensor& sums,
-                       const at::Tensor& scales, const c10::optional<at::Tensor>& bias, int64_t out_features) {
-  TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "int8_linear: float32 inputs expected");
-  const Product product = int8_product(weights, sums, scales, bias, inputs.size(-1), out_features);
-  const auto [x, out] = rows_and_output(inputs, product.k, out_features);
+// The inputs' features (their last size), once they are checked to be float32 rows.
+int64_t features_of(const at::Tensor& inputs, const char* op) {
+  TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, op, ": float32 inputs expected");
+  return inputs.size(-1);
+}
+
+// A product op: `inputs` [..., k] times `product`, into [..., out].
+at::Tensor product_op(const at::Tensor& inputs, const Product& product) {
+  const auto [x, out] = rows_and_output(inputs, product.k, product.out);
   multiply(product, x.data_ptr<float>(), x.size(0), out.data_ptr<float>());
   return out;
+}
+
+at::Tensor int8_linear(const at::Tensor& inputs, const at::Tensor& weights, const at::Tensor& sums,
+                       const at::Tensor& scales, const c10::optional<at::Tensor>& bias, int64_t out_features) {
+  const int64_t k = features_of(inputs, "int8_linear");
+  return product_op(inputs, int8_product(weights, sums, scales, bias, k, out_features));
 }
 
 at::Tensor int4_linear(const at::Tensor& inputs, const at::Tensor& weights, const c10::optional<at::Tensor>& bias,
                        int64_t out_features) {
-  TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "int4_linear: float32 inputs expected");
-  const Product product = int4_product(weights, bias, inputs.size(-1), out_features);
-  const auto [x, out] = rows_and_output(inputs, product.k, out_features);
-  multiply(product, x.data_ptr<float>(), x.size(0), out.data_ptr<float>());
-  return out;
+  return product_op(inputs, int4_product(weights, bias, features_of(inputs, "int4_linear"), out_features));
 }
 
 at::Tensor float_linear(const at::Tensor& inputs, const at::Tensor& weights, const c10::optional<at::Tensor>& bias,
                         int64_t out_features) {
-  TORCH_CHECK(inputs.scalar_type() == at::kFloat && inputs.dim() >= 1, "float_linear: float32 inputs expected");
-  const Product product = float_product(weights, bias, inputs.size(-1), out_features);
-  const auto [x, out] = rows_and_output(inputs, product.k, out_features);
-  multiply(product, x.data_ptr<float>(), x.size(0), out.data_ptr<float>());
-  return out;
+  return product_op(inputs, float_product(weights, bias, features_of(inputs, "float_linear"), out_features));
 }
 
 // e^x for sixteen floats: x = n ln 2 + r, 2^n from the exponent bits, e^r by a degree-6 polynomial (about 2 ulp);
@@ -499,7 +493,8 @@ at::Tensor silu(const at::Tensor& inputs) {
   const float* x_data = x.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   at::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) silu_into(x_data + c * chunk, std::min(chunk, n - c * chunk), out_data + c * chunk);
+    for (int64_t c = begin; c < end; ++c)
+      silu_into(x_data + c * chunk, std::min(chunk, n - c * chunk), out_data + c * chunk);
   });
   return out;
 }
