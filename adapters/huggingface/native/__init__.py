@@ -287,9 +287,10 @@ def pack_float_weight(weight: torch.Tensor) -> torch.Tensor:
     """
     rows, columns = weight.shape
     padded_rows = -(-rows // PANEL) * PANEL
-    padded = torch.zeros(padded_rows, columns)
-    padded[:rows] = weight.detach().float()
-    return padded.view(padded_rows // PANEL, PANEL, columns).transpose(1, 2).contiguous()
+    weight = weight.detach().float()
+    if padded_rows != rows:  # else no copy but the packed one: a weight of 100 MB or more is packed at load
+        weight = torch.cat((weight, weight.new_zeros(padded_rows - rows, columns)))
+    return weight.view(padded_rows // PANEL, PANEL, columns).transpose(1, 2).contiguous()
 
 
 def float_linear(
