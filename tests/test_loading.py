@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from structlog.testing import capture_logs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from adapters.huggingface import native
+from adapters.huggingface import loading, native
 from adapters.huggingface.cpu_features import cpu_flags, describe_cpu, missing_native_support
 from adapters.huggingface.devices import DTYPE_ALIASES, parse_dtype, resolve_device, resolve_dtype
 from adapters.huggingface.loading import (
@@ -478,3 +479,12 @@ def test_embedded_default_loads_and_a_second_start_is_fast(tmp_path):
     assert torch.equal(logits(first.model, first.tokenizer), logits(second.model, second.tokenizer))
     assert warm < cold / 3
     print(f"embedded default: first load {cold:.1f} s, warm load {warm:.1f} s")  # noqa: T201  timings for the README
+
+
+def test_loading_hands_freed_memory_back_to_the_system(tmp_path, monkeypatch):
+    """What loading frees is trimmed from the heap at its end (glibc's ``malloc_trim`` on Linux)."""
+    calls: list[bool] = []
+    release = loading.release_freed_memory
+    monkeypatch.setattr(loading, "release_freed_memory", lambda: calls.append(release()) or True)
+    load_model(str(build_tiny_model(tmp_path / "tiny")), device="cpu", progress=False)
+    assert calls == [platform.libc_ver()[0] == "glibc"]

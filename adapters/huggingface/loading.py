@@ -8,6 +8,8 @@ second instead of converting again.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import hashlib
 import importlib.metadata
@@ -190,7 +192,28 @@ def load_model(
         native.use_own_norms(model)  # its products are ours (int8, int4, packed float32): norms, SiLU, attention too
         native.use_own_activations(model)
         native.use_own_attention(model)
+    release_freed_memory()
     return LoadedModel(model_id=source.model_id, model=model, tokenizer=tokenizer, quantization=quantization)
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory loading freed back to the system (glibc's ``malloc_trim``); whether that could be asked.
+
+    Converting, stacking, packing and quantizing the weights free hundreds of megabytes in pieces below glibc's
+    mmap threshold, which its heap otherwise keeps, counted in the server's resident memory for as long as it runs.
+    The embedded SmolLM2 held 1303 / 1166 / 1041 MiB after loading in float32 / int8 / int4 and 1006 / 631 / 612 MiB
+    once trimmed (2-core AMD EPYC, Linux). Elsewhere (another C library) nothing is done.
+    """
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def gguf_weight_types(gguf_file: Path) -> frozenset[str]:
