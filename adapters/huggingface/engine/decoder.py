@@ -15,9 +15,9 @@ product, residuals, norm, gated MLP) are modules of their own, compiled by Torch
 (`torch_compat.script`): the same ops in the same order, run from C++, with no Python between them. That took an
 int8 step of SmolLM2 at batch 1 from 18-19 to 13-14 ms on the same Xeon. A part TorchScript cannot compile (a LoRA
 wrapper) keeps that layer's halves in Python; a forward hook on any part of a layer, which a compiled half would not
-call, sends the steps through transformers' forward. Where a layer's parts are all our own kernels' (a quantized
-model on a CPU with AVX-512 VNNI: `native.own_halves`), each half is one op of ours instead, the same kernels in the
-same order: an int8 step of SmolLM2 at batch 1 went from 7.5 to 6.8 ms on a 2-core AMD EPYC (Zen 4). Where the
+call, sends the steps through transformers' forward. Where a layer's parts are all our own kernels' (a quantized or
+packed float32 model on a CPU with AVX-512 VNNI: `native.own_halves`), each half is one op of ours instead, the same
+kernels in the same order: an int8 step of SmolLM2 at batch 1 went from 7.5 to 6.8 ms on a 2-core AMD EPYC (Zen 4). Where the
 attention is ours too, a one-token step takes one op a layer (`native.own_step`: both halves, the cache's new
 column and the attention), another 0.5 ms off that step.
 
