@@ -17,9 +17,9 @@ int8 step of SmolLM2 at batch 1 from 18-19 to 13-14 ms on the same Xeon. A part 
 wrapper) keeps that layer's halves in Python; a forward hook on any part of a layer, which a compiled half would not
 call, sends the steps through transformers' forward. Where a layer's parts are all our own kernels' (a quantized or
 packed float32 model on a CPU with AVX-512 VNNI: `native.own_halves`), each half is one op of ours instead, the same
-kernels in the same order: an int8 step of SmolLM2 at batch 1 went from 7.5 to 6.8 ms on a 2-core AMD EPYC (Zen 4). Where the
-attention is ours too, a one-token step takes one op a layer (`native.own_step`: both halves, the cache's new
-column and the attention), another 0.5 ms off that step.
+kernels in the same order: an int8 step of SmolLM2 at batch 1 went from 7.5 to 6.8 ms on a 2-core AMD EPYC (Zen
+4). Where the attention is ours too, a one-token step takes one op a layer (`native.own_step`: both halves, the
+cache's new column and the attention), another 0.5 ms off that step.
 
 It is used only where it gives transformers' logits bit for bit: a model qualifies by its shape (a Llama-style
 decoder: embedding, layers of norm / attention / norm / gated MLP, final norm, output projection, full attention)
