@@ -99,6 +99,8 @@ class LeanDecoder:
         """Watches `bypassed` and every layer's parts, which a compiled plan calls without their hooks."""
         self._replaced: Callable[[], bool] = lambda: True
         """Watches the layers and their blocks for a part set anew (LoRA wraps parts at run time)."""
+        self._one_op = False
+        """Whether every layer's plan has a one-op decoding step (`LayerPlan.step`), worked out with the plans."""
         self.prefills = False
         """Whether `prefill` gives transformers' prefill bit for bit (`probe_prefill` found it so)."""
         self._planned()
@@ -120,7 +122,8 @@ class LeanDecoder:
 
     def one_op_steps(self) -> bool:
         """Whether a decoding step takes one op a layer (`LayerPlan.step`), where the cache holds columns."""
-        return all(plan.step is not None for plan in self._planned())
+        self._planned()
+        return self._one_op
 
     @classmethod
     def for_model(
@@ -257,6 +260,7 @@ class LeanDecoder:
             if index >= len(plans) or plans[index].parts != parts:
                 plans[index : index + 1] = [LayerPlan.of(layer, parts)]
         self._layers = tuple(plans[: len(layers)])
+        self._one_op = all(plan.step is not None for plan in self._layers)
         self._hooked = forward_hooks_watch((*self.bypassed, *(part for plan in plans for part in plan.parts)))
         self._replaced = children_watch(
             (self.model.model, layers, *(block for layer in layers for block in (layer, layer.self_attn, layer.mlp)))

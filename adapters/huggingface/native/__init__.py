@@ -1,6 +1,7 @@
 """Kernels of our own, in C++ (``kernels.cpp``), built with this machine's compiler the first time a server needs them.
 
-They serve quantized models on CPUs with AVX-512 VNNI, where they build:
+They serve CPU models whose linear layers are quantized (int8, int4) or packed in float32, on CPUs with AVX-512 VNNI
+where they build (AVX2 CPUs get the float32 product alone, from ``kernels_avx2.cpp``: `float_unavailable`):
 
 - ``int8_linear``: the int8 product `NativeInt8Linear` (``quantization.py``) calls instead of FBGEMM's. A decoding
   step of a small model calls a hundred or more small products; FBGEMM's costs some 25 us a call beyond reading its
@@ -18,6 +19,10 @@ They serve quantized models on CPUs with AVX-512 VNNI, where they build:
 - ``one_query_attention``: one query position's attention, which `attention.one_query` takes for the attention
   blocks `use_own_attention` marked, from transformers' forward and the lean pass alike; 1.6-1.8x torch's sdpa at
   SmolLM2's shapes.
+- ``float_linear``: the float32 product `packing.OwnPackedLinear` calls instead of oneDNN's; ``silu``, which
+  `OwnSiLU` stands in with for a model's SiLU activations.
+- ``attention_input``, ``layer_output`` and ``decode_layer``: a Llama-style layer's halves around its attention, and
+  a decoding step's whole layer, each one op over the kernels above (`own_halves`, `own_step`).
 
 The library is built once per source, torch version and compiler command, with ``g++`` (``$CXX``) straight into a
 shared library under torch's extensions folder (``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``), some
@@ -296,7 +301,7 @@ def pack_float_weight(weight: torch.Tensor) -> torch.Tensor:
 def float_linear(
     inputs: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, *, out_features: int
 ) -> torch.Tensor:
-    """``inputs @ weight.T + bias`` in float32 over a weight from `pack_float_weight` (once `unavailable` is None).
+    """``inputs @ weight.T + bias`` in float32, over a weight from `pack_float_weight` (`float_unavailable` is None).
 
     Each output is summed over its inputs in order with fused multiply-adds, so a row's product is the same bits
     alone, in a batch or in a prompt.
@@ -324,17 +329,20 @@ def one_query_attention(
 
 def attends(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether `one_query_attention` takes these shapes (else the caller keeps torch's)."""
-    heads, dim = query.shape[1], query.shape[-1]
+    heads, key_heads = query.shape[1], key.shape[1]
     plain_mask = mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] == 1)
     return (
         query.device.type == "cpu"
         and query.dtype == torch.float32
-        and dim % 16 == 0
-        and dim <= 256  # noqa: PLR2004  the kernel's registers
-        and heads % key.shape[1] == 0
-        and heads // key.shape[1] <= 8  # noqa: PLR2004
+        and heads % key_heads == 0
+        and _heads_fit(query.shape[-1], heads // key_heads)
         and plain_mask
     )
+
+
+def _heads_fit(head_dim: int, groups: int) -> bool:
+    """Whether `one_query_attention`'s registers take heads of ``head_dim`` with ``groups`` query heads a key head."""
+    return head_dim % 16 == 0 and head_dim <= 256 and groups <= 8  # noqa: PLR2004  the kernel's registers
 
 
 def use_own_attention(model: nn.Module) -> int:
@@ -376,8 +384,9 @@ class OwnRMSNorm(nn.Module):
 def product_parts(module: nn.Module) -> list[torch.Tensor | None] | None:
     """A product's weights as `OwnAttentionInput` and `OwnLayerOutput` pass them to our kernels, else ``None``.
 
-    ``[weights, sums, scales, bias]`` of an int8 or int4 layer on our kernels (``native_parts``, which
-    ``quantization.NativeInt8Linear`` and ``NativeInt4Linear`` have); ``None`` for any other module.
+    ``[weights, sums, scales, bias]`` of an int8, int4 or float32 layer on our kernels (``native_parts``, which
+    ``quantization.NativeInt8Linear`` and ``NativeInt4Linear`` and ``packing.OwnPackedLinear`` have); ``None`` for any
+    other module.
     """
     parts = getattr(module, "native_parts", None)
     return parts() if callable(parts) else None
@@ -420,7 +429,7 @@ class OwnAttentionInput(nn.Module):
 class OwnLayerOutput(nn.Module):
     """A Llama-style layer after its attention (output product, residual, norm, gated SiLU MLP, residual) in one op.
 
-    The lean pass's ``LayerOutput`` where its parts are ours (`own_halves`); the activation is torch's ``silu``.
+    The lean pass's ``LayerOutput`` where its parts are ours (`own_halves`); the activation is our ``silu`` (`OwnSiLU`).
     """
 
     def __init__(self, o_proj: nn.Module, norm: OwnRMSNorm, gate_up: nn.Module, down: nn.Module) -> None:
@@ -509,9 +518,7 @@ def own_step(halves: tuple[OwnAttentionInput, OwnLayerOutput], attention: Any) -
     head_dim, groups, scaling = attention.head_dim, attention.num_key_value_groups, attention.scaling
     if not getattr(attention, OWN_ATTENTION, False) or not isinstance(scaling, float):
         return None
-    if head_dim % 16 or head_dim > 256 or groups > 8:  # noqa: PLR2004  the kernel's registers
-        return None
-    return OwnDecodingStep(*halves, scaling)
+    return OwnDecodingStep(*halves, scaling) if _heads_fit(head_dim, groups) else None
 
 
 def own_halves(
@@ -546,7 +553,7 @@ def own_halves(
 
 
 class OwnSiLU(nn.Module):
-    """``x * sigmoid(x)`` through our ``silu`` kernel, standing in for a model's SiLU activations (`use_own_norms`).
+    """``x * sigmoid(x)`` by our ``silu`` kernel, standing in for a model's SiLU activations (`use_own_activations`).
 
     The gated MLP of `OwnLayerOutput` computes the same bits; torch's ``silu`` differs from it in the last bits.
     """
