@@ -51,7 +51,7 @@ LINEAR_OPS = (
 LAYER_OPS = (  # a layer's halves, or a decoding step's whole layer, in one op of ours
     "hf_openai_server::attention_input",
     "hf_openai_server::layer_output",
-    "hf_openai_server::decode_layer",
+    "hf_openai_server::decode_layers",
 )
 HEAD_RANGE = "output projection"
 ATTENTION_OPS = (

@@ -8,11 +8,12 @@
 // - rms_norm: a Llama-style RMS norm of each row, in one pass where torch takes eight ops; silu;
 // - one_query_attention: one query position's attention, the query heads of a key head reading it once;
 // - attention_input, layer_output: a Llama-style layer's two halves around its attention, from the kernels above,
-//   in one op each; decode_layer: both and the attention between them, for a decoding step.
+//   in one op each; decode_layers: both and the attention between them, for every layer of a decoding step.
 //
 // Each row goes through the same instructions whatever the other rows hold or how many there are (integer sums are
 // exact, the scaling is per element, a row's norm is summed by one thread), so a token gets the same numbers alone,
 // in a batch or in a prompt.
+#include <torch/custom_class.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -499,53 +500,30 @@ at::Tensor silu(const at::Tensor& inputs) {
   return out;
 }
 
-// One query position's attention, for every row and head: softmax(q . k * scaling) . v over a row's columns, those
-// its boolean mask leaves out skipped. query [rows, heads, 1, dim]; key, value [rows, key heads, columns, dim] (any
-// strides but the last); the query heads of a key head (`heads / key heads` of them, at most 8) read each key and
-// value once. Each row and key head is computed by one thread in one order, whatever else is in the call.
-// Returns [rows, 1, heads, dim].
-at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                               const c10::optional<at::Tensor>& mask, double scaling) {
-  TORCH_CHECK(query.scalar_type() == at::kFloat && key.scalar_type() == at::kFloat &&
-                  value.scalar_type() == at::kFloat,
-              "one_query_attention: float32 expected");
-  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4 && query.size(2) == 1,
-              "one_query_attention: one query position expected");
-  const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(3);
-  const int64_t key_heads = key.size(1), columns = key.size(2);
-  TORCH_CHECK(key.size(0) == rows && value.size(0) == rows && value.size(1) == key_heads &&
-                  value.size(2) == columns && key.size(3) == dim && value.size(3) == dim && key_heads > 0 &&
-                  heads % key_heads == 0 && heads / key_heads <= 8 && dim % 16 == 0 && dim <= 256 &&
-                  key.stride(3) == 1 && value.stride(3) == 1,
-              "one_query_attention: keys and values of the query's rows and heads expected (head size a multiple "
-              "of 16 up to 256, at most 8 query heads a key head)");
-  at::Tensor visible;
-  if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->size(-1) == columns &&
-                    (mask->size(0) == rows || mask->size(0) == 1) && mask->size(1) == 1 && mask->size(2) == 1,
-                "one_query_attention: a boolean [rows, 1, 1, columns] mask expected");
-    visible = mask->expand({rows, 1, 1, columns}).contiguous();
-  }
-  const at::Tensor q = query.contiguous();
-  at::Tensor out = at::empty({rows, 1, heads, dim}, query.options());
+// Keys or values of a cache, [rows, key heads, columns, dim] with these strides (the last one 1).
+struct Columns {
+  float* data;
+  int64_t row, head, column;
+};
+
+// One query position's attention, for every row and head: softmax(q . k * scale) . v over a row's columns, those
+// `mask` (bool [rows, columns], or nullptr) leaves out skipped. `queries`: each row's heads side by side, rows
+// `query_stride` floats apart; the query heads of a key head (`heads / key_heads` of them, at most 8) read each key
+// and value once. Each row and key head is computed by one thread in one order, whatever else is in the call.
+// `out`: [rows, heads, dim].
+void attend_rows(const float* queries, int64_t query_stride, int64_t rows, int64_t heads, int64_t dim,
+                 const Columns& keys, const Columns& values, int64_t key_heads, int64_t columns, const bool* mask,
+                 float scale, float* out) {
   const int64_t groups = heads / key_heads, chunks = dim / 16, padded = (columns + 15) / 16 * 16;
-  const float scale = static_cast<float>(scaling);
-  const float* q_data = q.data_ptr<float>();
-  const float* k_data = key.data_ptr<float>();
-  const float* v_data = value.data_ptr<float>();
-  const bool* mask_data = visible.defined() ? visible.data_ptr<bool>() : nullptr;
-  float* out_data = out.data_ptr<float>();
-  const int64_t ks0 = key.stride(0), ks1 = key.stride(1), ks2 = key.stride(2);
-  const int64_t vs0 = value.stride(0), vs1 = value.stride(1), vs2 = value.stride(2);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, columns * dim * groups));
   at::parallel_for(0, rows * key_heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(groups * padded);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / key_heads, kh = task % key_heads;
-      const float* queries = q_data + (r * heads + kh * groups) * dim;
-      const float* keys = k_data + r * ks0 + kh * ks1;
-      const float* values = v_data + r * vs0 + kh * vs1;
-      const bool* seen = mask_data ? mask_data + r * columns : nullptr;
+      const float* q = queries + r * query_stride + kh * groups * dim;
+      const float* k = keys.data + r * keys.row + kh * keys.head;
+      const float* v = values.data + r * values.row + kh * values.head;
+      const bool* seen = mask ? mask + r * columns : nullptr;
       for (int64_t c = 0; c < padded; ++c) {
         const bool skip = c >= columns || (seen && !seen[c]);
         for (int64_t g = 0; g < groups; ++g) {
@@ -555,8 +533,8 @@ at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, c
           }
           __m512 lanes = _mm512_setzero_ps();
           for (int64_t i = 0; i < chunks; ++i)
-            lanes = _mm512_add_ps(lanes, _mm512_mul_ps(_mm512_loadu_ps(queries + g * dim + 16 * i),
-                                                       _mm512_loadu_ps(keys + c * ks2 + 16 * i)));
+            lanes = _mm512_add_ps(lanes, _mm512_mul_ps(_mm512_loadu_ps(q + g * dim + 16 * i),
+                                                       _mm512_loadu_ps(k + c * keys.column + 16 * i)));
           scores[g * padded + c] = _mm512_reduce_add_ps(lanes) * scale;
         }
       }
@@ -580,22 +558,66 @@ at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, c
       for (int64_t g = 0; g < groups; ++g)
         for (int64_t i = 0; i < chunks; ++i) sums[g][i] = _mm512_setzero_ps();
       for (int64_t c = 0; c < columns; ++c) {
-        const float* v = values + c * vs2;
+        const float* column = v + c * values.column;
         for (int64_t g = 0; g < groups; ++g) {
           const float weight = scores[g * padded + c];
           if (weight == 0.0f) continue;
           const __m512 times = _mm512_set1_ps(weight);
           for (int64_t i = 0; i < chunks; ++i)
-            sums[g][i] = _mm512_add_ps(sums[g][i], _mm512_mul_ps(times, _mm512_loadu_ps(v + 16 * i)));
+            sums[g][i] = _mm512_add_ps(sums[g][i], _mm512_mul_ps(times, _mm512_loadu_ps(column + 16 * i)));
         }
       }
       for (int64_t g = 0; g < groups; ++g) {
-        float* o = out_data + (r * heads + kh * groups + g) * dim;
+        float* o = out + (r * heads + kh * groups + g) * dim;
         const __m512 times = _mm512_set1_ps(inverse[g]);
         for (int64_t i = 0; i < chunks; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(sums[g][i], times));
       }
     }
   });
+}
+
+// Whether `one_query_attention`'s registers take heads of `dim` with `groups` query heads a key head.
+bool heads_fit(int64_t dim, int64_t groups) { return dim % 16 == 0 && dim <= 256 && groups <= 8; }
+
+// A cache's keys or values [rows, key heads, columns, dim] as `Columns`, checked to be float32 of these sizes.
+Columns columns_of(const at::Tensor& cache, int64_t rows, int64_t key_heads, int64_t columns, int64_t dim,
+                   const char* op) {
+  TORCH_CHECK(cache.scalar_type() == at::kFloat && cache.dim() == 4 && cache.size(0) == rows &&
+                  cache.size(1) == key_heads && cache.size(2) == columns && cache.size(3) == dim &&
+                  cache.stride(3) == 1,
+              op, ": float32 keys and values of [rows, key heads, columns, head_dim] expected");
+  return {cache.data_ptr<float>(), cache.stride(0), cache.stride(1), cache.stride(2)};
+}
+
+// A boolean [rows or 1, 1, 1, columns] attention mask as [rows, columns] (true: attend); undefined for none.
+at::Tensor visible_columns(const c10::optional<at::Tensor>& mask, int64_t rows, int64_t columns, const char* op) {
+  if (!mask.has_value() || !mask->defined()) return at::Tensor();
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->size(-1) == columns &&
+                  (mask->size(0) == rows || mask->size(0) == 1) && mask->size(1) == 1 && mask->size(2) == 1,
+              op, ": a boolean [rows, 1, 1, columns] mask expected");
+  return mask->expand({rows, 1, 1, columns}).contiguous();
+}
+
+// One query position's attention (`attend_rows`). query [rows, heads, 1, dim]; key, value [rows, key heads, columns,
+// dim] (any strides but the last); a head size that is a multiple of 16 up to 256, at most 8 query heads a key head.
+// Returns [rows, 1, heads, dim].
+at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                               const c10::optional<at::Tensor>& mask, double scaling) {
+  TORCH_CHECK(query.scalar_type() == at::kFloat && query.dim() == 4 && query.size(2) == 1 && key.dim() == 4,
+              "one_query_attention: float32 queries of one position expected");
+  const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(3);
+  const int64_t key_heads = key.size(1), columns = key.size(2);
+  TORCH_CHECK(key_heads > 0 && heads % key_heads == 0 && heads_fit(dim, heads / key_heads),
+              "one_query_attention: a head size that is a multiple of 16 up to 256 and at most 8 query heads a key "
+              "head expected");
+  const Columns keys = columns_of(key, rows, key_heads, columns, dim, "one_query_attention");
+  const Columns values = columns_of(value, rows, key_heads, columns, dim, "one_query_attention");
+  const at::Tensor visible = visible_columns(mask, rows, columns, "one_query_attention");
+  const at::Tensor q = query.contiguous();
+  at::Tensor out = at::empty({rows, 1, heads, dim}, query.options());
+  attend_rows(q.data_ptr<float>(), heads * dim, rows, heads, dim, keys, values, key_heads, columns,
+              visible.defined() ? visible.data_ptr<bool>() : nullptr, static_cast<float>(scaling),
+              out.data_ptr<float>());
   return out;
 }
 
@@ -640,12 +662,61 @@ at::Tensor rms_norm(const at::Tensor& inputs, const at::Tensor& weight, double e
   return out;
 }
 
-// A Llama-style decoder layer up to its attention, for `m` positions of `hidden` [rows, fed, hidden]: the norm,
-// the stacked query, key and value product, and the rotary embedding of queries and keys, as the lean pass's
-// `AttentionInput` computes them (the same kernels; each rotated value is x * cos + x' * signed sin, two products
-// and a sum each rounded once, as torch's three ops round them). `cos`/`sin`: [rows, fed, 1, head_dim], the sines
-// signed (`decoder.signed_sines`). Returns queries, keys and values [rows, heads, fed, head_dim] (views of one
-// tensor, as `AttentionInput`'s).
+// A Llama-style decoder layer up to its attention, for `m` positions `x` of `k` features: the norm (into `normed`),
+// the stacked query, key and value product (into `out`, `product.out` a position), and the rotary embedding of the
+// first `rotated` outputs (queries and keys), a head of `head_dim` at a time, as the lean pass's `AttentionInput`
+// computes them (the same kernels; each rotated value is x * cos + x' * signed sin, two products and a sum each
+// rounded once, as torch's three ops round them). `cos`/`sin`: `head_dim` a position, the sines signed
+// (`decoder.signed_sines`).
+void attention_input_rows(const float* x, int64_t m, int64_t k, const float* norm_weight, float eps,
+                          const Product& product, const float* cos, const float* sin, int64_t rotated,
+                          int64_t head_dim, float* normed, float* out) {
+  norm_rows(x, m, k, norm_weight, eps, normed);
+  multiply(product, normed, m, out);
+  const int64_t half = head_dim / 2, width = product.out;
+  float head[512];
+  for (int64_t r = 0; r < m; ++r) {
+    const float* c = cos + r * head_dim;
+    const float* s = sin + r * head_dim;
+    for (int64_t start = 0; start < rotated; start += head_dim) {
+      float* v = out + r * width + start;
+      std::copy(v, v + head_dim, head);
+      for (int64_t i = 0; i < head_dim; ++i) {
+        const float straight = head[i] * c[i];
+        const float swapped = head[(i + half) % head_dim] * s[i];
+        v[i] = straight + swapped;
+      }
+    }
+  }
+}
+
+// Whether heads of `head_dim` rotate in `attention_input_rows`.
+bool rotates(int64_t head_dim) { return head_dim > 0 && head_dim % 2 == 0 && head_dim <= 512; }
+
+// A Llama-style decoder layer after its attention, for `m` positions, as the lean pass's `LayerOutput` computes it:
+// `h` (the layer's input, `k` features a position) becomes h + o(attended), then that plus down(silu(gate) * up) of
+// its norm (`silu`'s SiLU). `attended`: `o.k` a position. Scratch: `normed` and `mlp` of `k` a position, `both` of
+// `2 * gate_size`, `gated` of `gate_size`.
+void layer_output_rows(float* h, const float* attended, int64_t m, int64_t k, const Product& o,
+                       const float* norm_weight, float eps, const Product& gate_up, int64_t gate_size,
+                       const Product& down, float* normed, float* both, float* gated, float* mlp) {
+  multiply(o, attended, m, mlp);
+  for (int64_t i = 0; i < m * k; ++i) h[i] = h[i] + mlp[i];
+  norm_rows(h, m, k, norm_weight, eps, normed);
+  multiply(gate_up, normed, m, both);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* gate = both + r * 2 * gate_size;
+    const float* up = gate + gate_size;
+    float* g = gated + r * gate_size;
+    silu_into(gate, gate_size, g);
+    for (int64_t i = 0; i < gate_size; ++i) g[i] = g[i] * up[i];
+  }
+  multiply(down, gated, m, mlp);
+  for (int64_t i = 0; i < m * k; ++i) h[i] = h[i] + mlp[i];
+}
+
+// `attention_input_rows` for `hidden` [rows, fed, hidden]; `cos`/`sin`: [rows, fed, 1, head_dim]. Returns queries,
+// keys and values [rows, heads, fed, head_dim] (views of one tensor, as `AttentionInput`'s).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_input(
     const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
     const c10::List<c10::optional<at::Tensor>>& product, int64_t out_features, const at::Tensor& cos,
@@ -653,7 +724,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_input(
   TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.dim() == 3, "attention_input: float32 [rows, fed, hidden]");
   const int64_t rows = hidden.size(0), fed = hidden.size(1), k = hidden.size(2), m = rows * fed;
   const int64_t rotated = queries_size + keys_size;
-  TORCH_CHECK(head_dim > 0 && head_dim % 2 == 0 && queries_size % head_dim == 0 && keys_size % head_dim == 0 &&
+  TORCH_CHECK(rotates(head_dim) && queries_size % head_dim == 0 && keys_size % head_dim == 0 &&
                   out_features - rotated == keys_size,
               "attention_input: queries, keys and values of whole heads expected");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
@@ -662,37 +733,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_input(
   const Product stacked = product_of(product, k, out_features);
   const at::Tensor x = hidden.contiguous();
   at::Tensor normed = at::empty({m, k}, x.options());
-  norm_rows(x.data_ptr<float>(), m, k, norm_weight_of(norm_weight, k), static_cast<float>(eps),
-            normed.data_ptr<float>());
   at::Tensor out = at::empty({rows, fed, out_features}, x.options());
-  float* o = out.data_ptr<float>();
-  multiply(stacked, normed.data_ptr<float>(), m, o);
-  const float* c = cos.data_ptr<float>();
-  const float* s = sin.data_ptr<float>();
-  const int64_t half = head_dim / 2;
-  std::vector<float> head(head_dim);
-  for (int64_t r = 0; r < m; ++r) {
-    for (int64_t start = 0; start < rotated; start += head_dim) {
-      float* v = o + r * out_features + start;
-      std::copy(v, v + head_dim, head.begin());
-      const float* cr = c + r * head_dim;
-      const float* sr = s + r * head_dim;
-      for (int64_t i = 0; i < head_dim; ++i) {
-        const float straight = head[i] * cr[i];
-        const float swapped = head[(i + half) % head_dim] * sr[i];
-        v[i] = straight + swapped;
-      }
-    }
-  }
+  attention_input_rows(x.data_ptr<float>(), m, k, norm_weight_of(norm_weight, k), static_cast<float>(eps), stacked,
+                       cos.data_ptr<float>(), sin.data_ptr<float>(), rotated, head_dim, normed.data_ptr<float>(),
+                       out.data_ptr<float>());
   auto heads_of = [&](int64_t begin, int64_t size) {
     return out.narrow(2, begin, size).view({rows, fed, size / head_dim, head_dim}).transpose(1, 2);
   };
   return {heads_of(0, queries_size), heads_of(queries_size, keys_size), heads_of(rotated, keys_size)};
 }
 
-// A Llama-style decoder layer after its attention, as the lean pass's `LayerOutput` computes it: hidden + o(attended),
-// its norm, the stacked gate and up product, silu(gate) * up (`silu`'s), the down product, and the residual.
-// hidden [rows, fed, hidden]; attended [rows, fed, heads, head_dim].
+// `layer_output_rows` for hidden [rows, fed, hidden] and attended [rows, fed, heads, head_dim]; returns the layer's
+// output [rows, fed, hidden].
 at::Tensor layer_output(const at::Tensor& hidden, const at::Tensor& attended,
                         const c10::List<c10::optional<at::Tensor>>& o_product, const at::Tensor& norm_weight,
                         double eps, const c10::List<c10::optional<at::Tensor>>& gate_up_product, int64_t gate_size,
@@ -701,64 +753,145 @@ at::Tensor layer_output(const at::Tensor& hidden, const at::Tensor& attended,
                   attended.size(0) == hidden.size(0) && attended.size(1) == hidden.size(1),
               "layer_output: float32 hidden [rows, fed, hidden] and attended [rows, fed, heads, head_dim] expected");
   const int64_t k = hidden.size(2), m = hidden.size(0) * hidden.size(1);
-  const at::Tensor x = hidden.contiguous();
   const at::Tensor a = attended.reshape({m, -1}).contiguous();
   const Product o = product_of(o_product, a.size(1), k);
   const Product gate_up = product_of(gate_up_product, k, 2 * gate_size);
   const Product down = product_of(down_product, gate_size, k);
   const float* w = norm_weight_of(norm_weight, k);
-  at::Tensor out = at::empty_like(x);
-  float* h = out.data_ptr<float>();
-  multiply(o, a.data_ptr<float>(), m, h);
-  const float* residual = x.data_ptr<float>();
-  for (int64_t i = 0; i < m * k; ++i) h[i] = residual[i] + h[i];
-  at::Tensor normed = at::empty({m, k}, x.options());
-  norm_rows(h, m, k, w, static_cast<float>(eps), normed.data_ptr<float>());
-  at::Tensor both = at::empty({m, 2 * gate_size}, x.options());
-  multiply(gate_up, normed.data_ptr<float>(), m, both.data_ptr<float>());
-  at::Tensor gated = at::empty({m, gate_size}, x.options());
-  const float* b = both.data_ptr<float>();
-  float* g = gated.data_ptr<float>();
-  for (int64_t r = 0; r < m; ++r) {
-    silu_into(b + r * 2 * gate_size, gate_size, g + r * gate_size);
-    const float* up = b + r * 2 * gate_size + gate_size;
-    for (int64_t i = 0; i < gate_size; ++i) g[r * gate_size + i] = g[r * gate_size + i] * up[i];
-  }
-  at::Tensor mlp = at::empty({m, k}, x.options());
-  float* d = mlp.data_ptr<float>();
-  multiply(down, g, m, d);
-  for (int64_t i = 0; i < m * k; ++i) h[i] = h[i] + d[i];
+  at::Tensor out = hidden.contiguous().clone();
+  at::Tensor scratch = at::empty({m, 2 * k + 3 * gate_size}, out.options());
+  float* normed = scratch.data_ptr<float>();
+  float* mlp = normed + m * k;
+  float* both = mlp + m * k;
+  layer_output_rows(out.data_ptr<float>(), a.data_ptr<float>(), m, k, o, w, static_cast<float>(eps), gate_up,
+                    gate_size, down, normed, both, both + m * 2 * gate_size, mlp);
   return out;
 }
 
-// One decoding step of a Llama-style layer, one new position a row: `attention_input`, the new keys and values
-// written into the last column of `keys` and `values` (the cache's columns, that one included), `one_query_attention`
-// over them under `mask`, then `layer_output`: the same functions in the same order as the lean pass's halves and
-// attention call, in one op.
-at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& input_norm, double input_eps,
-                        const c10::List<c10::optional<at::Tensor>>& qkv_product, int64_t qkv_out, const at::Tensor& cos,
-                        const at::Tensor& sin, int64_t queries_size, int64_t keys_size, int64_t head_dim,
-                        const at::Tensor& keys, const at::Tensor& values, const c10::optional<at::Tensor>& mask,
-                        double scaling, const c10::List<c10::optional<at::Tensor>>& o_product,
-                        const at::Tensor& post_norm, double post_eps,
-                        const c10::List<c10::optional<at::Tensor>>& gate_up_product, int64_t gate_size,
-                        const c10::List<c10::optional<at::Tensor>>& down_product) {
-  TORCH_CHECK(hidden.dim() == 3 && hidden.size(1) == 1, "decode_layer: one new position a row expected");
-  TORCH_CHECK(keys.dim() == 4 && values.dim() == 4 && keys.size(2) >= 1 && keys.sizes() == values.sizes() &&
-                  keys.size(0) == hidden.size(0) && keys.size(1) * head_dim == keys_size && keys.size(3) == head_dim,
-              "decode_layer: the cache's keys and values of the rows, the new column last, expected");
-  const auto [queries, new_keys, new_values] = attention_input(hidden, input_norm, input_eps, qkv_product, qkv_out,
-                                                               cos, sin, queries_size, keys_size, head_dim);
-  const int64_t last = keys.size(2) - 1;
-  keys.narrow(2, last, 1).copy_(new_keys);
-  values.narrow(2, last, 1).copy_(new_values);
-  const at::Tensor attended = one_query_attention(queries, keys, values, mask, scaling);
-  return layer_output(hidden, attended, o_product, post_norm, post_eps, gate_up_product, gate_size, down_product);
+// Every layer of a Llama-style model, as a decoding step runs them: each layer's norms, stacked products, sizes and
+// attention scaling, checked once when the model's plan is made (`native.OwnDecodingSteps`) and held (with the
+// tensors they point into) for `decode_layers`.
+struct DecodingLayers : torch::CustomClassHolder {
+  struct Layer {
+    const float* input_norm;
+    const float* post_norm;
+    float input_eps, post_eps, scaling;
+    Product qkv, o, gate_up, down;
+    int64_t queries, keys, head_dim, gate_size;
+  };
+  static constexpr int64_t kParts = 18;  // input norm, post norm, then the four products' [weights, sums, scales, bias]
+  static constexpr int64_t kFloats = 3;  // input eps, post eps, scaling
+  static constexpr int64_t kSizes = 5;   // qkv outputs, queries, keys, head_dim, gate_size
+
+  c10::List<c10::optional<at::Tensor>> parts;
+  std::vector<Layer> layers;
+  int64_t hidden = 0, widest_qkv = 0, widest_queries = 0, widest_gate = 0;
+
+  DecodingLayers(c10::List<c10::optional<at::Tensor>> parts_, std::vector<double> floats, std::vector<int64_t> sizes)
+      : parts(std::move(parts_)) {
+    const int64_t count = static_cast<int64_t>(parts.size()) / kParts;
+    TORCH_CHECK(count > 0 && static_cast<int64_t>(parts.size()) == count * kParts &&
+                    static_cast<int64_t>(floats.size()) == count * kFloats &&
+                    static_cast<int64_t>(sizes.size()) == count * kSizes,
+                "DecodingLayers: 18 parts, 3 floats and 5 sizes a layer expected");
+    for (int64_t l = 0; l < count; ++l) {
+      auto part = [&](int64_t i) -> const c10::optional<at::Tensor> { return parts.get(l * kParts + i); };
+      auto product = [&](int64_t first, int64_t k, int64_t out) {
+        c10::List<c10::optional<at::Tensor>> four;
+        for (int64_t i = 0; i < 4; ++i) four.push_back(part(first + i));
+        return product_of(four, k, out);
+      };
+      TORCH_CHECK(part(0).has_value() && part(1).has_value(), "DecodingLayers: each layer's two norms expected");
+      const int64_t k = part(0)->numel();
+      TORCH_CHECK(l == 0 || k == hidden, "DecodingLayers: layers of one hidden size expected");
+      hidden = k;
+      const int64_t* s = sizes.data() + l * kSizes;
+      Layer layer;
+      layer.qkv = product(2, k, s[0]);
+      layer.queries = s[1];
+      layer.keys = s[2];
+      layer.head_dim = s[3];
+      layer.gate_size = s[4];
+      TORCH_CHECK(rotates(layer.head_dim) && layer.queries % layer.head_dim == 0 && layer.keys % layer.head_dim == 0 &&
+                      layer.keys > 0 && layer.queries % layer.keys == 0 && s[0] == layer.queries + 2 * layer.keys &&
+                      heads_fit(layer.head_dim, layer.queries / layer.keys),
+                  "DecodingLayers: queries, keys and values of whole heads our attention takes expected");
+      layer.o = product(6, layer.queries, k);
+      layer.gate_up = product(10, k, 2 * layer.gate_size);
+      layer.down = product(14, layer.gate_size, k);
+      layer.input_norm = norm_weight_of(*part(0), k);
+      layer.post_norm = norm_weight_of(*part(1), k);
+      layer.input_eps = static_cast<float>(floats[l * kFloats]);
+      layer.post_eps = static_cast<float>(floats[l * kFloats + 1]);
+      layer.scaling = static_cast<float>(floats[l * kFloats + 2]);
+      widest_qkv = std::max(widest_qkv, s[0]);
+      widest_queries = std::max(widest_queries, layer.queries);
+      widest_gate = std::max(widest_gate, layer.gate_size);
+      layers.push_back(layer);
+    }
+  }
+};
+
+// One decoding step of every layer, one new position a row: for each layer, `attention_input_rows`, the new keys
+// and values written into the last column of its `keys` and `values` (the cache's columns, that one included),
+// `attend_rows` over them under `mask`, then `layer_output_rows`: the lean pass's halves and attention, in the same
+// order, with no op between them. hidden [rows, 1, hidden]; cos/sin [rows, 1, 1, head_dim]. Returns [rows, 1, hidden].
+at::Tensor decode_layers(const c10::intrusive_ptr<DecodingLayers>& model, const at::Tensor& hidden,
+                         const at::Tensor& cos, const at::Tensor& sin, at::TensorList keys, at::TensorList values,
+                         const c10::optional<at::Tensor>& mask) {
+  const int64_t k = model->hidden, count = static_cast<int64_t>(model->layers.size());
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.dim() == 3 && hidden.size(1) == 1 && hidden.size(2) == k,
+              "decode_layers: float32 [rows, 1, hidden], one new position a row, expected");
+  TORCH_CHECK(static_cast<int64_t>(keys.size()) == count && static_cast<int64_t>(values.size()) == count,
+              "decode_layers: each layer's keys and values expected");
+  const int64_t m = hidden.size(0), head_dim = model->layers[0].head_dim;
+  TORCH_CHECK(m > 0 && keys[0].dim() == 4 && keys[0].size(2) >= 1, "decode_layers: cached columns expected");
+  const int64_t columns = keys[0].size(2);
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.numel() == m * head_dim && sin.numel() == m * head_dim,
+              "decode_layers: contiguous float32 cos and sin of [rows, 1, 1, head_dim] expected");
+  const at::Tensor visible = visible_columns(mask, m, columns, "decode_layers");
+  const bool* seen = visible.defined() ? visible.data_ptr<bool>() : nullptr;
+  at::Tensor out = hidden.contiguous().clone();
+  const int64_t gate = model->widest_gate;
+  at::Tensor scratch =
+      at::empty({m, 2 * k + model->widest_qkv + model->widest_queries + 3 * gate}, out.options());
+  float* normed = scratch.data_ptr<float>();
+  float* mlp = normed + m * k;
+  float* qkv = mlp + m * k;
+  float* attended = qkv + m * model->widest_qkv;
+  float* both = attended + m * model->widest_queries;
+  float* gated = both + m * 2 * gate;
+  float* h = out.data_ptr<float>();
+  for (int64_t l = 0; l < count; ++l) {
+    const DecodingLayers::Layer& layer = model->layers[l];
+    TORCH_CHECK(layer.head_dim == head_dim, "decode_layers: layers of one head size expected");
+    const int64_t key_heads = layer.keys / head_dim, width = layer.qkv.out;
+    const Columns key = columns_of(keys[l], m, key_heads, columns, head_dim, "decode_layers");
+    const Columns value = columns_of(values[l], m, key_heads, columns, head_dim, "decode_layers");
+    attention_input_rows(h, m, k, layer.input_norm, layer.input_eps, layer.qkv, cos.data_ptr<float>(),
+                         sin.data_ptr<float>(), layer.queries + layer.keys, head_dim, normed, qkv);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t kh = 0; kh < key_heads; ++kh) {
+        const float* new_key = qkv + r * width + layer.queries + kh * head_dim;
+        const int64_t last = columns - 1;
+        std::copy(new_key, new_key + head_dim, key.data + r * key.row + kh * key.head + last * key.column);
+        std::copy(new_key + layer.keys, new_key + layer.keys + head_dim,
+                  value.data + r * value.row + kh * value.head + last * value.column);
+      }
+    attend_rows(qkv, width, m, layer.queries / head_dim, head_dim, key, value, key_heads, columns, seen,
+                layer.scaling, attended);
+    layer_output_rows(h, attended, m, k, layer.o, layer.post_norm, layer.post_eps, layer.gate_up, layer.gate_size,
+                      layer.down, normed, both, gated, mlp);
+  }
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(hf_openai_server, library) {
+  library.class_<DecodingLayers>("DecodingLayers")
+      .def(torch::init<c10::List<c10::optional<at::Tensor>>, std::vector<double>, std::vector<int64_t>>());
   library.def(
       "int8_linear(Tensor inputs, Tensor weights, Tensor sums, Tensor scales, Tensor? bias, int out_features) "
       "-> Tensor");
@@ -774,10 +907,8 @@ TORCH_LIBRARY(hf_openai_server, library) {
       "layer_output(Tensor hidden, Tensor attended, Tensor?[] o_product, Tensor norm_weight, float eps, "
       "Tensor?[] gate_up_product, int gate_size, Tensor?[] down_product) -> Tensor");
   library.def(
-      "decode_layer(Tensor hidden, Tensor input_norm, float input_eps, Tensor?[] qkv_product, int qkv_out, Tensor cos, "
-      "Tensor sin, int queries_size, int keys_size, int head_dim, Tensor(a!) keys, Tensor(b!) values, Tensor? mask, "
-      "float scaling, Tensor?[] o_product, Tensor post_norm, float post_eps, Tensor?[] gate_up_product, "
-      "int gate_size, Tensor?[] down_product) -> Tensor");
+      "decode_layers(__torch__.torch.classes.hf_openai_server.DecodingLayers layers, Tensor hidden, Tensor cos, "
+      "Tensor sin, Tensor(a!)[] keys, Tensor(b!)[] values, Tensor? mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hf_openai_server, CPU, library) {
@@ -789,5 +920,5 @@ TORCH_LIBRARY_IMPL(hf_openai_server, CPU, library) {
   library.impl("one_query_attention", &one_query_attention);
   library.impl("attention_input", &attention_input);
   library.impl("layer_output", &layer_output);
-  library.impl("decode_layer", &decode_layer);
+  library.impl("decode_layers", &decode_layers);
 }
