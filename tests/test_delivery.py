@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 import weakref
 from typing import Any
 
-from adapters.huggingface.delivery import ThreadToLoop
+from adapters.huggingface.delivery import ThreadToLoop, held
 
 
 def test_a_burst_of_items_for_many_consumers_wakes_the_loop_once_and_keeps_each_ones_order() -> None:
@@ -39,6 +40,43 @@ def test_a_burst_of_items_for_many_consumers_wakes_the_loop_once_and_keeps_each_
     received, wakeups = asyncio.run(scenario())
     assert received == [[0, 1, 2]] * 16
     assert wakeups == 1
+
+
+def test_a_held_burst_wakes_a_free_loop_once_at_the_end_of_the_block() -> None:
+    """The loop is free here (awaiting the worker): it would run each delivery before the next item is put."""
+
+    async def scenario() -> tuple[list[list[int]], list[int]]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        real = loop.call_soon_threadsafe
+
+        def counted(*args: Any) -> Any:
+            nonlocal wakeups
+            wakeups += 1
+            return real(*args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        consumers = [ThreadToLoop[int]() for _ in range(8)]
+
+        def step() -> list[int]:
+            with held():
+                for token in range(2):
+                    for consumer in consumers:
+                        assert consumer.put(token)
+                        time.sleep(0.001)  # time for a woken loop to deliver
+                with held():  # a block inside another delivers with the outer one
+                    assert consumers[0].put(9)
+                inside = wakeups
+            return [inside, wakeups]
+
+        counts = await asyncio.to_thread(step)
+        received = [[await consumer.get() for _ in range(2)] for consumer in consumers]
+        assert await consumers[0].get() == 9
+        return received, counts
+
+    received, counts = asyncio.run(scenario())
+    assert received == [[0, 1]] * 8
+    assert counts == [0, 1]
 
 
 def test_items_keep_coming_after_a_delivery_and_put_says_false_once_the_loop_is_gone() -> None:

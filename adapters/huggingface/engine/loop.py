@@ -9,6 +9,7 @@ import attrs
 import structlog
 import torch
 
+from adapters.huggingface import delivery
 from adapters.huggingface.engine import rows as row_ops
 from adapters.huggingface.engine.kv_batch import KVBatch
 from adapters.huggingface.engine.prefill import groups, prefill_group, remember_prefixes
@@ -106,9 +107,10 @@ class EngineLoop:
             if self.prefixes is not None and not remember_prefixes(self.prefixes, group, cache, mask):
                 self.prefixes = None
             reused = [row.reused_tokens for row in group]
-            for index, row in enumerate(group):
-                row.cached, row.reused = len(row.prompt_ids), []  # the blocks are in the batch's cache now
-                row_ops.advance(row, logits[index : index + 1], cached_tokens=reused[index])
+            with delivery.held():
+                for index, row in enumerate(group):
+                    row.cached, row.reused = len(row.prompt_ids), []  # the blocks are in the batch's cache now
+                    row_ops.advance(row, logits[index : index + 1], cached_tokens=reused[index])
             self._batch.add(group, cache, mask)
             log.debug("batching.joined", rows=len(group), running=self.running, reused_tokens=sum(reused))
 
@@ -136,13 +138,14 @@ class EngineLoop:
         adapters = [row.params.adapter for row in batch.rows]
         logits = self.forward.step(ids, positions, batch.step_mask(fed), batch.cache, adapters)
         kept = []
-        for index, (row, draft) in enumerate(zip(batch.rows, drafts, strict=True)):
-            accepted = 0
-            if not row.cancelled.is_set():
-                accepted = row_ops.advance(row, logits[index], draft=draft)
-                self.drafts.record(len(draft), accepted)
-            row.cached += 1 + accepted
-            kept.append(1 + accepted)
+        with delivery.held():  # the event loop is woken once for every row's tokens
+            for index, (row, draft) in enumerate(zip(batch.rows, drafts, strict=True)):
+                accepted = 0
+                if not row.cancelled.is_set():
+                    accepted = row_ops.advance(row, logits[index], draft=draft)
+                    self.drafts.record(len(draft), accepted)
+                row.cached += 1 + accepted
+                kept.append(1 + accepted)
         batch.grow(kept, fed)
 
     def _draft(self, row: Row, length: int) -> list[int]:
@@ -153,13 +156,14 @@ class EngineLoop:
     def _release_done(self) -> None:
         """Hand finished rows their finish reason and drop them, with abandoned ones, from the batch."""
         keep = []
-        for index, row in enumerate(self._batch.rows):
-            if not row.done:
-                keep.append(index)
-                continue
-            if row.finish_reason is not None and not row.cancelled.is_set():
-                row.deliver(GeneratedTokens(finish_reason=row.finish_reason))
-            row_ops.release(row)
+        with delivery.held():
+            for index, row in enumerate(self._batch.rows):
+                if not row.done:
+                    keep.append(index)
+                    continue
+                if row.finish_reason is not None and not row.cancelled.is_set():
+                    row.deliver(GeneratedTokens(finish_reason=row.finish_reason))
+                row_ops.release(row)
         if len(keep) < len(self._batch.rows):
             self._batch.keep(keep)
             log.debug("batching.left", running=self.running)
