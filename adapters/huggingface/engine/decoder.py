@@ -18,8 +18,8 @@ wrapper) keeps that layer's halves in Python; a forward hook on any part of a la
 call, sends the steps through transformers' forward. Where a layer's parts are all our own kernels' (a quantized or
 packed float32 model on a CPU with AVX-512 VNNI: `native.own_halves`), each half is one op of ours instead, the same
 kernels in the same order: an int8 step of SmolLM2 at batch 1 went from 7.5 to 6.8 ms on a 2-core AMD EPYC (Zen
-4). Where the attention is ours too, a one-token step takes one op for all the layers (`native.OwnDecodingSteps`:
-each layer's halves, the cache's new column and the attention): 5.7 ms.
+4). Where the attention is ours too, a decoding step or verifying pass takes one op for all the layers
+(`native.OwnDecodingSteps`: each layer's halves, the cache's new columns and the attention): 5.7 ms.
 
 It is used only where it gives transformers' logits bit for bit: a model qualifies by its shape (a Llama-style
 decoder: embedding, layers of norm / attention / norm / gated MLP, final norm, output projection, full attention)
@@ -173,7 +173,7 @@ class LeanDecoder:
         """
         inner = self.model.model
         attention_mask = step_attention_mask(mask, ids.shape[1])
-        if ids.shape[1] == 1 and self._stepped(cache):
+        if self._stepped(cache):
             hidden = self._step_layers(inner.embed_tokens(ids), positions, cache, attention_mask)
             return cast("torch.Tensor", self.model.get_output_embeddings()(inner.norm(hidden)))
 
@@ -227,7 +227,7 @@ class LeanDecoder:
         return hidden
 
     def _stepped(self, cache: DynamicCache) -> bool:
-        """Whether a decoding step goes through every layer's one-op step (`LayerPlan.step`) into ``cache``."""
+        """Whether a decoding step or verifying pass goes through every layer in one op (`LayerPlan.step`)."""
         return self.one_op_steps() and all(
             isinstance(layer, GrowingLayer) and layer.get_seq_length() for layer in cache_layers(cache)
         )
@@ -235,13 +235,15 @@ class LeanDecoder:
     def _step_layers(
         self, hidden: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """A decoding step's embeddings ``hidden`` through every layer, in one op (`native.OwnDecodingSteps`).
+        """A decoding step's or verifying pass's embeddings ``hidden`` through every layer, in one op.
 
-        The new keys and values go into ``cache``'s columns `GrowingLayer.grow` adds.
+        `native.OwnDecodingSteps`: each new position attends as a one-token step at its place would. The new keys
+        and values go into ``cache``'s columns `GrowingLayer.grow` adds.
         """
         cos, sin = self.model.model.rotary_emb(hidden, positions)
         angles = cos.unsqueeze(2), signed_sines(sin).unsqueeze(2)
-        columns = [cast("GrowingLayer", cache_layer).grow(1) for cache_layer in cache_layers(cache)]
+        fed = hidden.shape[1]
+        columns = [cast("GrowingLayer", cache_layer).grow(fed) for cache_layer in cache_layers(cache)]
         return cast("native.OwnDecodingSteps", self._steps)(hidden, angles, columns, mask)
 
     def _planned(self) -> tuple[LayerPlan, ...]:

@@ -22,7 +22,8 @@ where they build (AVX2 CPUs get the float32 product alone, from ``kernels_avx2.c
 - ``float_linear``: the float32 product `packing.OwnPackedLinear` calls instead of oneDNN's; ``silu``, which
   `OwnSiLU` stands in with for a model's SiLU activations.
 - ``attention_input``, ``layer_output``: a Llama-style layer's halves around its attention, each one op over the
-  kernels above (`own_halves`); ``decode_layers``: a decoding step's every layer in one op (`OwnDecodingSteps`).
+  kernels above (`own_halves`); ``decode_layers``: every layer of a decoding step or verifying pass in one op
+  (`OwnDecodingSteps`).
 
 The library is built once per source, torch version and compiler command, with ``g++`` (``$CXX``) straight into a
 shared library under torch's extensions folder (``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``), some
@@ -511,11 +512,12 @@ class OwnDecodingSteps:
         columns: list[tuple[torch.Tensor, torch.Tensor]],
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The last layer's output for ``hidden`` (``[rows, 1, hidden]``, one new position a row).
+        """The last layer's output for ``hidden`` (``[rows, fed, hidden]``: a decoding step's or verifying pass's).
 
         ``angles``: the rotary cosines and signed sines, as `OwnAttentionInput` takes them; ``columns``: each layer's
-        cached keys and values, every column, the new one last (written here); ``mask``: boolean ``[rows, 1, 1,
-        columns]`` or ``None``, as `attends` takes it.
+        cached keys and values, every column, the ``fed`` new ones last (written here); ``mask``: boolean ``[rows,
+        1, fed, columns]`` (causal among the new positions) or ``None``. Each new position attends as a one-token
+        step at its place would (``attention.each_query``'s numbers).
         """
         cos, sin = angles
         keys = [pair[0] for pair in columns]

@@ -8,7 +8,8 @@
 // - rms_norm: a Llama-style RMS norm of each row, in one pass where torch takes eight ops; silu;
 // - one_query_attention: one query position's attention, the query heads of a key head reading it once;
 // - attention_input, layer_output: a Llama-style layer's two halves around its attention, from the kernels above,
-//   in one op each; decode_layers: both and the attention between them, for every layer of a decoding step.
+//   in one op each; decode_layers: both and the attention between them, for every layer of a decoding step or
+//   verifying pass.
 //
 // Each row goes through the same instructions whatever the other rows hold or how many there are (integer sums are
 // exact, the scaling is per element, a row's norm is summed by one thread), so a token gets the same numbers alone,
@@ -509,26 +510,28 @@ struct Columns {
   int64_t row, head, column;
 };
 
-// One query position's attention, for every row and head: softmax(q . k * scale) . v over a row's columns, those
-// `mask` (bool [rows, columns], or nullptr) leaves out skipped. `queries`: each row's heads side by side, rows
-// `query_stride` floats apart; the query heads of a key head (`heads / key_heads` of them, at most 8) read each key
-// and value once. Each row and key head is computed by one thread in one order, whatever else is in the call.
-// `out`: [rows, heads, dim].
-void attend_rows(const float* queries, int64_t query_stride, int64_t rows, int64_t heads, int64_t dim,
+// Each new position's attention, for every row and head, as a one-token step at its place computes it: softmax(q .
+// k * scale) . v over the row's columns up to the position's own (`columns` less the `fed - 1 - j` new ones after
+// position j), those `mask` (bool [rows, fed, columns], or nullptr) leaves out skipped. `queries`: each position's
+// heads side by side, positions `query_stride` floats apart (a row's `fed` one after the other); the query heads of
+// a key head (`heads / key_heads` of them, at most 8) read each key and value once. Each position and key head is
+// computed by one thread in one order, whatever else is in the call. `out`: [rows, fed, heads, dim].
+void attend_rows(const float* queries, int64_t query_stride, int64_t rows, int64_t fed, int64_t heads, int64_t dim,
                  const Columns& keys, const Columns& values, int64_t key_heads, int64_t columns, const bool* mask,
                  float scale, float* out) {
-  const int64_t groups = heads / key_heads, chunks = dim / 16, padded = (columns + 15) / 16 * 16;
+  const int64_t groups = heads / key_heads, chunks = dim / 16;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, columns * dim * groups));
-  at::parallel_for(0, rows * key_heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(groups * padded);
+  at::parallel_for(0, rows * fed * key_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(groups * ((columns + 15) / 16 * 16));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / key_heads, kh = task % key_heads;
-      const float* q = queries + r * query_stride + kh * groups * dim;
+      const int64_t position = task / key_heads, kh = task % key_heads, r = position / fed;
+      const int64_t seen_columns = columns - fed + 1 + position % fed, padded = (seen_columns + 15) / 16 * 16;
+      const float* q = queries + position * query_stride + kh * groups * dim;
       const float* k = keys.data + r * keys.row + kh * keys.head;
       const float* v = values.data + r * values.row + kh * values.head;
-      const bool* seen = mask ? mask + r * columns : nullptr;
+      const bool* seen = mask ? mask + position * columns : nullptr;
       for (int64_t c = 0; c < padded; ++c) {
-        const bool skip = c >= columns || (seen && !seen[c]);
+        const bool skip = c >= seen_columns || (seen && !seen[c]);
         for (int64_t g = 0; g < groups; ++g) {
           if (skip) {
             scores[g * padded + c] = -std::numeric_limits<float>::infinity();
@@ -560,7 +563,7 @@ void attend_rows(const float* queries, int64_t query_stride, int64_t rows, int64
       __m512 sums[8][16];
       for (int64_t g = 0; g < groups; ++g)
         for (int64_t i = 0; i < chunks; ++i) sums[g][i] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < columns; ++c) {
+      for (int64_t c = 0; c < seen_columns; ++c) {
         const float* column = v + c * values.column;
         for (int64_t g = 0; g < groups; ++g) {
           const float weight = scores[g * padded + c];
@@ -571,7 +574,7 @@ void attend_rows(const float* queries, int64_t query_stride, int64_t rows, int64
         }
       }
       for (int64_t g = 0; g < groups; ++g) {
-        float* o = out + (r * heads + kh * groups + g) * dim;
+        float* o = out + (position * heads + kh * groups + g) * dim;
         const __m512 times = _mm512_set1_ps(inverse[g]);
         for (int64_t i = 0; i < chunks; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(sums[g][i], times));
       }
@@ -592,13 +595,14 @@ Columns columns_of(const at::Tensor& cache, int64_t rows, int64_t key_heads, int
   return {cache.data_ptr<float>(), cache.stride(0), cache.stride(1), cache.stride(2)};
 }
 
-// A boolean [rows or 1, 1, 1, columns] attention mask as [rows, columns] (true: attend); undefined for none.
-at::Tensor visible_columns(const c10::optional<at::Tensor>& mask, int64_t rows, int64_t columns, const char* op) {
+// A boolean [rows or 1, 1, fed, columns] attention mask as [rows, fed, columns] (true: attend); undefined for none.
+at::Tensor visible_columns(const c10::optional<at::Tensor>& mask, int64_t rows, int64_t fed, int64_t columns,
+                           const char* op) {
   if (!mask.has_value() || !mask->defined()) return at::Tensor();
   TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->size(-1) == columns &&
-                  (mask->size(0) == rows || mask->size(0) == 1) && mask->size(1) == 1 && mask->size(2) == 1,
-              op, ": a boolean [rows, 1, 1, columns] mask expected");
-  return mask->expand({rows, 1, 1, columns}).contiguous();
+                  (mask->size(0) == rows || mask->size(0) == 1) && mask->size(1) == 1 && mask->size(2) == fed,
+              op, ": a boolean [rows, 1, new positions, columns] mask expected");
+  return mask->expand({rows, 1, fed, columns}).contiguous();
 }
 
 // One query position's attention (`attend_rows`). query [rows, heads, 1, dim]; key, value [rows, key heads, columns,
@@ -615,10 +619,10 @@ at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, c
               "head expected");
   const Columns keys = columns_of(key, rows, key_heads, columns, dim, "one_query_attention");
   const Columns values = columns_of(value, rows, key_heads, columns, dim, "one_query_attention");
-  const at::Tensor visible = visible_columns(mask, rows, columns, "one_query_attention");
+  const at::Tensor visible = visible_columns(mask, rows, 1, columns, "one_query_attention");
   const at::Tensor q = query.contiguous();
   at::Tensor out = at::empty({rows, 1, heads, dim}, query.options());
-  attend_rows(q.data_ptr<float>(), heads * dim, rows, heads, dim, keys, values, key_heads, columns,
+  attend_rows(q.data_ptr<float>(), heads * dim, rows, 1, heads, dim, keys, values, key_heads, columns,
               visible.defined() ? visible.data_ptr<bool>() : nullptr, static_cast<float>(scaling),
               out.data_ptr<float>());
   return out;
@@ -835,25 +839,28 @@ struct DecodingLayers : torch::CustomClassHolder {
   }
 };
 
-// One decoding step of every layer, one new position a row: for each layer, `attention_input_rows`, the new keys
-// and values written into the last column of its `keys` and `values` (the cache's columns, that one included),
-// `attend_rows` over them under `mask`, then `layer_output_rows`: the lean pass's halves and attention, in the same
-// order, with no op between them. hidden [rows, 1, hidden]; cos/sin [rows, 1, 1, head_dim]. Returns [rows, 1, hidden].
+// A decoding step or verifying pass of every layer, `fed` new positions a row: for each layer,
+// `attention_input_rows`, the new keys and values written into the last `fed` columns of its `keys` and `values`
+// (the cache's columns, those included), `attend_rows` over them under `mask` (each position as a one-token step at
+// its place), then `layer_output_rows`: the lean pass's halves and attention, in the same order, with no op between
+// them. hidden [rows, fed, hidden]; cos/sin [rows, fed, 1, head_dim]; mask bool [rows, 1, fed, columns] or none.
+// Returns [rows, fed, hidden].
 at::Tensor decode_layers(const c10::intrusive_ptr<DecodingLayers>& model, const at::Tensor& hidden,
                          const at::Tensor& cos, const at::Tensor& sin, at::TensorList keys, at::TensorList values,
                          const c10::optional<at::Tensor>& mask) {
   const int64_t k = model->hidden, count = static_cast<int64_t>(model->layers.size());
-  TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.dim() == 3 && hidden.size(1) == 1 && hidden.size(2) == k,
-              "decode_layers: float32 [rows, 1, hidden], one new position a row, expected");
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.dim() == 3 && hidden.size(2) == k,
+              "decode_layers: float32 [rows, new positions, hidden] expected");
   TORCH_CHECK(static_cast<int64_t>(keys.size()) == count && static_cast<int64_t>(values.size()) == count,
               "decode_layers: each layer's keys and values expected");
-  const int64_t m = hidden.size(0), head_dim = model->layers[0].head_dim;
-  TORCH_CHECK(m > 0 && keys[0].dim() == 4 && keys[0].size(2) >= 1, "decode_layers: cached columns expected");
+  const int64_t rows = hidden.size(0), fed = hidden.size(1), m = rows * fed, head_dim = model->layers[0].head_dim;
+  TORCH_CHECK(m > 0 && keys[0].dim() == 4 && keys[0].size(2) >= fed, "decode_layers: the new positions' columns "
+              "in the cache expected");
   const int64_t columns = keys[0].size(2);
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.numel() == m * head_dim && sin.numel() == m * head_dim,
-              "decode_layers: contiguous float32 cos and sin of [rows, 1, 1, head_dim] expected");
-  const at::Tensor visible = visible_columns(mask, m, columns, "decode_layers");
+              "decode_layers: contiguous float32 cos and sin of [rows, new positions, 1, head_dim] expected");
+  const at::Tensor visible = visible_columns(mask, rows, fed, columns, "decode_layers");
   const bool* seen = visible.defined() ? visible.data_ptr<bool>() : nullptr;
   at::Tensor out = hidden.contiguous().clone();
   const int64_t gate = model->widest_gate;
@@ -870,19 +877,20 @@ at::Tensor decode_layers(const c10::intrusive_ptr<DecodingLayers>& model, const 
     const DecodingLayers::Layer& layer = model->layers[l];
     TORCH_CHECK(layer.head_dim == head_dim, "decode_layers: layers of one head size expected");
     const int64_t key_heads = layer.keys / head_dim, width = layer.qkv.out;
-    const Columns key = columns_of(keys[l], m, key_heads, columns, head_dim, "decode_layers");
-    const Columns value = columns_of(values[l], m, key_heads, columns, head_dim, "decode_layers");
+    const Columns key = columns_of(keys[l], rows, key_heads, columns, head_dim, "decode_layers");
+    const Columns value = columns_of(values[l], rows, key_heads, columns, head_dim, "decode_layers");
     attention_input_rows(h, m, k, layer.input_norm, layer.input_eps, layer.qkv, cos.data_ptr<float>(),
                          sin.data_ptr<float>(), layer.queries + layer.keys, head_dim, normed, qkv);
-    for (int64_t r = 0; r < m; ++r)
+    for (int64_t position = 0; position < m; ++position) {
+      const int64_t r = position / fed, column = columns - fed + position % fed;
       for (int64_t kh = 0; kh < key_heads; ++kh) {
-        const float* new_key = qkv + r * width + layer.queries + kh * head_dim;
-        const int64_t last = columns - 1;
-        std::copy(new_key, new_key + head_dim, key.data + r * key.row + kh * key.head + last * key.column);
+        const float* new_key = qkv + position * width + layer.queries + kh * head_dim;
+        std::copy(new_key, new_key + head_dim, key.data + r * key.row + kh * key.head + column * key.column);
         std::copy(new_key + layer.keys, new_key + layer.keys + head_dim,
-                  value.data + r * value.row + kh * value.head + last * value.column);
+                  value.data + r * value.row + kh * value.head + column * value.column);
       }
-    attend_rows(qkv, width, m, layer.queries / head_dim, head_dim, key, value, key_heads, columns, seen,
+    }
+    attend_rows(qkv, width, rows, fed, layer.queries / head_dim, head_dim, key, value, key_heads, columns, seen,
                 layer.scaling, attended);
     layer_output_rows(h, attended, m, k, layer.o, layer.post_norm, layer.post_eps, layer.gate_up, layer.gate_size,
                       layer.down, normed, both, gated, mlp);
