@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -518,57 +519,69 @@ def test_own_activations_replace_silu_modules_only():
     assert isinstance(model[2][0], native.OwnSiLU)
 
 
+KERNEL_CASES = """
+import torch
+from adapters.huggingface import native
+
+assert native.unavailable() is None, native.unavailable()  # builds and loads our kernels
+generator = torch.Generator().manual_seed(4)
+weight, bias = torch.randn(90, 576, generator=generator), torch.randn(90, generator=generator)
+inputs = torch.randn(5, 576, generator=generator)
+query = torch.randn(3, 9, 1, 64, generator=generator)
+key, value = torch.randn(3, 3, 40, 64, generator=generator), torch.randn(3, 3, 40, 64, generator=generator)
+mask = torch.ones(3, 1, 1, 40, dtype=torch.bool)
+mask[1, ..., :7] = False
+results = {
+    "float": native.float_linear(inputs, native.pack_float_weight(weight), bias, out_features=90),
+    "int8": native.int8_linear(inputs, *native.pack_int8_weight(weight), bias, out_features=90),
+    "int4": native.int4_linear(inputs, native.pack_int4_weight(weight), bias, out_features=90),
+    "norm": native.OwnRMSNorm(torch.nn.Parameter(weight[0]), 1e-5)(inputs),
+    "silu": native.OwnSiLU()(inputs[:, :333] * 10),
+    "attention": native.one_query_attention(query, key, value, mask, 0.125),
+}
+"""
+"""Every kernel of ours on a few inputs (`results`): what the AVX2 and the AVX-512 builds must give alike."""
+
 AVX2_RUN = """
 import json, sys, torch
 from adapters.huggingface import native
 from adapters.huggingface.loading import load_model
-from adapters.huggingface.packing import OwnPackedLinear
 
-state = {"full": native.unavailable(), "float": native.float_unavailable()}  # loads the AVX2 library
-generator = torch.Generator().manual_seed(4)
-weight, bias = torch.randn(90, 576, generator=generator), torch.randn(90, generator=generator)
-inputs = torch.randn(5, 576, generator=generator)
-packed = native.pack_float_weight(weight)
-outputs = native.float_linear(inputs, packed, bias, out_features=90)
-torch.save(outputs, sys.argv[2])
-model = load_model(sys.argv[1], device="cpu").model
-plain = load_model(sys.argv[1], device="cpu", pack_weights=False).model
-ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
-with torch.inference_mode():
-    ours = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
-    theirs = plain.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+exec(sys.argv[3])  # KERNEL_CASES: every kernel on the same inputs, saved for the parent to compare
+torch.save(results, sys.argv[2])
+scheme = sys.argv[4]
+model = load_model(sys.argv[1], device="cpu", quantize=scheme).model
 from adapters.huggingface.engine import attention
 from adapters.huggingface.engine.decoder import LeanDecoder
 from adapters.huggingface.engine.forward import Forward
 attention.install()
 forward = Forward(model)
 decoder = LeanDecoder.for_model(model, forward.model_step, forward.model_pass)
+ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
+with torch.inference_mode():
+    tokens = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
 print(json.dumps({
-    **state,
+    "isa": native.isa(),
     "lean": None if decoder is None else [decoder.compiled_layers(), decoder.own_layers(), decoder.one_op_steps()],
-    "own_layers": type(model.lm_head) is OwnPackedLinear,
     "own_norms": isinstance(model.model.norm, native.OwnRMSNorm),
-    "rows_alone": all(
-        torch.equal(native.float_linear(inputs[i : i + 1], packed, bias, out_features=90), outputs[i : i + 1])
-        for i in range(5)
-    ),
-    "greedy_same": ours.tolist() == theirs.tolist(),
+    "tokens": tokens.tolist(),
 }))
 """
 
 
 @pytest.mark.skipif(
-    not {"avx2", "fma"} <= (cpu_flags() or frozenset()) or shutil.which(os.environ.get("CXX", "g++")) is None,
-    reason="no AVX2 and FMA, or no compiler",
+    not (cpu_flags() or frozenset()) >= native.AVX2_FEATURES or shutil.which(os.environ.get("CXX", "g++")) is None,
+    reason="no AVX2, FMA and F16C, or no compiler",
 )
-def test_an_avx2_cpu_takes_our_float_product_alone_and_it_gives_the_avx512_bits(tmp_path):
-    """``HF_OPENAI_SERVER_NATIVE=avx2`` (what a CPU without AVX-512 VNNI gets): float32 layers on our AVX2 product,
-    transformers' norms; a row the same alone; greedy output as torch's; the same bits as the AVX-512 product."""
-    directory = build_tiny_model(tmp_path / "tiny")
-    saved = tmp_path / "outputs.pt"
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+def test_the_avx2_build_runs_every_kernel_and_gives_the_avx512_bits(tmp_path, scheme):
+    """``HF_OPENAI_SERVER_NATIVE=avx2`` (what a CPU without AVX-512 VNNI takes): the whole lean path on our kernels
+    (one op a step), the AVX-512 build's bits from every kernel, and its greedy tokens, where that build runs here."""
+    directory = build_tiny_model(tmp_path / "tiny", hidden_size=256)
+    saved = tmp_path / "results.pt"
     environment = {**os.environ, native.DISABLE: native.ONLY_AVX2}
     run = subprocess.run(
-        [sys.executable, "-c", AVX2_RUN, str(directory), str(saved)],
+        [sys.executable, "-c", AVX2_RUN, str(directory), str(saved), KERNEL_CASES, scheme],
         capture_output=True,
         text=True,
         env=environment,
@@ -577,18 +590,20 @@ def test_an_avx2_cpu_takes_our_float_product_alone_and_it_gives_the_avx512_bits(
     )
     assert run.returncode == 0, run.stderr[-2000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
-    assert found == {
-        "full": f"{native.DISABLE}={native.ONLY_AVX2}",
-        "float": None,
-        "lean": [2, 0, False],  # the TorchScript halves over our float product, transformers' norms and attention
-        "own_layers": True,
-        "own_norms": False,
-        "rows_alone": True,
-        "greedy_same": True,
-    }
-    if native.unavailable() is None:
-        generator = torch.Generator().manual_seed(4)
-        weight, bias = torch.randn(90, 576, generator=generator), torch.randn(90, generator=generator)
-        inputs = torch.randn(5, 576, generator=generator)
-        expected = native.float_linear(inputs, native.pack_float_weight(weight), bias, out_features=90)
-        assert torch.equal(torch.load(saved), expected)
+    layers = 2
+    assert found["isa"] == "AVX2"
+    assert found["lean"] == [layers, layers, True]
+    assert found["own_norms"] is True
+    if native.unavailable() is None:  # this process's build (AVX-512 VNNI where the CPU has it)
+        cases: dict[str, Any] = {}
+        exec(KERNEL_CASES, cases)  # the same source the subprocess ran
+        theirs = torch.load(saved)
+        assert {name: torch.equal(theirs[name], ours) for name, ours in cases["results"].items()} == dict.fromkeys(
+            theirs, True
+        )
+        model = load_model(str(directory), device="cpu", quantize=scheme).model
+        with torch.inference_mode():
+            tokens = model.generate(
+                torch.tensor([[1, 50, 60, 70, 80, 90]]), max_new_tokens=20, min_new_tokens=20, do_sample=False
+            )
+        assert found["tokens"] == tokens.tolist()

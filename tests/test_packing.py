@@ -28,7 +28,7 @@ KERNELS = [
     pytest.param(
         OwnPackedLinear,
         id="own",
-        marks=pytest.mark.skipif(native.float_unavailable() is not None, reason="no float kernel of our own here"),
+        marks=pytest.mark.skipif(native.unavailable() is not None, reason="no float kernel of our own here"),
     ),
 ]
 """The two packed float layers: oneDNN's everywhere, ours where our kernels build."""

@@ -188,7 +188,7 @@ def load_model(
         model, tokenizer = _load_directory(directory, source, torch_device, torch_dtype)
     prepare_linear_layers(model, quantization, pack=pack_weights)
     ours = torch_device.type == "cpu" and any(native.product_parts(module) for module in model.modules())
-    if ours and native.unavailable() is None:  # AVX-512 VNNI's library: not AVX2's, which has the float product alone
+    if ours and native.unavailable() is None:
         native.use_own_norms(model)  # its products are ours (int8, int4, packed float32): norms, SiLU, attention too
         native.use_own_activations(model)
         native.use_own_attention(model)

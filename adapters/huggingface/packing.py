@@ -1,6 +1,6 @@
 """Prepacked linear layers for CPU inference: the same products, through a weight layout made for the kernel.
 
-Where our own kernels build (`native`: AVX-512 VNNI and a C++ compiler), float32 layers are packed for ours
+Where our own kernels build (`native`: AVX-512 VNNI or AVX2, and a C++ compiler), float32 layers are packed for ours
 (`OwnPackedLinear`), which read the weights nearly twice as fast at one row; elsewhere, and for bfloat16, oneDNN's
 (`PackedLinear`), as follows.
 
@@ -112,9 +112,9 @@ PACKED_LAYERS = (PackedLinear, OwnPackedLinear)
 def own_packing(dtype: torch.dtype) -> bool:
     """Whether float layers of ``dtype`` take our own kernel (`OwnPackedLinear`).
 
-    float32, where our kernel builds: AVX-512 VNNI's library, or AVX2's (`native.float_unavailable`).
+    float32, where our kernels build (`native.unavailable`).
     """
-    return dtype == torch.float32 and native.float_unavailable() is None
+    return dtype == torch.float32 and native.unavailable() is None
 
 
 @functools.cache

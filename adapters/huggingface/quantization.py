@@ -24,9 +24,9 @@ layer is quantized, the output projection included; a tied input embedding keeps
 only the output projection's product is quantized.
 
 Both are CPU kernels: on CUDA `resolve_quantization` refuses ``int8`` and ``int4`` at start-up rather than run a CPU
-op on the GPU path. Where the CPU has AVX-512 VNNI and a compiler is at hand, kernels of this project's stand in for
-FBGEMM's and torch's (`NativeInt8Linear`, `NativeInt4Linear`; see ``adapters.huggingface.native``), and ``int4``'s
-output projection takes 8 bits.
+op on the GPU path. Where the CPU has AVX-512 VNNI or AVX2 and a compiler is at hand, kernels of this project's
+stand in for FBGEMM's and torch's (`NativeInt8Linear`, `NativeInt4Linear`; see ``adapters.huggingface.native``), and
+``int4``'s output projection takes 8 bits.
 """
 
 from __future__ import annotations
@@ -403,7 +403,7 @@ def quantize_linear_layers(model: nn.Module, scheme: str) -> int:
     build: Callable[[nn.Linear], nn.Module] = int4_layer
     own = native.unavailable() is None
     torch_kernel = "FBGEMM" if scheme == "int8" else "torch's"
-    details: dict[str, int | str] = {"kernel": "own (AVX-512 VNNI)" if own else torch_kernel}
+    details: dict[str, int | str] = {"kernel": f"own ({native.isa()})" if own else torch_kernel}
     head = getattr(model, "get_output_embeddings", lambda: None)()  # a transformers model's output projection
     if scheme == "int8":
         build = int8_layer

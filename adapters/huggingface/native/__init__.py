@@ -1,7 +1,7 @@
 """Kernels of our own, in C++ (``kernels.cpp``), built with this machine's compiler the first time a server needs them.
 
 They serve CPU models whose linear layers are quantized (int8, int4) or packed in float32, on CPUs with AVX-512 VNNI
-where they build (AVX2 CPUs get the float32 product alone, from ``kernels_avx2.cpp``: `float_unavailable`):
+or with AVX2, FMA and F16C, where a compiler builds them (`BUILDS`: one source, built for the CPU's kind):
 
 - ``int8_linear``: the int8 product `NativeInt8Linear` (``quantization.py``) calls instead of FBGEMM's. A decoding
   step of a small model calls a hundred or more small products; FBGEMM's costs some 25 us a call beyond reading its
@@ -56,81 +56,69 @@ log = structlog.get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 FEATURES = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
-"""The CPU flags (as ``/proc/cpuinfo`` names them) the kernels are compiled for."""
+"""The CPU flags (as ``/proc/cpuinfo`` names them) the AVX-512 build is compiled for."""
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
 """``-fopenmp``: torch's ``at::parallel_for`` is inline OpenMP, and runs on one thread without it (the library then
-links the OpenMP runtime torch has already loaded). ``-ffp-contract=off``: no fused multiply-adds, so every row is
-scaled by the same two roundings whatever code path it takes."""
+links the OpenMP runtime torch has already loaded). ``-ffp-contract=off``: no fused multiply-adds but those written,
+so every row is scaled by the same roundings whatever code path (and build) it takes."""
 ARCHITECTURE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
+AVX2_FEATURES = frozenset({"avx2", "fma", "f16c"})
+"""The CPU flags the AVX2 build of the same source is compiled for, where the AVX-512 one cannot run."""
+AVX2_ARCHITECTURE_FLAGS = ("-mavx2", "-mfma", "-mf16c")
+BUILDS = (("AVX-512 VNNI", FEATURES, ARCHITECTURE_FLAGS), ("AVX2", AVX2_FEATURES, AVX2_ARCHITECTURE_FLAGS))
+"""Each build of ``kernels.cpp``: its name, the CPU flags it needs and its compiler flags, the first that fits wins.
+Both give the same bits (sixteen floats at a time in one register or two, exact integer sums in both)."""
 BUILD_SECONDS = 300
 """How long a build may take before the server gives up on it and keeps torch's kernels."""
 PANEL = 16
-"""Output rows per packed panel (one register of int32 sums)."""
+"""Output rows per packed panel (sixteen sums)."""
 GROUP = 4
-"""Inputs per ``vpdpbusd`` lane: the packed weights' inner dimension."""
+"""Inputs per 32-bit lane of the packed int8 weights: the packed weights' inner dimension."""
 DISABLE = "HF_OPENAI_SERVER_NATIVE"
-"""Set to ``0`` to keep torch's own kernels, to ``avx2`` to take only the float32 product built for AVX2
-(`ONLY_AVX2`)."""
+"""Set to ``0`` to keep torch's own kernels, to ``avx2`` to take the AVX2 build (`ONLY_AVX2`)."""
 ONLY_AVX2 = "avx2"
-"""``HF_OPENAI_SERVER_NATIVE=avx2``: the AVX2 library alone (``kernels_avx2.cpp``), even where ``kernels.cpp`` builds:
-what an AVX2-only CPU runs, on this one."""
-AVX2_SOURCE = Path(__file__).with_name("kernels_avx2.cpp")
-AVX2_FEATURES = frozenset({"avx2", "fma"})
-AVX2_ARCHITECTURE_FLAGS = ("-mavx2", "-mfma")
+"""``HF_OPENAI_SERVER_NATIVE=avx2``: the AVX2 build, even where the AVX-512 one runs: what an AVX2-only CPU runs, on
+this one."""
 
 
 _loading = threading.Lock()
+_isa: list[str] = []
+"""The loaded build's name (`BUILDS`), once `unavailable` has loaded one."""
 
 
 @functools.cache
 def unavailable() -> str | None:
     """Why our kernels are not there, or ``None`` once ``torch.ops.hf_openai_server`` holds them.
 
-    Built and loaded on the first call (two first calls at once: one builds, the other waits, then loads the built
-    library), which logs the outcome: ``native.kernels.ready`` with the seconds it took, or
-    ``native.kernels.unavailable`` with the reason.
+    Built (the first build of `BUILDS` the CPU takes) and loaded on the first call (two first calls at once: one
+    builds, the other waits, then loads the built library), which logs the outcome: ``native.kernels.ready`` with the
+    build and the seconds it took, or ``native.kernels.unavailable`` with the reasons.
     """
     with _loading:
         started = time.perf_counter()
-        reason = _unavailable(FEATURES, refused=("0", ONLY_AVX2))
-        if reason is None:
-            reason = _loaded(SOURCE, ARCHITECTURE_FLAGS, "one_query_attention")
-        if reason is None:
-            log.info("native.kernels.ready", seconds=round(time.perf_counter() - started, 2))
+        setting = os.environ.get(DISABLE, "").strip().lower()
+        if setting == "0":
+            reasons = [f"{DISABLE}={setting}"]
         else:
-            log.info("native.kernels.unavailable", reason=reason)
+            reasons = []
+            for name, features, flags in BUILDS:
+                if setting == ONLY_AVX2 and flags != AVX2_ARCHITECTURE_FLAGS:
+                    reasons.append(f"{name}: {DISABLE}={setting}")
+                    continue
+                reason = _unavailable(features) or _loaded(SOURCE, flags, "decode_layers")
+                if reason is None:
+                    _isa.append(name)
+                    log.info("native.kernels.ready", isa=name, seconds=round(time.perf_counter() - started, 2))
+                    return None
+                reasons.append(f"{name}: {reason}")
+        reason = "; ".join(reasons)
+        log.info("native.kernels.unavailable", reason=reason)
         return reason
 
 
-@functools.cache
-def float_unavailable() -> str | None:
-    """Why our float32 product (``float_linear``) is not there, or ``None`` once it is.
-
-    ``kernels.cpp`` has it (`unavailable` is ``None``). Else, on a CPU with AVX2 and FMA, a library of it alone is
-    built from ``kernels_avx2.cpp`` and loaded (logged as ``native.float_kernel.ready``, or ``.unavailable`` with the
-    reason): such CPUs keep torch's norms, attention and quantized products, and take our float32 product.
-    """
-    if unavailable() is None or _registered("float_linear"):
-        return None
-    with _loading:
-        started = time.perf_counter()
-        reason = _unavailable(AVX2_FEATURES, refused=("0",))
-        if reason is None:
-            reason = _loaded(AVX2_SOURCE, AVX2_ARCHITECTURE_FLAGS, "float_linear")
-        if reason is None:
-            log.info("native.float_kernel.ready", seconds=round(time.perf_counter() - started, 2), isa="AVX2")
-        else:
-            log.info("native.float_kernel.unavailable", reason=reason)
-        return reason
-
-
-def _registered(op: str) -> bool:
-    """Whether ``torch.ops.hf_openai_server`` holds ``op`` (a library of ours is loaded in this process)."""
-    try:
-        getattr(torch.ops.hf_openai_server, op)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
+def isa() -> str | None:
+    """The name of the build our kernels run (``"AVX-512 VNNI"``, ``"AVX2"``), ``None`` where they do not."""
+    return _isa[0] if unavailable() is None else None
 
 
 def _loaded(source: Path, architecture: tuple[str, ...], op: str) -> str | None:
@@ -143,16 +131,9 @@ def _loaded(source: Path, architecture: tuple[str, ...], op: str) -> str | None:
     return None
 
 
-def _unavailable(features: frozenset[str], *, refused: tuple[str, ...]) -> str | None:
-    """Why a library for ``features`` cannot be built here, before trying; ``None`` when it may be.
-
-    ``refused``: the values of `DISABLE` that turn it off.
-    """
-    flags = cpu_flags()
-    missing = sorted(features - (flags or frozenset()))
-    setting = os.environ.get(DISABLE, "").strip().lower()
-    if setting in refused:
-        return f"{DISABLE}={setting}"
+def _unavailable(features: frozenset[str]) -> str | None:
+    """Why a library for ``features`` cannot be built here, before trying; ``None`` when it may be."""
+    missing = sorted(features - (cpu_flags() or frozenset()))
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
     if _compiler() is None:
@@ -302,7 +283,7 @@ def pack_float_weight(weight: torch.Tensor) -> torch.Tensor:
 def float_linear(
     inputs: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, *, out_features: int
 ) -> torch.Tensor:
-    """``inputs @ weight.T + bias`` in float32, over a weight from `pack_float_weight` (`float_unavailable` is None).
+    """``inputs @ weight.T + bias`` in float32, over a weight from `pack_float_weight` (`unavailable` is None).
 
     Each output is summed over its inputs in order with fused multiply-adds, so a row's product is the same bits
     alone, in a batch or in a prompt.
@@ -659,9 +640,9 @@ __all__ = [
     "OwnSiLU",
     "attends",
     "float_linear",
-    "float_unavailable",
     "int4_linear",
     "int8_linear",
+    "isa",
     "one_query_attention",
     "own_halves",
     "own_step",

@@ -1,9 +1,10 @@
-// Kernels of our own for CPUs with AVX-512 VNNI, built at run time by adapters/huggingface/native/__init__.py and
-// registered as torch.ops.hf_openai_server.*:
+// Kernels of our own for CPUs with AVX-512 VNNI or with AVX2, FMA and F16C, built at run time by
+// adapters/huggingface/native/__init__.py (once for the CPU's kind) and registered as torch.ops.hf_openai_server.*:
 //
-// - int8_linear: each input row quantized to 8 bits with a scale of its own, multiplied with `vpdpbusd` against int8
-//   weights packed in panels of 16 output rows, scaled back to float32;
-// - int4_linear: 4-bit weights in q4_1's groups of 32, inputs quantized per group of 32, two `vpdpbusd` a 64 bytes;
+// - int8_linear: each input row quantized to 8 bits with a scale of its own, multiplied against int8 weights packed
+//   in panels of 16 output rows (`vpdpbusd`; with AVX2, `vpmaddubsw` on the inputs' magnitudes and the weights with
+//   the inputs' signs), scaled back to float32;
+// - int4_linear: 4-bit weights in q4_1's groups of 32, inputs quantized per group of 32;
 // - float_linear: float32 weights in panels of 16 output rows, fused multiply-adds in input order;
 // - rms_norm: a Llama-style RMS norm of each row, in one pass where torch takes eight ops; silu;
 // - one_query_attention: one query position's attention, the query heads of a key head reading it once;
@@ -13,7 +14,9 @@
 //
 // Each row goes through the same instructions whatever the other rows hold or how many there are (integer sums are
 // exact, the scaling is per element, a row's norm is summed by one thread), so a token gets the same numbers alone,
-// in a batch or in a prompt.
+// in a batch or in a prompt. Floats go sixteen at a time (`V16`: one 512-bit register, or two 256-bit ones) through
+// the same operations in the same order in both builds, and integer sums are exact in both: the two libraries give
+// the same bits.
 #include <torch/custom_class.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -29,17 +32,196 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define HF_OPENAI_SERVER_AVX512 1
+#elif !(defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#error "kernels.cpp is built for AVX-512 VNNI or for AVX2 with FMA and F16C"
+#endif
+
 namespace {
 
-constexpr int64_t kPanel = 16;  // output rows per panel: one 512-bit register of int32 sums
-constexpr int64_t kGroup = 4;   // inputs per vpdpbusd lane
-constexpr int64_t kRows = 4;    // input rows per micro-kernel
+constexpr int64_t kPanel = 16;  // output rows per packed panel: sixteen sums, one V16
+constexpr int64_t kGroup = 4;   // inputs per 32-bit lane of packed int8 weights
+
+// --- Sixteen floats (and sixteen int32) at a time --------------------------------------------------------------------
+
+#ifdef HF_OPENAI_SERVER_AVX512
+constexpr int64_t kRows = 4;          // input rows per micro-kernel
+constexpr int64_t kMostPanels = 4;    // panels per int8 or float micro-kernel
+constexpr int64_t kInt4Panels = 2;    // panels per int4 micro-kernel
+
+struct V16 {
+  __m512 v;
+};
+struct I16 {
+  __m512i v;
+};
+
+inline V16 zero16() { return {_mm512_setzero_ps()}; }
+inline V16 set16(float x) { return {_mm512_set1_ps(x)}; }
+inline V16 load16(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline void store16(float* p, V16 a) { _mm512_storeu_ps(p, a.v); }
+inline __mmask16 first_lanes(int64_t count) {
+  return static_cast<__mmask16>(count >= 16 ? 0xFFFF : count <= 0 ? 0 : (1u << count) - 1);
+}
+inline V16 load16(const float* p, int64_t count) { return {_mm512_maskz_loadu_ps(first_lanes(count), p)}; }
+inline void store16(float* p, V16 a, int64_t count) { _mm512_mask_storeu_ps(p, first_lanes(count), a.v); }
+inline V16 operator+(V16 a, V16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline V16 operator-(V16 a, V16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline V16 operator*(V16 a, V16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline V16 operator/(V16 a, V16 b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline V16 larger(V16 a, V16 b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline V16 smaller(V16 a, V16 b) { return {_mm512_min_ps(a.v, b.v)}; }
+inline V16 fmadd(V16 a, V16 b, V16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline V16 magnitude(V16 a) { return {_mm512_abs_ps(a.v)}; }
+inline V16 nearest(V16 a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline V16 halves16(const void* p) {  // sixteen float16
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p)))};
+}
+inline float largest16(V16 a) { return _mm512_reduce_max_ps(a.v); }
+inline __m256 low_half(V16 a) { return _mm512_castps512_ps256(a.v); }
+inline __m256 high_half(V16 a) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.v), 1)); }
+// 2^n for whole numbers n; zero where x < limit.
+inline V16 power_of_two(V16 n) {
+  const __m512i exponent = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127)), 23);
+  return {_mm512_castsi512_ps(exponent)};
+}
+inline V16 zero_below(V16 value, V16 x, float limit) {
+  const __mmask16 below = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(limit), _CMP_LT_OQ);
+  return {_mm512_maskz_mov_ps(static_cast<__mmask16>(~below), value.v)};
+}
+inline I16 rounded16(V16 a) { return {_mm512_cvt_roundps_epi32(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline I16 plus(I16 a, int32_t b) { return {_mm512_add_epi32(a.v, _mm512_set1_epi32(b))}; }
+inline int32_t total16(I16 a) { return _mm512_reduce_add_epi32(a.v); }
+inline V16 to_floats(I16 a) { return {_mm512_cvtepi32_ps(a.v)}; }
+inline void store_low_bytes16(I16 a, void* out) {
+  _mm_storeu_si128(static_cast<__m128i*>(out), _mm512_cvtepi32_epi8(a.v));
+}
+#else
+constexpr int64_t kRows = 2;  // two 256-bit registers a V16: fewer rows and panels fit in the 16 registers
+constexpr int64_t kMostPanels = 2;
+constexpr int64_t kInt4Panels = 1;
+
+struct V16 {
+  __m256 low, high;
+};
+struct I16 {
+  __m256i low, high;
+};
+
+inline V16 zero16() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline V16 set16(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+inline V16 load16(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void store16(float* p, V16 a) {
+  _mm256_storeu_ps(p, a.low);
+  _mm256_storeu_ps(p + 8, a.high);
+}
+inline __m256i first_lanes(int64_t count) {  // lanes 0..count-1 of eight
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(count, 0, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline V16 load16(const float* p, int64_t count) {
+  return {_mm256_maskload_ps(p, first_lanes(count)), _mm256_maskload_ps(p + 8, first_lanes(count - 8))};
+}
+inline void store16(float* p, V16 a, int64_t count) {
+  _mm256_maskstore_ps(p, first_lanes(count), a.low);
+  _mm256_maskstore_ps(p + 8, first_lanes(count - 8), a.high);
+}
+inline V16 operator+(V16 a, V16 b) { return {_mm256_add_ps(a.low, b.low), _mm256_add_ps(a.high, b.high)}; }
+inline V16 operator-(V16 a, V16 b) { return {_mm256_sub_ps(a.low, b.low), _mm256_sub_ps(a.high, b.high)}; }
+inline V16 operator*(V16 a, V16 b) { return {_mm256_mul_ps(a.low, b.low), _mm256_mul_ps(a.high, b.high)}; }
+inline V16 operator/(V16 a, V16 b) { return {_mm256_div_ps(a.low, b.low), _mm256_div_ps(a.high, b.high)}; }
+inline V16 larger(V16 a, V16 b) { return {_mm256_max_ps(a.low, b.low), _mm256_max_ps(a.high, b.high)}; }
+inline V16 smaller(V16 a, V16 b) { return {_mm256_min_ps(a.low, b.low), _mm256_min_ps(a.high, b.high)}; }
+inline V16 fmadd(V16 a, V16 b, V16 c) {
+  return {_mm256_fmadd_ps(a.low, b.low, c.low), _mm256_fmadd_ps(a.high, b.high, c.high)};
+}
+inline V16 magnitude(V16 a) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  return {_mm256_andnot_ps(sign, a.low), _mm256_andnot_ps(sign, a.high)};
+}
+inline V16 nearest(V16 a) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  return {_mm256_round_ps(a.low, kNearest), _mm256_round_ps(a.high, kNearest)};
+}
+inline V16 halves16(const void* p) {
+  const __m128i* halves = static_cast<const __m128i*>(p);
+  return {_mm256_cvtph_ps(_mm_loadu_si128(halves)), _mm256_cvtph_ps(_mm_loadu_si128(halves + 1))};
+}
+inline float largest16(V16 a) {
+  const __m256 eight = _mm256_max_ps(a.low, a.high);
+  __m128 four = _mm_max_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+  four = _mm_max_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_max_ss(four, _mm_shuffle_ps(four, four, 1)));
+}
+inline __m256 low_half(V16 a) { return a.low; }
+inline __m256 high_half(V16 a) { return a.high; }
+inline V16 power_of_two(V16 n) {
+  const __m256i bias = _mm256_set1_epi32(127);
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.low), bias), 23)),
+          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.high), bias), 23))};
+}
+inline V16 zero_below(V16 value, V16 x, float limit) {
+  const __m256 bound = _mm256_set1_ps(limit);
+  return {_mm256_andnot_ps(_mm256_cmp_ps(x.low, bound, _CMP_LT_OQ), value.low),
+          _mm256_andnot_ps(_mm256_cmp_ps(x.high, bound, _CMP_LT_OQ), value.high)};
+}
+inline I16 rounded16(V16 a) {  // to nearest, ties to even: the rounding mode every thread starts with
+  return {_mm256_cvtps_epi32(a.low), _mm256_cvtps_epi32(a.high)};
+}
+inline I16 plus(I16 a, int32_t b) {
+  const __m256i added = _mm256_set1_epi32(b);
+  return {_mm256_add_epi32(a.low, added), _mm256_add_epi32(a.high, added)};
+}
+inline int32_t total16(I16 a) {
+  const __m256i eight = _mm256_add_epi32(a.low, a.high);
+  __m128i four = _mm_add_epi32(_mm256_castsi256_si128(eight), _mm256_extracti128_si256(eight, 1));
+  four = _mm_add_epi32(four, _mm_shuffle_epi32(four, _MM_SHUFFLE(1, 0, 3, 2)));
+  four = _mm_add_epi32(four, _mm_shuffle_epi32(four, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(four);
+}
+inline V16 to_floats(I16 a) { return {_mm256_cvtepi32_ps(a.low), _mm256_cvtepi32_ps(a.high)}; }
+inline void store_low_bytes16(I16 a, void* out) {  // each lane's low byte, as _mm512_cvtepi32_epi8 keeps it
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1,
+                                        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i gather = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
+  const __m256i low = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(a.low, pick), gather);
+  const __m256i high = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(a.high, pick), gather);
+  _mm_storeu_si128(static_cast<__m128i*>(out),
+                   _mm_unpacklo_epi64(_mm256_castsi256_si128(low), _mm256_castsi256_si128(high)));
+}
+#endif
+
+// The sixteen lanes added up as GCC's _mm512_reduce_add_ps adds them: the two halves, their two quarters, then
+// lanes 0 + 2 and 1 + 3, then those two. Both builds use this order.
+inline float sum16(V16 a) {
+  const __m256 eight = _mm256_add_ps(high_half(a), low_half(a));
+  const __m128 four = _mm_add_ps(_mm256_extractf128_ps(eight, 1), _mm256_castps256_ps128(eight));
+  const __m128 two = _mm_add_ps(four, _mm_shuffle_ps(four, four, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(two) + _mm_cvtss_f32(_mm_shuffle_ps(two, two, 1));
+}
+
+// e^x for sixteen floats: x = n ln 2 + r, 2^n from the exponent bits, e^r by a degree-6 polynomial (about 2 ulp);
+// 0 below -87 (a masked column's -infinity included).
+V16 exp16(V16 x) {
+  const V16 clamped = smaller(larger(x, set16(-87.0f)), set16(88.0f));
+  const V16 n = nearest(clamped * set16(1.44269504088896341f));
+  V16 r = clamped - n * set16(0.693359375f);
+  r = r - n * set16(-2.12194440e-4f);
+  V16 p = set16(1.9875691500e-4f);
+  p = p * r + set16(1.3981999507e-3f);
+  p = p * r + set16(8.3334519073e-3f);
+  p = p * r + set16(4.1665795894e-2f);
+  p = p * r + set16(1.6666665459e-1f);
+  p = p * r + set16(5.0000001201e-1f);
+  p = p * r * r + (r + set16(1.0f));
+  return zero_below(p * power_of_two(n), x, -87.0f);
+}
 
 // One row's sums of one panel into its outputs `start` to `start + 16` (those below `n`), the bias (if any) added.
-inline void store_panel(__m512 sums, const float* bias, int64_t start, int64_t n, float* out) {
-  const __mmask16 mask = static_cast<__mmask16>(start + kPanel <= n ? 0xFFFF : (1u << (n - start)) - 1);
-  const __m512 added = bias ? _mm512_add_ps(sums, _mm512_maskz_loadu_ps(mask, bias + start)) : sums;
-  _mm512_mask_storeu_ps(out + start, mask, added);
+inline void store_panel(V16 sums, const float* bias, int64_t start, int64_t n, float* out) {
+  const int64_t count = std::min(kPanel, n - start);
+  store16(out + start, bias ? sums + load16(bias + start, count) : sums, count);
 }
 
 // Each input row to unsigned 8 bits: round(x * 127 / max|x|) + 128 (to nearest, ties to even), and its scale
@@ -48,38 +230,34 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t padded, uint
   const int64_t vectorised = k - k % 16;
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * k;
-    __m512 largest_lanes = _mm512_setzero_ps();
-    for (int64_t i = 0; i < vectorised; i += 16)
-      largest_lanes = _mm512_max_ps(largest_lanes, _mm512_abs_ps(_mm512_loadu_ps(row + i)));
-    float largest = _mm512_reduce_max_ps(largest_lanes);
+    V16 largest_lanes = zero16();
+    for (int64_t i = 0; i < vectorised; i += 16) largest_lanes = larger(largest_lanes, magnitude(load16(row + i)));
+    float largest = largest16(largest_lanes);
     for (int64_t i = vectorised; i < k; ++i) largest = std::max(largest, std::fabs(row[i]));
     const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
     scales[r] = largest / 127.0f;
     uint8_t* out = codes + r * padded;
-    const __m512 times = _mm512_set1_ps(inverse);
-    const __m512i offset = _mm512_set1_epi32(128);
-    for (int64_t i = 0; i < vectorised; i += 16) {
-      const __m512i rounded = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + i), times),
-                                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(rounded, offset)));
-    }
+    const V16 times = set16(inverse);
+    for (int64_t i = 0; i < vectorised; i += 16) store_low_bytes16(plus(rounded16(load16(row + i) * times), 128), out + i);
     for (int64_t i = vectorised; i < k; ++i)
       out[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(row[i] * inverse)) + 128);
     for (int64_t i = k; i < padded; ++i) out[i] = 128;
   }
 }
 
-// `rows` (1..kRows) input rows against `panels` (1, 2 or 4) consecutive panels: rows x panels sums in registers,
-// each loaded weight multiplied with every row.
+// `rows` (1..kRows) input rows against `panels` (1..kMostPanels) consecutive panels: rows x panels sums in registers,
+// each loaded weight multiplied with every row. Each sum is the exact integer sum of the inputs' signed codes
+// (code - 128) times the weights, then scaled by the row's and the weight row's scales.
 template <int rows, int panels>
 void micro_kernel(const uint8_t* codes, int64_t padded, const float* row_scales, const int8_t* weights,
                   const int32_t* sums, const float* scales, const float* bias, int64_t n0, int64_t n,
                   float* out) {
+  const int64_t groups = padded / kGroup;
+  const int64_t panel_bytes = groups * kPanel * kGroup;
+#ifdef HF_OPENAI_SERVER_AVX512
   __m512i acc[rows][panels];
   for (int r = 0; r < rows; ++r)
     for (int p = 0; p < panels; ++p) acc[r][p] = _mm512_setzero_si512();
-  const int64_t groups = padded / kGroup;
-  const int64_t panel_bytes = groups * kPanel * kGroup;
   for (int64_t g = 0; g < groups; ++g) {
     __m512i w[panels];
     for (int p = 0; p < panels; ++p) w[p] = _mm512_loadu_si512(weights + p * panel_bytes + g * kPanel * kGroup);
@@ -90,16 +268,47 @@ void micro_kernel(const uint8_t* codes, int64_t padded, const float* row_scales,
       for (int p = 0; p < panels; ++p) acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], x, w[p]);
     }
   }
+  I16 exact[rows][panels];  // the unsigned codes' sums, less 128 times each weight row's sum
+  for (int p = 0; p < panels && n0 + p * kPanel < n; ++p) {
+    const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(sums + n0 + p * kPanel), 7);
+    for (int r = 0; r < rows; ++r) exact[r][p] = {_mm512_sub_epi32(acc[r][p], offset)};
+  }
+#else
+  // vpmaddubsw multiplies unsigned by signed bytes, in pairs added into 16 bits: the inputs' magnitudes (up to 127)
+  // times the weights given the inputs' signs (up to 127 either way) add up to 32258 at most, within them.
+  (void)sums;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  __m256i acc[rows][panels][2];
+  for (int r = 0; r < rows; ++r)
+    for (int p = 0; p < panels; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_si256();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i w[panels][2];
+    for (int p = 0; p < panels; ++p)
+      for (int h = 0; h < 2; ++h)
+        w[p][h] = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(weights + p * panel_bytes + g * kPanel * kGroup + 32 * h));
+    for (int r = 0; r < rows; ++r) {
+      int32_t four;
+      std::memcpy(&four, codes + r * padded + g * kGroup, sizeof(four));
+      const __m256i x = _mm256_xor_si256(_mm256_set1_epi32(four), flip);  // code - 128, as signed bytes
+      const __m256i size = _mm256_abs_epi8(x);
+      for (int p = 0; p < panels; ++p)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i pairs = _mm256_maddubs_epi16(size, _mm256_sign_epi8(w[p][h], x));
+          acc[r][p][h] = _mm256_add_epi32(acc[r][p][h], _mm256_madd_epi16(pairs, ones));
+        }
+    }
+  }
+  I16 exact[rows][panels];
+  for (int r = 0; r < rows; ++r)
+    for (int p = 0; p < panels; ++p) exact[r][p] = {acc[r][p][0], acc[r][p][1]};
+#endif
   for (int p = 0; p < panels; ++p) {
     const int64_t start = n0 + p * kPanel;
     if (start >= n) break;
-    const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(sums + start), 7);  // 128 * each row's weight sum
-    const __m512 weight_scale = _mm512_loadu_ps(scales + start);
-    for (int r = 0; r < rows; ++r) {
-      const __m512 exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][p], offset));
-      const __m512 scaled = _mm512_mul_ps(exact, _mm512_mul_ps(_mm512_set1_ps(row_scales[r]), weight_scale));
-      store_panel(scaled, bias, start, n, out + r * n);
-    }
+    const V16 weight_scale = load16(scales + start);
+    for (int r = 0; r < rows; ++r)
+      store_panel(to_floats(exact[r][p]) * (set16(row_scales[r]) * weight_scale), bias, start, n, out + r * n);
   }
 }
 
@@ -119,11 +328,14 @@ void row_block(const uint8_t* codes, int64_t padded, const float* row_scales, co
     micro_kernel<rows, 1>(codes, padded, row_scales, w, sums, scales, bias, panel * kPanel, n, out);
 }
 
+// How many panels (of `left`) the next micro-kernel takes: kMostPanels, 2 or 1.
+inline int64_t panels_next(int64_t left) { return left >= kMostPanels ? kMostPanels : left >= 2 ? 2 : 1; }
+
 void panels_kernel(const uint8_t* codes, int64_t m, int64_t padded, const float* row_scales, const int8_t* weights,
                    const int32_t* sums, const float* scales, const float* bias, int64_t panel, int64_t end,
                    int64_t n, float* out) {
   while (panel < end) {
-    const int64_t count = end - panel >= 4 ? 4 : end - panel >= 2 ? 2 : 1;
+    const int64_t count = panels_next(end - panel);
     for (int64_t r = 0; r < m; r += kRows) {
       const uint8_t* c = codes + r * padded;
       const float* s = row_scales + r;
@@ -154,38 +366,38 @@ void quantize_groups(const float* x, int64_t rows, int64_t k, int8_t* codes, flo
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t g = 0; g < groups; ++g) {
       const float* group = x + r * k + g * kInt4Group;
-      const __m512 first = _mm512_loadu_ps(group), second = _mm512_loadu_ps(group + 16);
-      const float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(first), _mm512_abs_ps(second)));
+      const V16 first = load16(group), second = load16(group + 16);
+      const float largest = largest16(larger(magnitude(first), magnitude(second)));
       const float scale = largest / 127.0f;
-      const __m512 times = _mm512_set1_ps(largest > 0.0f ? 127.0f / largest : 0.0f);
-      constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-      const __m512i low = _mm512_cvt_roundps_epi32(_mm512_mul_ps(first, times), kNearest);
-      const __m512i high = _mm512_cvt_roundps_epi32(_mm512_mul_ps(second, times), kNearest);
+      const V16 times = set16(largest > 0.0f ? 127.0f / largest : 0.0f);
+      const I16 low = rounded16(first * times), high = rounded16(second * times);
       int8_t* out = codes + r * k + g * kInt4Group;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(low));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtepi32_epi8(high));
+      store_low_bytes16(low, out);
+      store_low_bytes16(high, out + 16);
       scales[r * groups + g] = scale;
-      sums[r * groups + g] = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(low, high))) * scale;
+      sums[r * groups + g] = static_cast<float>(total16(low) + total16(high)) * scale;
     }
   }
 }
 
-// `rows` input rows against `panels` (1 or 2) consecutive panels: per group, the integer dot of codes and inputs in
-// two sums (low and high nibbles), then scaled by the weights' and the inputs' scales and shifted by the weights'
-// minimum times the inputs' sum, into a float sum.
+// `rows` input rows against `panels` (up to kInt4Panels) consecutive panels: per group, the integer dot of codes and
+// inputs (low nibbles against the group's first 16 inputs of each block, high ones against the rest), then scaled by
+// the weights' and the inputs' scales and shifted by the weights' minimum times the inputs' sum, into a float sum.
 template <int rows, int panels>
 void int4_micro_kernel(const int8_t* codes, int64_t k, const float* group_scales, const float* group_sums,
                        const uint8_t* weights, const float* bias, int64_t n0, int64_t n, float* out) {
   const int64_t groups = k / kInt4Group;
   const int64_t panel_bytes = groups * kInt4Block;
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  __m512 total[rows][panels];
+  V16 total[rows][panels];
   for (int r = 0; r < rows; ++r)
-    for (int p = 0; p < panels; ++p) total[r][p] = _mm512_setzero_ps();
+    for (int p = 0; p < panels; ++p) total[r][p] = zero16();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i lows[rows][panels], highs[rows][panels];
+    I16 dots[rows][panels];
+#ifdef HF_OPENAI_SERVER_AVX512
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512i acc[rows][panels];
     for (int r = 0; r < rows; ++r)
-      for (int p = 0; p < panels; ++p) lows[r][p] = highs[r][p] = _mm512_setzero_si512();
+      for (int p = 0; p < panels; ++p) acc[r][p] = _mm512_setzero_si512();
     for (int j = 0; j < 4; ++j) {
       __m512i wl[panels], wh[panels];
       for (int p = 0; p < panels; ++p) {
@@ -198,21 +410,49 @@ void int4_micro_kernel(const int8_t* codes, int64_t k, const float* group_scales
         std::memcpy(&first, codes + r * k + g * kInt4Group + 4 * j, sizeof(first));
         std::memcpy(&second, codes + r * k + g * kInt4Group + 4 * j + 16, sizeof(second));
         const __m512i x1 = _mm512_set1_epi32(first), x2 = _mm512_set1_epi32(second);
-        for (int p = 0; p < panels; ++p) {
-          lows[r][p] = _mm512_dpbusd_epi32(lows[r][p], wl[p], x1);
-          highs[r][p] = _mm512_dpbusd_epi32(highs[r][p], wh[p], x2);
-        }
+        for (int p = 0; p < panels; ++p)
+          acc[r][p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][p], wl[p], x1), wh[p], x2);
       }
     }
+    for (int r = 0; r < rows; ++r)
+      for (int p = 0; p < panels; ++p) dots[r][p] = {acc[r][p]};
+#else
+    // vpmaddubsw: codes (up to 15) times signed inputs (up to 127 either way), in pairs: 3810 at most.
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256i acc[rows][panels][2];
+    for (int r = 0; r < rows; ++r)
+      for (int p = 0; p < panels; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      __m256i wl[panels][2], wh[panels][2];
+      for (int p = 0; p < panels; ++p)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i both = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(weights + p * panel_bytes + g * kInt4Block + j * 64 + 32 * h));
+          wl[p][h] = _mm256_and_si256(both, low);
+          wh[p][h] = _mm256_and_si256(_mm256_srli_epi16(both, 4), low);
+        }
+      for (int r = 0; r < rows; ++r) {
+        int32_t first, second;
+        std::memcpy(&first, codes + r * k + g * kInt4Group + 4 * j, sizeof(first));
+        std::memcpy(&second, codes + r * k + g * kInt4Group + 4 * j + 16, sizeof(second));
+        const __m256i x1 = _mm256_set1_epi32(first), x2 = _mm256_set1_epi32(second);
+        for (int p = 0; p < panels; ++p)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(wl[p][h], x1),
+                                                   _mm256_maddubs_epi16(wh[p][h], x2));
+            acc[r][p][h] = _mm256_add_epi32(acc[r][p][h], _mm256_madd_epi16(pairs, ones));
+          }
+      }
+    }
+    for (int r = 0; r < rows; ++r)
+      for (int p = 0; p < panels; ++p) dots[r][p] = {acc[r][p][0], acc[r][p][1]};
+#endif
     for (int p = 0; p < panels; ++p) {
       const uint8_t* block = weights + p * panel_bytes + g * kInt4Block + kInt4Codes;
-      const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
-      const __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32)));
+      const V16 scale = halves16(block), minimum = halves16(block + 32);
       for (int r = 0; r < rows; ++r) {
-        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lows[r][p], highs[r][p]));
-        const __m512 both = _mm512_mul_ps(scale, _mm512_set1_ps(group_scales[r * groups + g]));
-        total[r][p] = _mm512_fmadd_ps(dot, both, total[r][p]);
-        total[r][p] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(group_sums[r * groups + g]), total[r][p]);
+        total[r][p] = fmadd(to_floats(dots[r][p]), scale * set16(group_scales[r * groups + g]), total[r][p]);
+        total[r][p] = fmadd(minimum, set16(group_sums[r * groups + g]), total[r][p]);
       }
     }
   }
@@ -235,16 +475,16 @@ void int4_row_block(const int8_t* codes, int64_t k, const float* group_scales, c
 template <int rows, int panels>
 void float_micro_kernel(const float* x, int64_t k, const float* weights, const float* bias, int64_t n0, int64_t n,
                         float* out) {
-  __m512 acc[rows][panels];
+  V16 acc[rows][panels];
   for (int r = 0; r < rows; ++r)
-    for (int p = 0; p < panels; ++p) acc[r][p] = _mm512_setzero_ps();
+    for (int p = 0; p < panels; ++p) acc[r][p] = zero16();
   const int64_t panel_floats = k * kPanel;
   for (int64_t i = 0; i < k; ++i) {
-    __m512 w[panels];
-    for (int p = 0; p < panels; ++p) w[p] = _mm512_loadu_ps(weights + p * panel_floats + i * kPanel);
+    V16 w[panels];
+    for (int p = 0; p < panels; ++p) w[p] = load16(weights + p * panel_floats + i * kPanel);
     for (int r = 0; r < rows; ++r) {
-      const __m512 input = _mm512_set1_ps(x[r * k + i]);
-      for (int p = 0; p < panels; ++p) acc[r][p] = _mm512_fmadd_ps(input, w[p], acc[r][p]);
+      const V16 input = set16(x[r * k + i]);
+      for (int p = 0; p < panels; ++p) acc[r][p] = fmadd(input, w[p], acc[r][p]);
     }
   }
   for (int p = 0; p < panels && n0 + p * kPanel < n; ++p)
@@ -350,8 +590,7 @@ void multiply_float(const Product& product, const float* x, int64_t m, float* ou
   const float* bias = product.bias;
   at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
     for (int64_t panel = first; panel < last;) {
-      const int64_t left = last - panel;
-      const int64_t count = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      const int64_t count = panels_next(last - panel);
       for (int64_t r = 0; r < m; r += kRows) {
         const float* rows_in = x + r * k;
         float* o = out + r * n;
@@ -390,8 +629,8 @@ void multiply_int4(const Product& product, const float* x, int64_t m, float* out
   const uint8_t* weights = static_cast<const uint8_t*>(product.weights);
   const float* bias = product.bias;
   at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
-    for (int64_t panel = first; panel < last; panel += 2) {
-      const int64_t count = std::min<int64_t>(2, last - panel);
+    for (int64_t panel = first; panel < last; panel += kInt4Panels) {
+      const int64_t count = std::min(kInt4Panels, last - panel);
       for (int64_t r = 0; r < m; r += kRows) {
         const int8_t* c = code_data + r * k;
         const float* s = scale_data + r * groups;
@@ -458,35 +697,12 @@ at::Tensor float_linear(const at::Tensor& inputs, const at::Tensor& weights, con
   return product_op(inputs, float_product(weights, bias, features_of(inputs, "float_linear"), out_features));
 }
 
-// e^x for sixteen floats: x = n ln 2 + r, 2^n from the exponent bits, e^r by a degree-6 polynomial (about 2 ulp);
-// 0 below -87 (a masked column's -infinity included).
-__m512 exp16(__m512 x) {
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
-  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i exponent = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_mul_ps(p, _mm512_castsi512_ps(exponent)));
-}
-
 // x * sigmoid(x) as x / (1 + e^-x) for `n` floats, sixteen at a time (the last ones masked): every element takes the
 // same instructions wherever it lies, so a gate gets the same bits in `silu` and in `layer_output`.
 void silu_into(const float* x, int64_t n, float* out) {
-  const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = static_cast<__mmask16>(i + 16 <= n ? 0xFFFF : (1u << (n - i)) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
-    _mm512_mask_storeu_ps(out + i, mask, _mm512_div_ps(v, _mm512_add_ps(one, e)));
+    const V16 v = load16(x + i, n - i);
+    store16(out + i, v / (set16(1.0f) + exp16(zero16() - v)), n - i);
   }
 }
 
@@ -537,46 +753,44 @@ void attend_rows(const float* queries, int64_t query_stride, int64_t rows, int64
             scores[g * padded + c] = -std::numeric_limits<float>::infinity();
             continue;
           }
-          __m512 lanes = _mm512_setzero_ps();
+          V16 lanes = zero16();
           for (int64_t i = 0; i < chunks; ++i)
-            lanes = _mm512_add_ps(lanes, _mm512_mul_ps(_mm512_loadu_ps(q + g * dim + 16 * i),
-                                                       _mm512_loadu_ps(k + c * keys.column + 16 * i)));
-          scores[g * padded + c] = _mm512_reduce_add_ps(lanes) * scale;
+            lanes = lanes + load16(q + g * dim + 16 * i) * load16(k + c * keys.column + 16 * i);
+          scores[g * padded + c] = sum16(lanes) * scale;
         }
       }
       float inverse[8];
       for (int64_t g = 0; g < groups; ++g) {
         float* row = scores.data() + g * padded;
-        __m512 largest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-        for (int64_t c = 0; c < padded; c += 16) largest = _mm512_max_ps(largest, _mm512_loadu_ps(row + c));
-        const float top = _mm512_reduce_max_ps(largest);
-        const __m512 shift = _mm512_set1_ps(top == -std::numeric_limits<float>::infinity() ? 0.0f : top);
-        __m512 total = _mm512_setzero_ps();
+        V16 largest = set16(-std::numeric_limits<float>::infinity());
+        for (int64_t c = 0; c < padded; c += 16) largest = larger(largest, load16(row + c));
+        const float top = largest16(largest);
+        const V16 shift = set16(top == -std::numeric_limits<float>::infinity() ? 0.0f : top);
+        V16 total = zero16();
         for (int64_t c = 0; c < padded; c += 16) {
-          const __m512 weights = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + c), shift));
-          _mm512_storeu_ps(row + c, weights);
-          total = _mm512_add_ps(total, weights);
+          const V16 weights = exp16(load16(row + c) - shift);
+          store16(row + c, weights);
+          total = total + weights;
         }
-        const float sum = _mm512_reduce_add_ps(total);
+        const float sum = sum16(total);
         inverse[g] = sum > 0.0f ? 1.0f / sum : 0.0f;  // nothing visible: zeros
       }
-      __m512 sums[8][16];
+      V16 sums[8][16];
       for (int64_t g = 0; g < groups; ++g)
-        for (int64_t i = 0; i < chunks; ++i) sums[g][i] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < chunks; ++i) sums[g][i] = zero16();
       for (int64_t c = 0; c < seen_columns; ++c) {
         const float* column = v + c * values.column;
         for (int64_t g = 0; g < groups; ++g) {
           const float weight = scores[g * padded + c];
           if (weight == 0.0f) continue;
-          const __m512 times = _mm512_set1_ps(weight);
-          for (int64_t i = 0; i < chunks; ++i)
-            sums[g][i] = _mm512_add_ps(sums[g][i], _mm512_mul_ps(times, _mm512_loadu_ps(column + 16 * i)));
+          const V16 times = set16(weight);
+          for (int64_t i = 0; i < chunks; ++i) sums[g][i] = sums[g][i] + times * load16(column + 16 * i);
         }
       }
       for (int64_t g = 0; g < groups; ++g) {
         float* o = out + (position * heads + kh * groups + g) * dim;
-        const __m512 times = _mm512_set1_ps(inverse[g]);
-        for (int64_t i = 0; i < chunks; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(sums[g][i], times));
+        const V16 times = set16(inverse[g]);
+        for (int64_t i = 0; i < chunks; ++i) store16(o + 16 * i, sums[g][i] * times);
       }
     }
   });
@@ -636,18 +850,16 @@ void norm_rows(const float* x, int64_t m, int64_t k, const float* weight, float 
     for (int64_t r = begin; r < end; ++r) {
       const float* row = x + r * k;
       float* o = out + r * k;
-      __m512 lanes = _mm512_setzero_ps();
+      V16 lanes = zero16();
       for (int64_t i = 0; i < vectorised; i += 16) {
-        const __m512 v = _mm512_loadu_ps(row + i);
-        lanes = _mm512_add_ps(lanes, _mm512_mul_ps(v, v));
+        const V16 v = load16(row + i);
+        lanes = lanes + v * v;
       }
-      float squares = _mm512_reduce_add_ps(lanes);
+      float squares = sum16(lanes);
       for (int64_t i = vectorised; i < k; ++i) squares += row[i] * row[i];
       const float scale = 1.0f / std::sqrt(squares / static_cast<float>(k) + eps);
-      const __m512 times = _mm512_set1_ps(scale);
-      for (int64_t i = 0; i < vectorised; i += 16)
-        _mm512_storeu_ps(o + i,
-                         _mm512_mul_ps(_mm512_loadu_ps(weight + i), _mm512_mul_ps(_mm512_loadu_ps(row + i), times)));
+      const V16 times = set16(scale);
+      for (int64_t i = 0; i < vectorised; i += 16) store16(o + i, load16(weight + i) * (load16(row + i) * times));
       for (int64_t i = vectorised; i < k; ++i) o[i] = weight[i] * (row[i] * scale);
     }
   });
