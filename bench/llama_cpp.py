@@ -46,10 +46,26 @@ def source_tree(root: Path) -> Path:
     return max(downloads.glob("*/llama.cpp/CMakeLists.txt")).parent
 
 
-def llama_server(root: Path | None = None) -> Path:
-    """Path of ``llama-server``, configured and built the first time (CPU only, native instructions)."""
+AVX2_FLAGS = (
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_AVX=ON",
+    "-DGGML_AVX2=ON",
+    "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON",
+    "-DGGML_BMI2=ON",
+    "-DGGML_AVX512=OFF",
+    "-DGGML_AVX512_VNNI=OFF",
+    "-DGGML_AVX512_BF16=OFF",
+    "-DGGML_AVX_VNNI=OFF",
+)
+"""A build for AVX2 CPUs (no AVX-512, no AVX-VNNI), whatever the CPU it is built on: `bench/throughput.py --avx2`."""
+
+
+def llama_server(root: Path | None = None, *, avx2: bool = False) -> Path:
+    """Path of ``llama-server``, configured and built the first time (CPU only, native instructions or `AVX2_FLAGS`)."""
     tree = source_tree(root or cache_root())
-    binary = tree / "build" / "bin" / "llama-server"
+    build = tree / ("build-avx2" if avx2 else "build")
+    binary = build / "bin" / "llama-server"
     if binary.is_file():
         return binary
     configure = [
@@ -57,16 +73,16 @@ def llama_server(root: Path | None = None) -> Path:
         "-S",
         str(tree),
         "-B",
-        str(tree / "build"),
+        str(build),
         "-DCMAKE_BUILD_TYPE=Release",
-        "-DGGML_NATIVE=ON",
+        *(AVX2_FLAGS if avx2 else ("-DGGML_NATIVE=ON",)),
         "-DLLAMA_CURL=OFF",
         "-DLLAMA_BUILD_TESTS=OFF",
         "-DLLAMA_BUILD_EXAMPLES=OFF",
         "-DBUILD_SHARED_LIBS=OFF",
     ]
     subprocess.run(configure, check=True)
-    subprocess.run(["cmake", "--build", str(tree / "build"), "--target", "llama-server", "-j", BUILD_JOBS], check=True)
+    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", BUILD_JOBS], check=True)
     return binary
 
 

@@ -155,6 +155,9 @@ RATIOS = (
     ("hf-openai-server fp32", "transformers serve --continuous-batching"),
 )
 """(ours, theirs) pairs the ratio table compares, like to like."""
+AVX2_ENVIRONMENT = {"HF_OPENAI_SERVER_NATIVE": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+"""``--avx2``: our kernels' AVX2 build, torch's and oneDNN's AVX2 code (for ours and ``transformers serve``)."""
+AVX2_NOTE = "; held to AVX2 (--avx2): ours on its AVX2 build, torch and oneDNN at AVX2, llama.cpp built for AVX2"
 
 
 def servers(args: argparse.Namespace, snapshot: Path) -> list[Server]:
@@ -179,10 +182,13 @@ def servers(args: argparse.Namespace, snapshot: Path) -> list[Server]:
             [python, "-m", "entrypoints.http", "--port", str(args.port + i), "--quantize", scheme, *ours_flags],
             args.port + i,
             "SmolLM2-135M-Instruct",
+            env=AVX2_ENVIRONMENT if args.avx2 else {},
         )
         for i, (suffix, scheme) in enumerate(QUANTIZED)
     ]
     offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if args.avx2:
+        offline |= AVX2_ENVIRONMENT
 
     def theirs(port: int) -> list[str]:
         command = [transformers_cli, "serve", str(snapshot), "--port", str(port), "--device", "cpu"]
@@ -210,7 +216,7 @@ def llama_cpp_servers(args: argparse.Namespace, snapshot: Path, port: int) -> li
 
     from adapters.huggingface.loading import default_model_path  # noqa: PLC0415
 
-    binary = llama_cpp.llama_server()
+    binary = llama_cpp.llama_server(avx2=args.avx2)
     files = {"q4_1": default_model_path()} | {
         outtype: llama_cpp.converted_gguf(snapshot, outtype) for outtype in ("f32", "q8_0")
     }
@@ -455,6 +461,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out (no build, no conversion)")
     parser.add_argument(
+        "--avx2",
+        action="store_true",
+        help="what an AVX2-only CPU runs, on this one: ours on its AVX2 build with torch and oneDNN held to AVX2, "
+        "llama.cpp built for AVX2 (no AVX-512)",
+    )
+    parser.add_argument(
         "--llama-cpp-flag",
         action="append",
         default=[],
@@ -494,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "interleaved rounds per cell (aggregate: median of rounds; per-stream and TTFT: over all requests); "
         f"ours with --max-batch-size {args.max_batch_size} and {our_flags}, transformers serve with torch's "
         f"default threads, llama-server with -np {args.max_batch_size} -t {os.cpu_count()}"
-        f"{''.join(f' {flag}' for flag in args.llama_cpp_flag)}. Every server stays up "
+        f"{''.join(f' {flag}' for flag in args.llama_cpp_flag)}"
+        f"{AVX2_NOTE if args.avx2 else ''}. Every server stays up "
         "through the run and the rounds alternate them, so other work on the machine weighs on each alike."
     )
     report = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n{settings}\n\n{table(cells, args)}"
