@@ -154,8 +154,17 @@ class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transforme
         values[:, :, -new:] = value_states
         return keys, values
 
-    def grow(self, new: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every cached column and ``new`` more after them, for the caller to write (a cache that holds columns)."""
+    def grow(self, new: int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cached column and ``new`` more after them, for the caller to write.
+
+        ``like``: keys of the layer's rows, heads, head size and dtype (any columns), for a layer that holds none yet.
+        """
+        if not self.is_initialized:
+            if like is None:
+                msg = "an empty cache layer grows only like given keys"
+                raise ValueError(msg)
+            self.lazy_initialization(like, like)
+            return self._grown(new, like)
         return self._grown(new, layer_kv(self)[0])
 
     def _grown(self, new: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,10 @@ mask). On the CPU, torch's flash kernel takes the grouped heads and the mask tog
 shapes (9 query heads on 3 key heads) a batch of 4 rows over 100 columns took 39 against 81 µs a layer, a batch of
 16 131 against 184 µs (2-core AMD EPYC with AVX-512). `per_query` sends transformers' forward through the same
 function, so the lean decoder and transformers' forward still agree bit for bit (`decoder.probe` checks it).
+
+On a model whose attention blocks take our kernel (`native.use_own_attention`), several new positions go to it in
+one call, each as a one-token step at its place (`own_positions`): a verifying pass's, and a prefill's too, so that
+a prompt rounds as decoding it token by token would, and the lean decoder can run it in one op.
 """
 
 from __future__ import annotations
@@ -66,14 +70,46 @@ def per_query(
 ) -> tuple[torch.Tensor, None]:
     """The sdpa attention of transformers; inside `one_query_at_a_time`, one call per query position (`each_query`).
 
-    One query position goes to `one_query` where it applies (`one_position`), as the lean decoder's do.
+    One query position goes to `one_query` where it applies (`one_position`), as the lean decoder's do; several go
+    to our kernel in one call where it applies (`own_positions`), each as a one-token step at its place.
     """
+    if query.shape[2] > 1:
+        output = own_positions(module, query, key, value, attention_mask, options=kwargs)
+        if output is not None:
+            return output, None
     if query.shape[2] > 1 and not getattr(_state, "active", False):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     attend = one_position(module, query, kwargs)
     if query.shape[2] == 1:
         return attend(query, key, value, attention_mask), None
     return each_query(query, key, value, attention_mask, attend), None
+
+
+def own_positions(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    options: dict[str, Any],
+) -> torch.Tensor | None:
+    """Several new positions' causal attention by our kernel, each as a one-token step at its place, or ``None``.
+
+    For an attention block `native.use_own_attention` marked (a model on our kernels), on the CPU, causal, with only
+    the arguments (``options``, transformers') that `one_position` lets through, and shapes our kernel takes; without
+    a mask only where the positions are every column (transformers leaves the mask out of a whole unpadded prompt).
+    A prefill then rounds as the decoding steps and verifying passes do, which lets the lean decoder run it in one
+    op (`LeanDecoder.prefill`).
+    """
+    plain = not options.get("dropout") and options.get("position_bias") is None and options.get("softcap") is None
+    causal = options.get("is_causal", getattr(module, "is_causal", True))
+    if not (plain and causal and getattr(module, native.OWN_ATTENTION, False) and query.device.type == "cpu"):
+        return None
+    if (mask is None and query.shape[2] != key.shape[2]) or not native.attends(query, key, mask):
+        return None
+    scaling = options.get("scaling")
+    return native.one_query_attention(query, key, value, mask, query.shape[-1] ** -0.5 if scaling is None else scaling)
 
 
 def one_position(module: torch.nn.Module, query: torch.Tensor, kwargs: dict[str, Any]) -> Attend:
@@ -196,6 +232,7 @@ __all__ = [
     "one_position",
     "one_query",
     "one_query_at_a_time",
+    "own_positions",
     "per_query",
     "whole_prompt",
 ]

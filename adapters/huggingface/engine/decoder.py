@@ -190,11 +190,17 @@ class LeanDecoder:
         """The last ``keep`` positions' logits of a prefill, ``[rows, keep, vocab]``, as transformers' forward has them.
 
         The arguments are `__call__`'s, any number of new positions after ``cache``'s columns (none, or a cached
-        prefix). The attention takes the mask transformers builds and its sdpa call (`attention.whole_prompt`); the
-        rest is each layer's compiled halves, which compute each position on its own.
+        prefix). Where every layer has a one-op step, the prompt goes through them all in one op, each position
+        attending as a one-token step at its place, as transformers' forward then attends too
+        (`attention.own_positions`). Else the attention takes the mask transformers builds and its sdpa call
+        (`attention.whole_prompt`), and the rest is each layer's compiled halves, which compute each position on its
+        own.
         """
         inner = self.model.model
         embeddings = inner.embed_tokens(ids)
+        if self._steps is not None and all(isinstance(layer, GrowingLayer) for layer in cache_layers(cache)):
+            hidden = self._step_layers(embeddings, positions, cache, step_attention_mask(mask, ids.shape[1]))
+            return cast("torch.Tensor", self.model.get_output_embeddings()(inner.norm(hidden[:, -keep:])))
         attention_mask = causal_mask(
             self.model.config, embeddings, None if bool(mask.all()) else mask, cache, positions
         )
@@ -242,8 +248,10 @@ class LeanDecoder:
         """
         cos, sin = self.model.model.rotary_emb(hidden, positions)
         angles = cos.unsqueeze(2), signed_sines(sin).unsqueeze(2)
-        fed = hidden.shape[1]
-        columns = [cast("GrowingLayer", cache_layer).grow(fed) for cache_layer in cache_layers(cache)]
+        rows, fed = hidden.shape[:2]
+        first = cast("native.OwnDecodingStep", self._layers[0].step).attention_input
+        like = hidden.new_empty(rows, first.keys_size // first.head_dim, 0, first.head_dim)  # for an empty cache
+        columns = [cast("GrowingLayer", cache_layer).grow(fed, like) for cache_layer in cache_layers(cache)]
         return cast("native.OwnDecodingSteps", self._steps)(hidden, angles, columns, mask)
 
     def _planned(self) -> tuple[LayerPlan, ...]:

@@ -300,11 +300,12 @@ OWN_ATTENTION = "hf_openai_server_own_attention"
 def one_query_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
-    """One query position's attention, ``[rows, 1, heads, dim]``, by our kernel (once `unavailable` is None).
+    """Each query position's attention as a one-token step at its place computes it, ``[rows, fed, heads, dim]``.
 
-    ``query``: ``[rows, heads, 1, dim]``; ``key``/``value``: ``[rows, key heads, columns, dim]``; ``mask``: boolean
-    ``[rows, 1, 1, columns]`` (True: attend) or ``None``. A head size that is a multiple of 16 up to 256, at most 8
-    query heads a key head (`attends`).
+    By our kernel (once `unavailable` is None). ``query``: ``[rows, heads, fed, dim]``, the positions of ``key``'s
+    last ``fed`` columns; ``key``/``value``: ``[rows, key heads, columns, dim]``; ``mask``: boolean ``[rows, 1, fed,
+    columns]`` (True: attend) or ``None`` (each position sees the columns up to its own). A head size that is a
+    multiple of 16 up to 256, at most 8 query heads a key head (`attends`).
     """
     output: torch.Tensor = torch.ops.hf_openai_server.one_query_attention.default(query, key, value, mask, scaling)
     return output
@@ -313,7 +314,7 @@ def one_query_attention(
 def attends(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether `one_query_attention` takes these shapes (else the caller keeps torch's)."""
     heads, key_heads = query.shape[1], key.shape[1]
-    plain_mask = mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] == 1)
+    plain_mask = mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] == query.shape[2])
     return (
         query.device.type == "cpu"
         and query.dtype == torch.float32

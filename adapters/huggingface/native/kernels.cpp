@@ -7,7 +7,8 @@
 // - int4_linear: 4-bit weights in q4_1's groups of 32, inputs quantized per group of 32;
 // - float_linear: float32 weights in panels of 16 output rows, fused multiply-adds in input order;
 // - rms_norm: a Llama-style RMS norm of each row, in one pass where torch takes eight ops; silu;
-// - one_query_attention: one query position's attention, the query heads of a key head reading it once;
+// - one_query_attention: each new query position's attention as a one-token step at its place computes it, the
+//   query heads of a key head reading the keys and values once;
 // - attention_input, layer_output: a Llama-style layer's two halves around its attention, from the kernels above,
 //   in one op each; decode_layers: both and the attention between them, for every layer of a decoding step or
 //   verifying pass.
@@ -819,24 +820,26 @@ at::Tensor visible_columns(const c10::optional<at::Tensor>& mask, int64_t rows, 
   return mask->expand({rows, 1, fed, columns}).contiguous();
 }
 
-// One query position's attention (`attend_rows`). query [rows, heads, 1, dim]; key, value [rows, key heads, columns,
-// dim] (any strides but the last); a head size that is a multiple of 16 up to 256, at most 8 query heads a key head.
-// Returns [rows, 1, heads, dim].
+// Each new query position's attention as a one-token step at its place computes it (`attend_rows`): query [rows,
+// heads, fed, dim], the last `fed` of the columns; key, value [rows, key heads, columns, dim] (any strides but the
+// last); mask bool [rows or 1, 1, fed, columns] or none; a head size that is a multiple of 16 up to 256, at most 8
+// query heads a key head. Returns [rows, fed, heads, dim].
 at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                const c10::optional<at::Tensor>& mask, double scaling) {
-  TORCH_CHECK(query.scalar_type() == at::kFloat && query.dim() == 4 && query.size(2) == 1 && key.dim() == 4,
-              "one_query_attention: float32 queries of one position expected");
-  const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(3);
+  TORCH_CHECK(query.scalar_type() == at::kFloat && query.dim() == 4 && key.dim() == 4 && query.size(2) >= 1 &&
+                  query.size(2) <= key.size(2),
+              "one_query_attention: float32 queries of the last columns' positions expected");
+  const int64_t rows = query.size(0), heads = query.size(1), fed = query.size(2), dim = query.size(3);
   const int64_t key_heads = key.size(1), columns = key.size(2);
   TORCH_CHECK(key_heads > 0 && heads % key_heads == 0 && heads_fit(dim, heads / key_heads),
               "one_query_attention: a head size that is a multiple of 16 up to 256 and at most 8 query heads a key "
               "head expected");
   const Columns keys = columns_of(key, rows, key_heads, columns, dim, "one_query_attention");
   const Columns values = columns_of(value, rows, key_heads, columns, dim, "one_query_attention");
-  const at::Tensor visible = visible_columns(mask, rows, 1, columns, "one_query_attention");
-  const at::Tensor q = query.contiguous();
-  at::Tensor out = at::empty({rows, 1, heads, dim}, query.options());
-  attend_rows(q.data_ptr<float>(), heads * dim, rows, 1, heads, dim, keys, values, key_heads, columns,
+  const at::Tensor visible = visible_columns(mask, rows, fed, columns, "one_query_attention");
+  const at::Tensor q = query.transpose(1, 2).contiguous();  // [rows, fed, heads, dim]: a position's heads together
+  at::Tensor out = at::empty({rows, fed, heads, dim}, query.options());
+  attend_rows(q.data_ptr<float>(), heads * dim, rows, fed, heads, dim, keys, values, key_heads, columns,
               visible.defined() ? visible.data_ptr<bool>() : nullptr, static_cast<float>(scaling),
               out.data_ptr<float>());
   return out;
