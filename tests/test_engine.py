@@ -13,9 +13,13 @@ from hypothesis import strategies as st
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    EosTokenCriteria,
     LogitsProcessorList,
+    MaxLengthCriteria,
     MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
     TemperatureLogitsWarper,
 )
 
@@ -23,7 +27,7 @@ from adapters.huggingface.engine import BatchingGenerator, BatchLimits
 from adapters.huggingface.engine.rows import best
 from adapters.huggingface.generator import HuggingFaceGenerator
 from adapters.huggingface.prefix_cache import PrefixCache
-from adapters.huggingface.processors import HoldEnd, apply, lean
+from adapters.huggingface.processors import HoldEnd, LeanStopping, apply, lean
 from adapters.huggingface.threads import ThreadTuner
 from domain.errors import GenerationError, QueueFullError
 from domain.generation import FinishReason
@@ -124,6 +128,27 @@ def test_the_rows_lean_processors_give_the_scores_of_transformers_own(length):
     same = LogitsProcessorList([MinLengthLogitsProcessor(8, eos), MinNewTokensLengthLogitsProcessor(3, 5, eos)])
     assert len(lean(same)) == 1
     assert torch.equal(apply(lean(same), ids, scores), same(ids, scores))
+
+
+class EndsOnSeven(StoppingCriteria):
+    """A criterion of another kind (a stop string's, say): called as it is."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        return input_ids[:, -1] == 7  # type: ignore[return-value]
+
+
+@given(
+    st.lists(st.integers(0, 9), min_size=1, max_size=12),
+    st.sets(st.integers(0, 9), min_size=1, max_size=3),
+    st.integers(1, 14),
+    st.booleans(),
+)
+def test_lean_stopping_says_what_transformers_criteria_say(tokens, eos, max_length, other):
+    criteria = StoppingCriteriaList([MaxLengthCriteria(max_length), EosTokenCriteria(torch.tensor(sorted(eos)))])
+    if other:
+        criteria.append(EndsOnSeven())
+    ids, scores = torch.tensor([tokens]), torch.randn(1, 10)
+    assert LeanStopping(criteria)(ids, scores) is bool(criteria(ids, scores).any())
 
 
 def test_each_request_alone_matches_the_plain_generator(generator, reference, prompts):

@@ -1,6 +1,7 @@
 """Logits processors for what OpenAI defines and ``transformers`` lacks: additive penalties, logprob recording.
 
-And the engine's way to run a row's processors at every step (``apply``, over a list ``lean`` made cheaper).
+And the engine's way to run a row's processors at every step (``apply``, over a list ``lean`` made cheaper), and to
+check its stopping criteria (`LeanStopping`).
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ import math
 
 import torch
 from transformers import (
+    EosTokenCriteria,
     LogitsProcessor,
     LogitsProcessorList,
+    MaxLengthCriteria,
     MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
+    StoppingCriteriaList,
 )
 
 from domain.generation import GenerationParams, TokenLogprob
@@ -110,6 +114,36 @@ def lean(processors: LogitsProcessorList) -> LogitsProcessorList:
         if not any(isinstance(kept, HoldEnd) and kept.same_as(leaner) for kept in replaced):
             replaced.append(leaner)
     return replaced
+
+
+class LeanStopping:
+    """A row's stopping criteria as ``generate`` builds them, its length and end-of-sequence ones checked in Python.
+
+    The list's own call makes a tensor for each criterion, then ors them, at every step of every row (30 us a row,
+    half a millisecond of a 16-row step); the length and EOS checks are a comparison and a set lookup. Other
+    criteria (stop strings) are called as they are.
+    """
+
+    def __init__(self, criteria: StoppingCriteriaList) -> None:
+        self.max_length: int | None = None
+        self.eos: frozenset[int] = frozenset()
+        self.others = StoppingCriteriaList()
+        for criterion in criteria:
+            if type(criterion) is MaxLengthCriteria:
+                limit = criterion.max_length
+                self.max_length = limit if self.max_length is None else min(self.max_length, limit)
+            elif type(criterion) is EosTokenCriteria:
+                self.eos |= frozenset(int(token) for token in criterion.eos_token_id.reshape(-1).tolist())
+            else:
+                self.others.append(criterion)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> bool:
+        """Whether the row (``input_ids``: ``[1, length]``) is done, as the criteria's list would say."""
+        if self.max_length is not None and input_ids.shape[-1] >= self.max_length:
+            return True
+        if self.eos and int(input_ids[0, -1]) in self.eos:
+            return True
+        return bool(self.others) and bool(self.others(input_ids, scores).any())
 
 
 def apply(processors: LogitsProcessorList, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

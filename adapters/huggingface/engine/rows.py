@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 from adapters.huggingface.generator import finish_reason
-from adapters.huggingface.processors import LogprobRecorder, apply, lean, request_processors
+from adapters.huggingface.processors import LeanStopping, LogprobRecorder, apply, lean, request_processors
 from adapters.huggingface.transformers_compat import (
     logits_processors,
     prepare_generation_config,
@@ -44,7 +44,7 @@ class Row:
     deliver: Delivery
     cancelled: threading.Event = attrs.field(factory=threading.Event)
     processors: LogitsProcessorList = attrs.field(factory=LogitsProcessorList)
-    stopping: StoppingCriteriaList = attrs.field(factory=StoppingCriteriaList)
+    stopping: LeanStopping = attrs.field(factory=lambda: LeanStopping(StoppingCriteriaList()))
     recorder: LogprobRecorder | None = None
     rng: torch.Generator | None = None
     ids: torch.Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long))
@@ -91,7 +91,7 @@ def prepare(row: Row, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     prepare_special_tokens(hidden, config)
     custom, row.recorder = request_processors(row.params, prompt_length=prompt_length)
     row.processors = lean(logits_processors(hidden, config, ids, custom))  # the scores `generate`'s list gives
-    row.stopping = stopping_criteria(hidden, config, tokenizer)
+    row.stopping = LeanStopping(stopping_criteria(hidden, config, tokenizer))
     if row.params.seed is not None and config.do_sample:
         row.rng = torch.Generator(device=model.device)
         row.rng.manual_seed(row.params.seed)
@@ -124,7 +124,7 @@ def advance(row: Row, logits: torch.Tensor, *, draft: Sequence[int] = (), cached
                 logprobs.extend(row.recorder.logprobs_of(picked[-1:]))
             guessed = position < len(draft) and picked[-1] == draft[position]
             accepted += guessed
-            if bool(row.stopping(row.ids, scores).any()):
+            if row.stopping(row.ids, scores):
                 row.finish_reason = finish_reason(row.ids[0, len(row.prompt_ids) :].tolist(), row.config)
                 break
             if not guessed:
