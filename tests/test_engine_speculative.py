@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from transformers import DynamicCache
 
 from adapters.huggingface.engine import BatchingGenerator, BatchLimits, Speculation, attention
 from adapters.huggingface.engine.attention import one_query_at_a_time
-from adapters.huggingface.engine.speculative import propose
+from adapters.huggingface.engine.loop import EngineLoop
+from adapters.huggingface.engine.speculative import LONGEST_PAUSE, pause_after, propose
 from adapters.huggingface.loading import load_model
 from adapters.huggingface.quantization import kernel_works
 from adapters.huggingface.transformers_compat import growing_cache
@@ -122,6 +124,15 @@ def test_a_big_batch_drafts_shorter_and_then_not_at_all():
     assert Speculation(tokens=0).draft_length(1) == 0
     with pytest.raises(ValueError, match="speculative"):
         Speculation(tokens=-1)
+
+
+def test_a_row_whose_drafts_keep_failing_drafts_ever_less_often():
+    assert [pause_after(misses) for misses in range(8)] == [0, 2, 4, 8, 16, 32, 32, 32]
+    assert LONGEST_PAUSE == 32
+    tokens = [5, 6, 7, 8, 5, 6, 7, 9, 5, 6, 7]  # "5 6 7" seen before: a draft to propose
+    row = SimpleNamespace(ids=torch.tensor([tokens]), room=10, draft_pause=2)
+    assert [EngineLoop._draft(None, row, 4) for _ in range(3)] == [[], [], [9, 5, 6, 7]]  # type: ignore[arg-type]
+    assert row.draft_pause == 0
 
 
 # --- the output does not change ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from adapters.huggingface import delivery
 from adapters.huggingface.engine import rows as row_ops
 from adapters.huggingface.engine.kv_batch import KVBatch
 from adapters.huggingface.engine.prefill import groups, prefill_group, remember_prefixes
-from adapters.huggingface.engine.speculative import DraftCounts, Speculation, propose
+from adapters.huggingface.engine.speculative import DraftCounts, Speculation, pause_after, propose
 from domain.errors import GenerationError
 from domain.generation import GeneratedTokens
 
@@ -144,12 +144,21 @@ class EngineLoop:
                 if not row.cancelled.is_set():
                     accepted = row_ops.advance(row, logits[index], draft=draft)
                     self.drafts.record(len(draft), accepted)
+                    if draft:
+                        row.draft_misses = 0 if accepted else row.draft_misses + 1
+                        row.draft_pause = pause_after(row.draft_misses)
                 row.cached += 1 + accepted
                 kept.append(1 + accepted)
         batch.grow(kept, fed)
 
     def _draft(self, row: Row, length: int) -> list[int]:
-        """Up to ``length`` tokens guessed from the row's own text, within what it may still produce."""
+        """Up to ``length`` tokens guessed from the row's own text, within what it may still produce.
+
+        None while the row pauses after drafts it kept nothing of (`speculative.pause_after`).
+        """
+        if row.draft_pause:
+            row.draft_pause -= 1
+            return []
         length = min(length, row.room - 1)
         return propose(row.ids[0].tolist(), length) if length > 0 else []
 

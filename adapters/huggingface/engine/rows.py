@@ -54,6 +54,10 @@ class Row:
     reused: list[PrefixBlock] = attrs.field(factory=list)
     """Cached prompt blocks this row's prefill starts after."""
     finish_reason: FinishReason | None = None
+    draft_misses: int = 0
+    """Drafts in a row of which no token was kept (`speculative.pause_after`)."""
+    draft_pause: int = 0
+    """Decoding steps the row still skips drafting."""
     released: bool = False
     """The consumer has been told the engine let go of the row."""
 
