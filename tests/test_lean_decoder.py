@@ -163,6 +163,22 @@ def test_a_prefill_of_one_position_gives_transformers_logits_bit_for_bit(tiny_di
             assert torch.equal(decoder.prefill(*arguments, mine, keep=end - start), expected), (start, end)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_on_our_kernels_a_prompt_gives_the_logits_of_decoding_it_token_by_token(tiny_dir, scheme):
+    """Where every layer is ours, a prefill attends as one-token steps do: the same bits as stepping the prompt."""
+    model, _, decoder = lean(tiny_dir, scheme)
+    if not decoder.one_op_steps():
+        pytest.skip("our kernels do not build here")
+    ids = torch.randint(3, 390, (1, 40), generator=torch.Generator().manual_seed(8))
+    mask, positions = torch.ones_like(ids), torch.arange(40)[None]
+    with torch.inference_mode():
+        whole = decoder.prefill(ids, positions, mask, growing_cache(model.config), keep=40)
+        cache = growing_cache(model.config)
+        steps = [decoder.prefill(ids[:, :1], positions[:, :1], mask[:, :1], cache, keep=1)]
+        steps += [decoder(ids[:, i : i + 1], positions[:, i : i + 1], mask[:, : i + 1], cache) for i in range(1, 40)]
+    assert torch.equal(whole, torch.cat(steps, dim=1))
+
+
 def after_a_prompt(model, forward: Forward, *, seed: int):
     """Two rows prefilled with 10 tokens through transformers' forward: the next step's arguments and two copies
     of the cache (``theirs``, ``mine``)."""
