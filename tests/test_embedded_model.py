@@ -46,7 +46,9 @@ def test_serves_the_embedded_model_with_no_arguments(server: str) -> None:
     assert [m.id for m in client.models.list()] == ["SmolLM2-135M-Instruct"]
     answer = client.chat.completions.create(
         model="SmolLM2-135M-Instruct",
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        # The embedded file's 4 bits answer "What is the capital of France?" with "L'Étoile, la Marseillaise..." in
+        # llama.cpp as here (both checked on 2026-12-07); asked this way both answer "The capital of France is Paris."
+        messages=[{"role": "user", "content": "Name the capital of France."}],
         max_tokens=30,
         temperature=0,
     )
