@@ -7,23 +7,29 @@ import gc
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from adapters.huggingface.delivery import ThreadToLoop, held
 
 
+def counted_wakeups(loop: asyncio.AbstractEventLoop) -> Callable[[], int]:
+    """How many times ``loop`` has been woken from another thread since this call (``call_soon_threadsafe``)."""
+    calls = 0
+    real = loop.call_soon_threadsafe
+
+    def counted(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(*args)
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+    return lambda: calls
+
+
 def test_a_burst_of_items_for_many_consumers_wakes_the_loop_once_and_keeps_each_ones_order() -> None:
     async def scenario() -> tuple[list[list[int]], int]:
-        loop = asyncio.get_running_loop()
-        wakeups = 0
-        real = loop.call_soon_threadsafe
-
-        def counted(*args: Any) -> Any:
-            nonlocal wakeups
-            wakeups += 1
-            return real(*args)
-
-        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        wakeups = counted_wakeups(asyncio.get_running_loop())
         consumers = [ThreadToLoop[int]() for _ in range(16)]
 
         def step() -> None:  # an engine step: every row's token, one after the other
@@ -35,7 +41,7 @@ def test_a_burst_of_items_for_many_consumers_wakes_the_loop_once_and_keeps_each_
         worker.start()
         worker.join()  # the loop is held meanwhile, as a busy loop would be
         received = [[await consumer.get() for _ in range(3)] for consumer in consumers]
-        return received, wakeups
+        return received, wakeups()
 
     received, wakeups = asyncio.run(scenario())
     assert received == [[0, 1, 2]] * 16
@@ -46,16 +52,7 @@ def test_a_held_burst_wakes_a_free_loop_once_at_the_end_of_the_block() -> None:
     """The loop is free here (awaiting the worker): it would run each delivery before the next item is put."""
 
     async def scenario() -> tuple[list[list[int]], list[int]]:
-        loop = asyncio.get_running_loop()
-        wakeups = 0
-        real = loop.call_soon_threadsafe
-
-        def counted(*args: Any) -> Any:
-            nonlocal wakeups
-            wakeups += 1
-            return real(*args)
-
-        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        wakeups = counted_wakeups(asyncio.get_running_loop())
         consumers = [ThreadToLoop[int]() for _ in range(8)]
 
         def step() -> list[int]:
@@ -66,8 +63,8 @@ def test_a_held_burst_wakes_a_free_loop_once_at_the_end_of_the_block() -> None:
                         time.sleep(0.001)  # time for a woken loop to deliver
                 with held():  # a block inside another delivers with the outer one
                     assert consumers[0].put(9)
-                inside = wakeups
-            return [inside, wakeups]
+                inside = wakeups()
+            return [inside, wakeups()]
 
         counts = await asyncio.to_thread(step)
         received = [[await consumer.get() for _ in range(2)] for consumer in consumers]

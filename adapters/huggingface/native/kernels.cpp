@@ -219,6 +219,13 @@ V16 exp16(V16 x) {
   return zero_below(p * power_of_two(n), x, -87.0f);
 }
 
+// Four consecutive input codes as one 32-bit lane, what a broadcast repeats against a group of packed weights.
+inline int32_t four_codes(const void* codes) {
+  int32_t four;
+  std::memcpy(&four, codes, sizeof(four));
+  return four;
+}
+
 // One row's sums of one panel into its outputs `start` to `start + 16` (those below `n`), the bias (if any) added.
 inline void store_panel(V16 sums, const float* bias, int64_t start, int64_t n, float* out) {
   const int64_t count = std::min(kPanel, n - start);
@@ -239,7 +246,8 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t padded, uint
     scales[r] = largest / 127.0f;
     uint8_t* out = codes + r * padded;
     const V16 times = set16(inverse);
-    for (int64_t i = 0; i < vectorised; i += 16) store_low_bytes16(plus(rounded16(load16(row + i) * times), 128), out + i);
+    for (int64_t i = 0; i < vectorised; i += 16)
+      store_low_bytes16(plus(rounded16(load16(row + i) * times), 128), out + i);
     for (int64_t i = vectorised; i < k; ++i)
       out[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(row[i] * inverse)) + 128);
     for (int64_t i = k; i < padded; ++i) out[i] = 128;
@@ -263,9 +271,7 @@ void micro_kernel(const uint8_t* codes, int64_t padded, const float* row_scales,
     __m512i w[panels];
     for (int p = 0; p < panels; ++p) w[p] = _mm512_loadu_si512(weights + p * panel_bytes + g * kPanel * kGroup);
     for (int r = 0; r < rows; ++r) {
-      int32_t four;
-      std::memcpy(&four, codes + r * padded + g * kGroup, sizeof(four));
-      const __m512i x = _mm512_set1_epi32(four);
+      const __m512i x = _mm512_set1_epi32(four_codes(codes + r * padded + g * kGroup));
       for (int p = 0; p < panels; ++p) acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], x, w[p]);
     }
   }
@@ -289,9 +295,8 @@ void micro_kernel(const uint8_t* codes, int64_t padded, const float* row_scales,
         w[p][h] = _mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(weights + p * panel_bytes + g * kPanel * kGroup + 32 * h));
     for (int r = 0; r < rows; ++r) {
-      int32_t four;
-      std::memcpy(&four, codes + r * padded + g * kGroup, sizeof(four));
-      const __m256i x = _mm256_xor_si256(_mm256_set1_epi32(four), flip);  // code - 128, as signed bytes
+      // the codes less 128, as signed bytes
+      const __m256i x = _mm256_xor_si256(_mm256_set1_epi32(four_codes(codes + r * padded + g * kGroup)), flip);
       const __m256i size = _mm256_abs_epi8(x);
       for (int p = 0; p < panels; ++p)
         for (int h = 0; h < 2; ++h) {
@@ -407,10 +412,8 @@ void int4_micro_kernel(const int8_t* codes, int64_t k, const float* group_scales
         wh[p] = _mm512_and_si512(_mm512_srli_epi16(both, 4), low);
       }
       for (int r = 0; r < rows; ++r) {
-        int32_t first, second;
-        std::memcpy(&first, codes + r * k + g * kInt4Group + 4 * j, sizeof(first));
-        std::memcpy(&second, codes + r * k + g * kInt4Group + 4 * j + 16, sizeof(second));
-        const __m512i x1 = _mm512_set1_epi32(first), x2 = _mm512_set1_epi32(second);
+        const int8_t* group = codes + r * k + g * kInt4Group + 4 * j;
+        const __m512i x1 = _mm512_set1_epi32(four_codes(group)), x2 = _mm512_set1_epi32(four_codes(group + 16));
         for (int p = 0; p < panels; ++p)
           acc[r][p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][p], wl[p], x1), wh[p], x2);
       }
@@ -433,10 +436,8 @@ void int4_micro_kernel(const int8_t* codes, int64_t k, const float* group_scales
           wh[p][h] = _mm256_and_si256(_mm256_srli_epi16(both, 4), low);
         }
       for (int r = 0; r < rows; ++r) {
-        int32_t first, second;
-        std::memcpy(&first, codes + r * k + g * kInt4Group + 4 * j, sizeof(first));
-        std::memcpy(&second, codes + r * k + g * kInt4Group + 4 * j + 16, sizeof(second));
-        const __m256i x1 = _mm256_set1_epi32(first), x2 = _mm256_set1_epi32(second);
+        const int8_t* group = codes + r * k + g * kInt4Group + 4 * j;
+        const __m256i x1 = _mm256_set1_epi32(four_codes(group)), x2 = _mm256_set1_epi32(four_codes(group + 16));
         for (int p = 0; p < panels; ++p)
           for (int h = 0; h < 2; ++h) {
             const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(wl[p][h], x1),
