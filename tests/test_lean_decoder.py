@@ -104,7 +104,7 @@ def test_steps_and_verifying_passes_give_transformers_logits_bit_for_bit(tiny_di
     layers = model.config.num_hidden_layers
     assert decoder.compiled_layers() == layers  # what runs here is the compiled pass
     assert decoder.own_layers() == (layers if native.unavailable() is None else 0)  # float32 is packed for ours
-    assert decoder.one_op_steps() is (native.unavailable() is None)  # the one-token steps below take one op a layer
+    assert decoder.one_op_steps() is (native.unavailable() is None)  # the steps below take one op for every layer
     ids = torch.randint(3, 390, (3, 30), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[0, :7] = 0

@@ -512,7 +512,7 @@ class OwnDecodingSteps:
 
 
 def own_step(halves: tuple[OwnAttentionInput, OwnLayerOutput], attention: Any) -> OwnDecodingStep | None:  # noqa: ANN401
-    """A layer's decoding step in one op (`OwnDecodingStep`) where its attention block takes our kernel, else ``None``.
+    """A layer's share of the one-op step (`OwnDecodingStep`) where its attention block takes our kernel, else ``None``.
 
     The block must be marked (`use_own_attention`), with a float ``scaling``, and of shapes `attends` takes (a head
     size that is a multiple of 16 up to 256, at most 8 query heads a key head).
