@@ -220,6 +220,22 @@ def test_a_layer_replaced_after_the_first_pass_is_the_one_the_next_pass_calls(ti
     assert torch.equal(actual, expected)
 
 
+@pytest.mark.parametrize("part", ["o_proj", "down_proj"])
+def test_a_prefill_after_a_layer_is_replaced_calls_the_new_layer(tiny_dir, part):
+    """A prefill plans the layers anew too: one through every layer's one op must not run the parts it was made of."""
+    model, forward, decoder = lean(tiny_dir, "none")
+    ids = torch.randint(3, 390, (1, 12), generator=torch.Generator().manual_seed(9))
+    arguments = (ids, torch.arange(12)[None], torch.ones_like(ids))
+    with torch.inference_mode():
+        before = decoder.prefill(*arguments, growing_cache(model.config), keep=12)
+        parent = model.model.layers[1].mlp if part == "down_proj" else model.model.layers[1].self_attn
+        setattr(parent, part, Doubled(getattr(parent, part)))
+        expected = forward.model_pass(*arguments, growing_cache(model.config), keep=12)
+        actual = decoder.prefill(*arguments, growing_cache(model.config), keep=12)
+    assert not torch.equal(actual, before)
+    assert torch.equal(actual, expected)
+
+
 class Counted(torch.nn.Module):
     """Wraps a layer and counts its calls in a way TorchScript cannot compile (a Python object per call)."""
 

@@ -198,7 +198,7 @@ class LeanDecoder:
         """
         inner = self.model.model
         embeddings = inner.embed_tokens(ids)
-        if self._steps is not None and all(isinstance(layer, GrowingLayer) for layer in cache_layers(cache)):
+        if self.one_op_steps() and all(isinstance(layer, GrowingLayer) for layer in cache_layers(cache)):
             hidden = self._step_layers(embeddings, positions, cache, step_attention_mask(mask, ids.shape[1]))
             return cast("torch.Tensor", self.model.get_output_embeddings()(inner.norm(hidden[:, -keep:])))
         attention_mask = causal_mask(
