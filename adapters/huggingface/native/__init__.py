@@ -106,7 +106,7 @@ def unavailable() -> str | None:
                 if setting == ONLY_AVX2 and flags != AVX2_ARCHITECTURE_FLAGS:
                     reasons.append(f"{name}: {DISABLE}={setting}")
                     continue
-                reason = _unavailable(features) or _loaded(SOURCE, flags, "decode_layers")
+                reason = _unavailable(features) or _loaded(flags)
                 if reason is None:
                     _isa.append(name)
                     log.info("native.kernels.ready", isa=name, seconds=round(time.perf_counter() - started, 2))
@@ -122,11 +122,11 @@ def isa() -> str | None:
     return _isa[0] if unavailable() is None else None
 
 
-def _loaded(source: Path, architecture: tuple[str, ...], op: str) -> str | None:
-    """Build (unless built) and load ``source``'s library; why that failed, or ``None`` once ``op`` is registered."""
+def _loaded(architecture: tuple[str, ...]) -> str | None:
+    """Build (unless built) and load the library for ``architecture``; why that failed, or ``None`` once loaded."""
     try:
-        torch.ops.load_library(str(_built(source, architecture)))  # type: ignore[no-untyped-call]  # unannotated
-        getattr(torch.ops.hf_openai_server, op)  # raises unless the library registered it
+        torch.ops.load_library(str(_built(architecture)))  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        torch.ops.hf_openai_server.decode_layers  # noqa: B018  raises unless the library registered its ops
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
         return f"{type(error).__name__}: {str(error).strip()[-500:]}"
     return None
@@ -146,8 +146,8 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def _built(source: Path, architecture: tuple[str, ...]) -> Path:
-    """``source``'s shared library, compiled now unless a build of this very source and setup is there."""
+def _built(architecture: tuple[str, ...]) -> Path:
+    """The kernels' library for ``architecture``, compiled now unless a build of this very source and setup is there."""
     compiler = _compiler()
     if compiler is None:
         msg = "no C++ compiler"
@@ -155,11 +155,10 @@ def _built(source: Path, architecture: tuple[str, ...]) -> Path:
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     libraries = [flag for path in cpp_extension.library_paths() for flag in (f"-L{path}", f"-Wl,-rpath,{path}")]
-    command = [compiler, *FLAGS, *architecture, abi, *includes, str(source), *libraries, "-lc10", "-ltorch_cpu"]
+    command = [compiler, *FLAGS, *architecture, abi, *includes, str(SOURCE), *libraries, "-lc10", "-ltorch_cpu"]
     setup = _digest(torch.__version__, *command)  # this torch, compiler, paths: another virtual env builds its own
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    name = f"hf_openai_server_{source.stem}"
-    library = folder / f"{name}_{setup}_{_digest(source.read_text())}.so"
+    library = folder / f"hf_openai_server_kernels_{setup}_{_digest(SOURCE.read_text())}.so"
     if library.exists():
         return library
     folder.mkdir(parents=True, exist_ok=True)
@@ -169,7 +168,7 @@ def _built(source: Path, architecture: tuple[str, ...]) -> Path:
             [*command, "-o", str(partial)], check=True, capture_output=True, text=True, timeout=BUILD_SECONDS
         )
         partial.replace(library)
-    for stale in folder.glob(f"{name}_{setup}_*.so"):  # this setup's earlier sources
+    for stale in folder.glob(f"hf_openai_server_kernels_{setup}_*.so"):  # this setup's earlier sources
         if stale != library:
             stale.unlink(missing_ok=True)  # a process that loaded it keeps it mapped
     return library
@@ -443,8 +442,8 @@ class OwnLayerOutput(nn.Module):
 class OwnDecodingStep:
     """A decoding step of a layer whose halves are ours (`own_halves`) and whose attention is our kernel's.
 
-    What `OwnDecodingSteps` runs for the layer: `OwnAttentionInput`, the new keys and values into the cache's last
-    column, ``one_query_attention``, `OwnLayerOutput`; the lean pass's calls, in the same order.
+    What `OwnDecodingSteps` runs for the layer: `OwnAttentionInput`, the new keys and values into the cache's new
+    columns, ``one_query_attention``, `OwnLayerOutput`; the lean pass's calls, in the same order.
     """
 
     def __init__(self, attention_input: OwnAttentionInput, output: OwnLayerOutput, scaling: float) -> None:

@@ -1039,6 +1039,7 @@ struct DecodingLayers : torch::CustomClassHolder {
                       layer.keys > 0 && layer.queries % layer.keys == 0 && s[0] == layer.queries + 2 * layer.keys &&
                       heads_fit(layer.head_dim, layer.queries / layer.keys),
                   "DecodingLayers: queries, keys and values of whole heads our attention takes expected");
+      TORCH_CHECK(l == 0 || layer.head_dim == layers[0].head_dim, "DecodingLayers: layers of one head size expected");
       layer.o = product(6, layer.queries, k);
       layer.gate_up = product(10, k, 2 * layer.gate_size);
       layer.down = product(14, layer.gate_size, k);
@@ -1091,7 +1092,6 @@ at::Tensor decode_layers(const c10::intrusive_ptr<DecodingLayers>& model, const 
   float* h = out.data_ptr<float>();
   for (int64_t l = 0; l < count; ++l) {
     const DecodingLayers::Layer& layer = model->layers[l];
-    TORCH_CHECK(layer.head_dim == head_dim, "decode_layers: layers of one head size expected");
     const int64_t key_heads = layer.keys / head_dim, width = layer.qkv.out;
     const Columns key = columns_of(keys[l], rows, key_heads, columns, head_dim, "decode_layers");
     const Columns value = columns_of(values[l], rows, key_heads, columns, head_dim, "decode_layers");
